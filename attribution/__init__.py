@@ -1,0 +1,1 @@
+"""Attribution of diffusion-model generations to training images."""

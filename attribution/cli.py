@@ -1,0 +1,191 @@
+"""``attribution`` command line: train, featurize, attribute, build-assets.
+
+Every long command shows a tqdm progress bar; bad input ends with a one-line
+``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig
+
+
+def _bar(desc: str) -> tuple[tqdm, Callable[[int, int], None]]:
+    bar = tqdm(desc=desc, unit="it", dynamic_ncols=True)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return bar, update
+
+
+def _steps(spec: str, num_steps: int) -> list[int]:
+    if spec == "all":
+        return list(range(num_steps))
+    try:
+        steps = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--steps must be 'all' or a comma-separated list of step indices, not {spec!r}") from None
+    bad = [s for s in steps if not 0 <= s < num_steps]
+    if bad:
+        raise ValueError(f"steps {bad} are outside [0, {num_steps})")
+    return steps
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .data import load_dataset
+    from .training import train_ddpm
+
+    ds = load_dataset(args.data, image_shape=None if args.data.startswith("digits") else (args.channels, args.size, args.size))
+    subset = None
+    if args.subset_mask:
+        subset = np.load(args.subset_mask, allow_pickle=False)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    bar, update = _bar("train")
+    images = ds.images(np.arange(len(ds)))
+    train_ddpm(images, args.out, cfg, subset=subset, progress=update, log=tqdm.write)
+    bar.close()
+    print(f"saved {args.out}")
+
+
+def cmd_featurize(args: argparse.Namespace) -> None:
+    from .data import load_dataset
+    from .featurize import featurize
+    from .models import load_models, resolve_device
+
+    device = resolve_device(args.device)
+    models = load_models(args.model, device)
+    ds = load_dataset(args.data, models[0].image_shape)
+    cfg = FeaturizeConfig(
+        output=args.output,
+        proj_dim=args.proj_dim,
+        proj_kind=args.projection,
+        proj_seed=args.proj_seed,
+        num_draws=args.num_draws,
+        store_dtype="float16" if args.half else "float32",
+        param_filter=tuple(args.params) if args.params else None,
+    )
+    bar, update = _bar("featurize")
+    featurize(models, ds, args.store, cfg, batch_size=args.batch_size, progress=update, log=tqdm.write)
+    bar.close()
+    print(f"store ready: {args.store}")
+
+
+def cmd_attribute(args: argparse.Namespace) -> None:
+    from .data import decode_image
+    from .models import load_models, resolve_device
+    from .scoring import Scorer
+    from .store import Store
+    from .trajectory import invert_image, sample_trajectory
+
+    device = resolve_device(args.device)
+    store = Store.open(args.store)
+    paths = args.model or [c["path"] for c in store.manifest["checkpoints"]]
+    models = load_models(paths, device)
+    if args.image:
+        image = decode_image(Path(args.image), models[0].image_shape)
+        traj = invert_image(models[0], image, args.num_steps)
+    else:
+        traj = sample_trajectory(models[0], SamplingConfig(num_inference_steps=args.num_steps, seed=args.seed, scheduler=args.scheduler))
+    steps = _steps(args.steps, traj.num_steps)
+    mask = None
+    if args.mask:
+        from .data import decode_image as _decode
+
+        mask = (_decode(Path(args.mask), (1, *models[0].image_shape[1:])) > 0).float()
+    scorer = Scorer(store, models, args.method, QueryConfig(num_resamples=args.num_resamples, ridge=args.ridge))
+    bar, update = _bar("attribute")
+    result = scorer.score(traj, steps, mask, progress=update)
+    bar.close()
+    pos, neg = result.top_k(args.top_k)
+    np.savez_compressed(
+        args.out,
+        scores=result.scores,
+        steps=result.steps,
+        timesteps=result.timesteps,
+        x_t=traj.x_t[steps].numpy(),
+        x0_hat=traj.x0_hat[steps].numpy(),
+        sample=traj.sample.numpy(),
+        top_positive=pos,
+        top_negative=neg,
+        method=np.array(result.method),
+    )
+    print(f"wrote {args.out}: scores {result.scores.shape}; last step top positive {pos[-1][:5].tolist()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attribution", description="Step-by-step data attribution for diffusion models")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a DDPM on a dataset or a subset of it")
+    t.add_argument("--data", default="digits", help="'digits', an image folder or an .npz")
+    t.add_argument("--out", required=True, type=Path)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    t.add_argument("--lr", type=float, default=TrainConfig.lr)
+    t.add_argument("--subset-mask", type=Path, help=".npy bool mask (N,) of training examples to keep")
+    t.add_argument("--size", type=int, default=32, help="image size for image folders")
+    t.add_argument("--channels", type=int, default=3, help="channels for image folders")
+    t.set_defaults(func=cmd_train)
+
+    f = sub.add_parser("featurize", help="compute train features of every checkpoint into a store")
+    f.add_argument("--model", action="append", required=True, help="diffusers model directory (repeat for an ensemble)")
+    f.add_argument("--data", default="digits")
+    f.add_argument("--store", required=True, type=Path)
+    f.add_argument("--proj-dim", type=int, default=FeaturizeConfig.proj_dim)
+    f.add_argument("--projection", choices=["sjlt", "gaussian", "identity"], default=FeaturizeConfig.proj_kind)
+    f.add_argument("--proj-seed", type=int, default=0)
+    f.add_argument("--num-draws", type=int, default=FeaturizeConfig.num_draws, help="(timestep, noise) draws per example")
+    f.add_argument("--output", default="loss", help="model output: loss (journey-TRAK) or square/l1/l2/mean (D-TRAK)")
+    f.add_argument("--params", nargs="*", help="parameter-name prefixes to differentiate (default: all)")
+    f.add_argument("--half", action="store_true", help="store features in float16")
+    f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    f.set_defaults(func=cmd_featurize)
+
+    a = sub.add_parser("attribute", help="score every training example at the steps of a sample")
+    a.add_argument("--store", required=True, type=Path)
+    a.add_argument("--model", action="append", help="model directories (default: those recorded in the store)")
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--seed", type=int, help="generate a sample from this seed")
+    src.add_argument("--image", type=Path, help="attribute an image file (DDIM inversion)")
+    a.add_argument("--steps", default="all", help="'all' or comma-separated step indices")
+    a.add_argument("--num-steps", type=int, default=50, help="sampling steps")
+    a.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
+    a.add_argument("--mask", type=Path, help="image whose non-black pixels select the patch")
+    a.add_argument("--method", default="journey")
+    a.add_argument("--num-resamples", type=int, default=QueryConfig.num_resamples, help="K in Eq. (3)")
+    a.add_argument("--ridge", type=float, default=QueryConfig.ridge)
+    a.add_argument("--top-k", type=int, default=10)
+    a.add_argument("--device", default="auto")
+    a.add_argument("--out", required=True, type=Path)
+    a.set_defaults(func=cmd_attribute)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

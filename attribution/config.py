@@ -1,0 +1,140 @@
+"""Settings, one dataclass per concern.
+
+Every field of :class:`FeaturizeConfig` changes the stored features, so the whole
+dataclass is written into the store manifest and compared when a store is
+reopened. :class:`QueryConfig` holds the settings of a query (they change the
+scores, not the store), and :class:`SamplingConfig` those of a trajectory.
+Defaults are sized for the bundled digit models on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+#: Names of the model-output functions, see :mod:`attribution.outputs`.
+TRAIN_OUTPUTS = ("loss", "square", "l1", "l2", "mean")
+
+#: Default relative ridge: lambda = DEFAULT_RIDGE * trace(Phi^T Phi) / d.
+DEFAULT_RIDGE = 1e-2
+
+
+@dataclass(frozen=True)
+class FeaturizeConfig:
+    """How train features ``phi_i = P grad_theta E_{t,eps} f(theta; x_i, t, eps)`` are built.
+
+    Attributes:
+        output: model-output function applied at train examples; ``"loss"`` is the
+            DDPM training loss (journey-TRAK, Algorithm 1 line 3), the others are the
+            D-TRAK choices (``"square"`` = ||eps_theta||^2, ...).
+        proj_dim: projection dimension d.
+        proj_kind: ``"sjlt"`` (sparse sign sketch, default: never materializes a
+            dense matrix), ``"gaussian"`` (dense N(0, 1/d), generated blockwise) or
+            ``"identity"`` (no projection; d = number of parameters; for exact tests).
+        proj_seed: seed of the projection of checkpoint 0; checkpoint m uses
+            ``proj_seed + m`` (a fresh matrix per checkpoint, Algorithm 1 line 6).
+        sjlt_nnz: non-zeros per input coordinate of the sparse sketch.
+        num_draws: (timestep, noise) draws averaged per train example.
+        timestep_sampling: ``"stratified"`` (one uniform draw in each of
+            ``num_draws`` equal strata of [0, T)), ``"uniform"`` or ``"even"``
+            (D-TRAK's ``range(0, T, T // num_draws)``).
+        draw_seed: seed of the draws; example i always gets the same draws,
+            whatever the chunking, sharding or device.
+        param_filter: parameter-name prefixes to differentiate (``None``: all).
+        store_dtype: dtype of the stored features (``"float32"`` or ``"float16"``).
+    """
+
+    output: str = "loss"
+    proj_dim: int = 2048
+    proj_kind: str = "sjlt"
+    proj_seed: int = 0
+    sjlt_nnz: int = 4
+    num_draws: int = 4
+    timestep_sampling: str = "stratified"
+    draw_seed: int = 0
+    param_filter: tuple[str, ...] | None = None
+    store_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.output not in TRAIN_OUTPUTS:
+            raise ValueError(f"unknown output {self.output!r}; choose one of {TRAIN_OUTPUTS}")
+        if self.proj_kind not in ("sjlt", "gaussian", "identity"):
+            raise ValueError(f"unknown proj_kind {self.proj_kind!r}; choose sjlt, gaussian or identity")
+        if self.timestep_sampling not in ("stratified", "uniform", "even"):
+            raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}")
+        if self.store_dtype not in ("float32", "float16"):
+            raise ValueError(f"store_dtype must be float32 or float16, not {self.store_dtype!r}")
+        if self.num_draws < 1 or self.proj_dim < 1 or self.sjlt_nnz < 1:
+            raise ValueError("num_draws, proj_dim and sjlt_nnz must be positive")
+        if self.param_filter is not None:
+            object.__setattr__(self, "param_filter", tuple(self.param_filter))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["param_filter"] = list(self.param_filter) if self.param_filter is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FeaturizeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown featurize settings {sorted(unknown)}")
+        d = dict(d)
+        if d.get("param_filter") is not None:
+            d["param_filter"] = tuple(d["param_filter"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """How query features ``g_t = P grad_theta f_t(theta)`` (Eq. 3) and scores are built.
+
+    Attributes:
+        num_resamples: K, fresh noises averaged in Eq. (3) (paper: 20).
+        noise_seed: seed of the K noises; step s uses ``(noise_seed, s)``.
+        ridge: relative ridge; lambda_m = ridge * trace(K_m) / d.
+        chunk_size: steps differentiated per vectorized call.
+    """
+
+    num_resamples: int = 20
+    noise_seed: int = 0
+    ridge: float = DEFAULT_RIDGE
+    chunk_size: int = 10
+
+    def __post_init__(self) -> None:
+        if self.num_resamples < 1:
+            raise ValueError("num_resamples must be at least 1")
+        if self.ridge < 0:
+            raise ValueError("ridge must be non-negative")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How a trajectory is sampled: scheduler kind, number of steps, seed."""
+
+    num_inference_steps: int = 50
+    scheduler: str = "ddim"
+    seed: int = 0
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("ddim", "ddpm"):
+            raise ValueError(f"scheduler must be 'ddim' or 'ddpm', not {self.scheduler!r}")
+        if self.num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be at least 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """DDPM training settings (used for the bundled ensemble and LDS retraining)."""
+
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 2e-3
+    ema_decay: float = 0.995
+    seed: int = 0
+    block_out_channels: tuple[int, ...] = (16, 32, 32)
+    layers_per_block: int = 1
+    num_train_timesteps: int = 1000
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,139 @@
+"""Train features for every checkpoint into a store; resumable and shardable by rank.
+
+For checkpoint m and train example i (Algorithm 1 lines 3-9):
+
+    phi_{m,i} = P_m grad_theta (1/D) sum_d f(theta_m; x_i, t_id, eps_id)
+
+The D draws of example i are a pure function of ``(draw_seed, i)`` so that any
+chunking, resumption, sharding or device gives the same features.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import FeaturizeConfig
+from .data import ImageDataset
+from .gradients import num_params, per_example_grads, select_params
+from .models import DiffusionModel
+from .outputs import get_output
+from .projection import Projector, make_projector
+from .store import Store, StoreSpec
+
+Progress = Callable[[int, int], None]
+
+
+def _example_generator(seed: int, index: int) -> torch.Generator:
+    state = np.random.SeedSequence([int(seed), 7919, int(index)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def draw_timesteps_and_noise(
+    indices: np.ndarray,
+    config: FeaturizeConfig,
+    num_train_timesteps: int,
+    image_shape: tuple[int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (timestep, noise) draws of examples ``indices``: ((B, D) int64, (B, D, C, H, W) float32), on CPU."""
+    d, T = config.num_draws, num_train_timesteps
+    ts, noises = [], []
+    for i in indices:
+        g = _example_generator(config.draw_seed, int(i))
+        if config.timestep_sampling == "even":
+            t = torch.arange(0, T, max(1, T // d))[:d]
+        elif config.timestep_sampling == "uniform":
+            t = torch.randint(0, T, (d,), generator=g)
+        else:  # stratified: one uniform draw in each of d equal strata
+            edges = torch.linspace(0, T, d + 1)
+            t = (edges[:-1] + torch.rand(d, generator=g) * (edges[1:] - edges[:-1])).long().clamp_(0, T - 1)
+        ts.append(t)
+        noises.append(torch.randn((d, *image_shape), generator=g))
+    return torch.stack(ts), torch.stack(noises)
+
+
+def store_spec(models: list[DiffusionModel], dataset: ImageDataset, config: FeaturizeConfig) -> StoreSpec:
+    """The spec a store must match for these checkpoints, data and settings."""
+    params = select_params(models[0], config.param_filter)
+    return StoreSpec(
+        config=config,
+        checkpoints=tuple({"path": str(m.path), "hash": m.checkpoint_hash} for m in models),
+        dataset={
+            "name": dataset.name,
+            "fingerprint": dataset.fingerprint(),
+            "num_train": len(dataset),
+            "image_shape": list(dataset.image_shape),
+        },
+        num_params=num_params(params),
+    )
+
+
+def checkpoint_projector(config: FeaturizeConfig, dim_in: int, m: int, device: torch.device | str) -> Projector:
+    """The projection P_m of checkpoint m (seed ``proj_seed + m``)."""
+    return make_projector(config.proj_kind, dim_in, config.proj_dim, config.proj_seed + m, config.sjlt_nnz, device)
+
+
+def featurize(
+    models: list[DiffusionModel],
+    dataset: ImageDataset,
+    store_dir: str | Path,
+    config: FeaturizeConfig = FeaturizeConfig(),
+    *,
+    batch_size: int = 64,
+    chunk_size: int = 16,
+    rank: int = 0,
+    world_size: int = 1,
+    finalize: bool = True,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> Store:
+    """Featurize ``dataset`` for every checkpoint into ``store_dir``; resume if it exists.
+
+    Args:
+        batch_size: examples written to the store per flush (rows buffered before projecting).
+        chunk_size: examples per vmapped gradient call (memory budget).
+        rank, world_size: shard rows by ``i % world_size == rank`` (torchrun workers).
+        finalize: compute the kernels once all rows are done (rank 0 only).
+        progress: called with (rows done, rows total) of this shard.
+
+    Returns:
+        The open store.
+    """
+    if dataset.image_shape != models[0].image_shape:
+        raise ValueError(f"dataset images are {dataset.image_shape} but the model takes {models[0].image_shape}")
+    spec = store_spec(models, dataset, config)
+    store = Store.create_or_open(store_dir, spec) if rank == 0 else Store.open(store_dir, spec, writable=True)
+    output = get_output(config.output)
+    pending = [store.pending(m, rank, world_size) for m in range(len(models))]
+    total = sum(len(p) for p in pending)
+    if total == 0:
+        log(f"found existing features for all {len(dataset)} examples in {store_dir}, skipping")
+    done_rows = 0
+    t0 = time.perf_counter()
+    for m, model in enumerate(models):
+        if len(pending[m]) == 0:
+            continue
+        params = select_params(model, config.param_filter)
+        projector = checkpoint_projector(config, spec.num_params, m, model.device)
+        skipped = len(dataset) // world_size - len(pending[m])
+        if skipped > 0:
+            log(f"checkpoint {m}: found {skipped} finished rows, resuming")
+        for start in range(0, len(pending[m]), batch_size):
+            idx = pending[m][start : start + batch_size]
+            x0 = dataset.images(idx)
+            ts, noises = draw_timesteps_and_noise(idx, config, model.num_train_timesteps, dataset.image_shape)
+            grads = per_example_grads(model, params, output, x0, ts, noises, chunk_size=chunk_size)
+            rows = projector.project(grads).cpu().numpy()
+            store.write_rows(m, idx, rows)
+            done_rows += len(idx)
+            if progress:
+                progress(done_rows, total)
+    if total:
+        log(f"featurized {total} rows in {time.perf_counter() - t0:.1f} s")
+    if finalize and rank == 0 and store.is_complete():
+        store.finalize()
+    return store

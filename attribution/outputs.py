@@ -1,0 +1,101 @@
+"""Model-output functions by name.
+
+Each function maps the predicted noise of a batch of noised images to one scalar
+per image; features and queries both average it over (timestep, noise) draws:
+
+  * ``"loss"`` -- the DDPM training loss ``||eps - eps_theta(x_t, t)||^2`` (mean over
+    pixels). At a train example it is Algorithm 1 line 3 of journey-TRAK; at the
+    one-step prediction x0_hat of a sampling step, with K fresh noises, it is the
+    step-specific output f_t of Eq. (3).
+  * ``"square"``, ``"l1"``, ``"l2"``, ``"mean"`` -- the D-TRAK alternatives
+    (squared L2 norm, L1 norm, L2 norm and mean of eps_theta), which ignore eps.
+
+An optional pixel mask M (patch attribution) weights the per-pixel terms; the sum
+is divided by the total pixel count, so f_mask + f_(1-mask) = f for the additive
+outputs. Methods pair a train output with a query output: see :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+OutputFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _weighted_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """values (B, C, H, W), mask broadcastable to it or None -> (B,) mean over C, H, W."""
+    if mask is not None:
+        values = values * mask
+    return values.flatten(1).mean(1)
+
+
+def loss_output(eps_pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """DDPM loss per image: (B, C, H, W) x2 -> (B,)."""
+    return _weighted_mean((eps - eps_pred) ** 2, mask)
+
+
+def square_output(eps_pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """D-TRAK's L_square: squared L2 norm of eps_theta (per pixel mean), (B,)."""
+    return _weighted_mean(eps_pred**2, mask)
+
+
+def l1_output(eps_pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """D-TRAK's L1 norm of eps_theta (per pixel mean), (B,)."""
+    return _weighted_mean(eps_pred.abs(), mask)
+
+
+def l2_output(eps_pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """D-TRAK's L2 norm of eps_theta, (B,)."""
+    sq = eps_pred**2 if mask is None else eps_pred**2 * mask
+    return (sq.flatten(1).sum(1) + 1e-12).sqrt()
+
+
+def mean_output(eps_pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """D-TRAK's mean of eps_theta, (B,)."""
+    return _weighted_mean(eps_pred, mask)
+
+
+OUTPUTS: dict[str, OutputFn] = {
+    "loss": loss_output,
+    "square": square_output,
+    "l1": l1_output,
+    "l2": l2_output,
+    "mean": mean_output,
+}
+
+
+def get_output(name: str) -> OutputFn:
+    try:
+        return OUTPUTS[name]
+    except KeyError:
+        raise ValueError(f"unknown model output {name!r}; choose one of {sorted(OUTPUTS)}") from None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A TRAK-family attribution method: which output builds train and query features."""
+
+    name: str
+    train_output: str
+    query_output: str
+    label: str
+
+
+#: Kernel methods answered from a store (train features use ``train_output``).
+METHODS: dict[str, Method] = {
+    "journey": Method("journey", "loss", "loss", "journey-TRAK (Eq. 3)"),
+    "dtrak-square": Method("dtrak-square", "square", "square", "D-TRAK, ||eps||^2"),
+    "dtrak-l1": Method("dtrak-l1", "l1", "l1", "D-TRAK, L1 norm"),
+    "dtrak-l2": Method("dtrak-l2", "l2", "l2", "D-TRAK, L2 norm"),
+    "dtrak-mean": Method("dtrak-mean", "mean", "mean", "D-TRAK, mean"),
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None

@@ -1,0 +1,138 @@
+"""Random projections P: R^p -> R^d of gradients (Algorithm 1 line 6).
+
+All projectors are generated from a seed on the CPU with ``torch.Generator``,
+blockwise over input coordinates, and then moved to the device: the same seed
+gives the same matrix on every machine and device.
+
+* :class:`SparseSignProjector` (default, ``"sjlt"``): a sparse Johnson-Lindenstrauss
+  sketch; each input coordinate goes to ``nnz`` output coordinates (one in each of
+  ``nnz`` blocks of d / nnz) with a random sign / sqrt(nnz). Projecting costs
+  O(p * nnz) per example instead of O(p * d), and memory is O(p * nnz).
+* :class:`GaussianProjector` (``"gaussian"``): dense N(0, 1/d) entries, generated
+  in blocks of ``block_rows`` input coordinates; blocks are kept in memory up to
+  ``cache_bytes`` and regenerated otherwise, so the full matrix never has to fit.
+* :class:`IdentityProjector` (``"identity"``): no projection (d = p), for exact tests.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+def _block_generator(seed: int, block: int) -> torch.Generator:
+    """CPU generator for block ``block`` of the projection with seed ``seed``."""
+    state = np.random.SeedSequence([int(seed), int(block)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+class Projector(Protocol):
+    dim_in: int
+    dim_out: int
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        """(B, dim_in) -> (B, dim_out), float32."""
+        ...
+
+
+class IdentityProjector:
+    """P = I: features are the raw gradients."""
+
+    def __init__(self, dim_in: int):
+        self.dim_in = self.dim_out = dim_in
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        return grads.float()
+
+
+class SparseSignProjector:
+    """Sparse sign sketch with ``nnz`` non-zeros per input coordinate (see module doc)."""
+
+    BLOCK = 1 << 20  # input coordinates per generated block
+
+    def __init__(self, dim_in: int, dim_out: int, seed: int, nnz: int = 4, device: str | torch.device = "cpu"):
+        if dim_out % nnz:
+            raise ValueError(f"sjlt needs proj_dim divisible by nnz ({dim_out} % {nnz} != 0)")
+        self.dim_in, self.dim_out, self.nnz = dim_in, dim_out, nnz
+        width = dim_out // nnz
+        idx, sgn = [], []
+        for b, start in enumerate(range(0, dim_in, self.BLOCK)):
+            n = min(self.BLOCK, dim_in - start)
+            g = _block_generator(seed, b)
+            offs = torch.arange(nnz).mul_(width)[:, None]
+            idx.append(torch.randint(0, width, (nnz, n), generator=g) + offs)
+            sgn.append(torch.randint(0, 2, (nnz, n), generator=g).float().mul_(2).sub_(1))
+        index = torch.cat(idx, 1)  # (nnz, p): output coordinate of each (hash, input)
+        sign = torch.cat(sgn, 1) / nnz**0.5  # (nnz, p)
+        # Stored as a (d, p) CSR matrix: a sparse-dense matmul is ~3x faster than index_add_.
+        cols = torch.arange(dim_in).repeat(nnz)
+        coo = torch.sparse_coo_tensor(
+            torch.stack([index.reshape(-1), cols]), sign.reshape(-1), (dim_out, dim_in), check_invariants=False
+        )
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            self.matrix_t = coo.coalesce().to_sparse_csr().to(device)
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        return (self.matrix_t @ grads.float().T).T.contiguous()
+
+
+class GaussianProjector:
+    """Dense Gaussian projection, N(0, 1/d) entries, generated blockwise (see module doc)."""
+
+    def __init__(
+        self,
+        dim_in: int,
+        dim_out: int,
+        seed: int,
+        device: str | torch.device = "cpu",
+        block_rows: int = 16384,
+        cache_bytes: int = 3 << 30,
+    ):
+        self.dim_in, self.dim_out, self.seed = dim_in, dim_out, seed
+        self.device = torch.device(device)
+        self.block_rows = block_rows
+        self._cache: dict[int, torch.Tensor] | None = {} if dim_in * dim_out * 4 <= cache_bytes else None
+
+    def block(self, b: int) -> torch.Tensor:
+        """Rows [b * block_rows, ...) of the (dim_in, dim_out) matrix, on the device."""
+        if self._cache is not None and b in self._cache:
+            return self._cache[b]
+        n = min(self.block_rows, self.dim_in - b * self.block_rows)
+        m = torch.randn(n, self.dim_out, generator=_block_generator(self.seed, b))
+        m = m.div_(self.dim_out**0.5).to(self.device)
+        if self._cache is not None:
+            self._cache[b] = m
+        return m
+
+    def matrix(self) -> torch.Tensor:
+        """The whole (dim_in, dim_out) matrix (tests and small models only)."""
+        return torch.cat([self.block(b) for b in range(self.num_blocks)], 0)
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.dim_in // self.block_rows)
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        grads = grads.float()
+        out = torch.zeros(grads.shape[0], self.dim_out, device=grads.device)
+        for b in range(self.num_blocks):
+            sl = slice(b * self.block_rows, (b + 1) * self.block_rows)
+            out.addmm_(grads[:, sl], self.block(b))
+        return out
+
+
+def make_projector(
+    kind: str, dim_in: int, dim_out: int, seed: int, nnz: int = 4, device: str | torch.device = "cpu"
+) -> Projector:
+    """Build the projector named ``kind`` ("sjlt", "gaussian" or "identity")."""
+    if kind == "identity":
+        return IdentityProjector(dim_in)
+    if kind == "sjlt":
+        return SparseSignProjector(dim_in, dim_out, seed, nnz=nnz, device=device)
+    if kind == "gaussian":
+        return GaussianProjector(dim_in, dim_out, seed, device=device)
+    raise ValueError(f"unknown projection {kind!r}")

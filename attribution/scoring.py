@@ -1,0 +1,190 @@
+"""Query features and per-step scores for a trajectory (Algorithm 1 lines 10-17).
+
+For a chosen set of steps s of a trajectory, with x0_hat held fixed (detached):
+
+    g_{s,m}   = P_m grad_theta f_s(theta_m),  f_s as in Eq. (3) with K fresh noises
+    tau_s     = (1/M) sum_m Phi_m (Phi_m^T Phi_m + lambda_m I)^-1 g_{s,m}
+
+Sign convention: with the loss-type output of journey-TRAK, tau_s[i] > 0 means
+training example i *lowers* f_s, i.e. makes what was generated more likely at
+step s (a positive influencer); removing positive influencers should raise f_s.
+This is the TRAK estimate of the change in f_s when example i is removed, so the
+scores are shown as is, with that meaning.
+
+The K noises of step s depend only on ``(noise_seed, s)`` and are reused by the
+LDS ground truth (:func:`query_noises`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .config import QueryConfig
+from .featurize import checkpoint_projector
+from .gradients import per_example_grads, select_params
+from .models import DiffusionModel
+from .outputs import Method, get_method, get_output
+from .store import Store, StoreError
+from .trajectory import Trajectory
+
+Progress = Callable[[int, int], None]
+
+
+def query_noises(steps: Sequence[int], num_resamples: int, noise_seed: int, image_shape: tuple[int, int, int]) -> torch.Tensor:
+    """The K noises of each step: (S, K, C, H, W), drawn on the CPU from ``(noise_seed, step)``."""
+    out = []
+    for s in steps:
+        state = np.random.SeedSequence([int(noise_seed), 104729, int(s)]).generate_state(1, dtype=np.uint64)[0]
+        g = torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+        out.append(torch.randn((num_resamples, *image_shape), generator=g))
+    return torch.stack(out)
+
+
+def prepare_mask(mask: torch.Tensor | np.ndarray | None, image_shape: tuple[int, int, int]) -> torch.Tensor | None:
+    """A pixel mask (H, W) or (1|C, H, W) with values in [0, 1] -> float (1|C, H, W); None stays None.
+
+    Raises:
+        ValueError: wrong size, or a mask with no selected pixel.
+    """
+    if mask is None:
+        return None
+    m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
+    if m.ndim == 2:
+        m = m[None]
+    c, h, w = image_shape
+    if m.ndim != 3 or m.shape[-2:] != (h, w) or m.shape[0] not in (1, c):
+        raise ValueError(f"mask has shape {tuple(m.shape)}; expected ({h}, {w}) or (1, {h}, {w})")
+    if float(m.max()) <= 0:
+        raise ValueError("the mask selects no pixel; paint a region first")
+    return m.clamp(0, 1)
+
+
+@dataclass
+class Attribution:
+    """Scores of one trajectory.
+
+    Attributes:
+        scores: (S, N) float32, one row per attributed step (positive = makes the sample more likely).
+        steps: (S,) indices into the trajectory.
+        timesteps: (S,) the scheduler timesteps of those steps.
+        method: method name.
+    """
+
+    scores: np.ndarray
+    steps: np.ndarray
+    timesteps: np.ndarray
+    method: str
+
+    def top_k(self, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        return top_k(self.scores, k)
+
+
+def top_k(scores: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the k most positive and k most negative examples per row: ((S, k), (S, k))."""
+    k = min(k, scores.shape[-1])
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    return order[..., :k], order[..., ::-1][..., :k]
+
+
+class Scorer:
+    """Answers queries against a finalized store for one method.
+
+    Loads the kernels once, factors ``K_m + lambda_m I`` (Cholesky, float64), and
+    keeps the projectors; each query is then gradients + one solve + a pass over Phi.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        models: list[DiffusionModel],
+        method: str | Method = "journey",
+        query: QueryConfig = QueryConfig(),
+    ):
+        self.store = store
+        self.models = models
+        self.method = get_method(method) if isinstance(method, str) else method
+        self.query = query
+        cfg = store.config
+        if cfg.output != self.method.train_output:
+            raise StoreError(
+                f"method {self.method.name!r} needs train features of output {self.method.train_output!r}, "
+                f"but store {store.root} holds {cfg.output!r}; featurize a store with --output {self.method.train_output}"
+            )
+        if len(models) != store.num_checkpoints:
+            raise StoreError(f"store has {store.num_checkpoints} checkpoints, {len(models)} models were given")
+        for m, model in enumerate(models):
+            if model.checkpoint_hash != store.manifest["checkpoints"][m]["hash"]:
+                raise StoreError(f"model {model.path} is not checkpoint {m} of store {store.root} (weights differ)")
+        self.params = [select_params(model, cfg.param_filter) for model in models]
+        self.projectors = [checkpoint_projector(cfg, store.manifest["num_params"], m, model.device) for m, model in enumerate(models)]
+        self.chol = []
+        for m in range(len(models)):
+            k = torch.from_numpy(store.kernel(m))
+            lam = query.ridge * float(torch.trace(k)) / k.shape[0]
+            k = k + lam * torch.eye(k.shape[0], dtype=k.dtype)
+            self.chol.append(torch.linalg.cholesky(k))
+        self.output = get_output(self.method.query_output)
+
+    def query_features(
+        self,
+        trajectory: Trajectory,
+        steps: Sequence[int],
+        mask: torch.Tensor | None = None,
+        progress: Progress | None = None,
+    ) -> list[torch.Tensor]:
+        """Projected Eq. (3) gradients: one (S, d) float32 tensor per checkpoint (on the CPU)."""
+        steps = list(steps)
+        K = self.query.num_resamples
+        shape = tuple(trajectory.x0_hat.shape[1:])
+        noises = query_noises(steps, K, self.query.noise_seed, shape)
+        x0 = trajectory.x0_hat[steps]
+        ts = trajectory.timesteps[steps][:, None].expand(-1, K)
+        feats = []
+        total = len(self.models) * len(steps)
+        for m, model in enumerate(self.models):
+            rows = []
+            for c in range(0, len(steps), self.query.chunk_size):
+                sl = slice(c, c + self.query.chunk_size)
+                g = per_example_grads(model, self.params[m], self.output, x0[sl], ts[sl], noises[sl], mask, chunk_size=self.query.chunk_size)
+                rows.append(self.projectors[m].project(g).cpu())
+                if progress:
+                    progress(m * len(steps) + min(c + self.query.chunk_size, len(steps)), total)
+            feats.append(torch.cat(rows))
+        return feats
+
+    def scores_from_features(self, feats: list[torch.Tensor], chunk_rows: int = 65536) -> np.ndarray:
+        """tau = (1/M) sum_m Phi_m (K_m + lambda I)^-1 g_m, streaming Phi in row chunks: (S, N) float32."""
+        n = self.store.num_train
+        out = np.zeros((feats[0].shape[0], n), dtype=np.float32)
+        for m, g in enumerate(feats):
+            w = torch.cholesky_solve(g.double().T, self.chol[m]).float()  # (d, S)
+            phi = self.store.features(m)
+            for start in range(0, n, chunk_rows):
+                block = torch.from_numpy(np.asarray(phi[start : start + chunk_rows], dtype=np.float32))
+                out[:, start : start + chunk_rows] += (block @ w).T.numpy()
+        out /= len(feats)
+        return out
+
+    def score(
+        self,
+        trajectory: Trajectory,
+        steps: Sequence[int] | None = None,
+        mask: torch.Tensor | np.ndarray | None = None,
+        progress: Progress | None = None,
+    ) -> Attribution:
+        """Scores for ``steps`` (default: all) of ``trajectory``, optionally for a pixel mask."""
+        steps = list(range(trajectory.num_steps)) if steps is None else [int(s) for s in steps]
+        if any(s < 0 or s >= trajectory.num_steps for s in steps):
+            raise ValueError(f"steps must lie in [0, {trajectory.num_steps})")
+        mask_t = prepare_mask(mask, tuple(trajectory.x0_hat.shape[1:]))
+        feats = self.query_features(trajectory, steps, mask_t, progress)
+        return Attribution(
+            scores=self.scores_from_features(feats),
+            steps=np.asarray(steps),
+            timesteps=trajectory.timesteps[steps].numpy(),
+            method=self.method.name,
+        )

@@ -1,0 +1,283 @@
+"""On-disk feature store: the contract between featurizing (slow) and scoring (fast).
+
+Layout of a store directory::
+
+    manifest.json        format version, featurize settings, checkpoint hashes,
+                         dataset fingerprint, shapes, dtypes, file sizes, kernel checksums
+    features_{m}.npy     (N, d) train features Phi_m of checkpoint m (memory-mapped .npy)
+    done_{m}.npy         (N,) uint8: 1 where row i of features_{m} is finished
+    kernel_{m}.npy       (d, d) float64 Phi_m^T Phi_m, written by :meth:`Store.finalize`
+
+Crash safety: a row is written and flushed before its done flag is set and
+flushed, so a killed featurize never leaves a half-written row marked done;
+rerunning resumes at the first row not marked. The manifest and kernels are
+written to a temporary file and renamed. The kernel (not A = Phi K^-1) is
+cached: it does not depend on the ridge lambda, and scoring with
+``Phi (K + lambda I)^-1 g`` costs the same as ``A g`` while halving the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import FeaturizeConfig
+
+FORMAT_VERSION = 1
+Progress = Callable[[int, int], None]
+
+
+class StoreError(RuntimeError):
+    """A store is missing, corrupt, unfinished or built for something else."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a store is built for; two specs must match for a store to be reused.
+
+    Attributes:
+        config: featurize settings.
+        checkpoints: one ``{"path": ..., "hash": ...}`` per checkpoint, in order.
+        dataset: ``{"name", "fingerprint", "num_train", "image_shape"}``.
+        num_params: number of differentiated parameters p.
+    """
+
+    config: FeaturizeConfig
+    checkpoints: tuple[dict[str, str], ...]
+    dataset: dict[str, Any]
+    num_params: int
+
+    @property
+    def proj_dim(self) -> int:
+        return self.num_params if self.config.proj_kind == "identity" else self.config.proj_dim
+
+    def mismatch(self, manifest: dict[str, Any]) -> str | None:
+        """Say, in words, how ``manifest`` differs from this spec (None if it does not)."""
+        built = manifest["settings"]
+        want = self.config.to_dict()
+        for key in sorted(set(built) | set(want)):
+            if built.get(key) != want.get(key):
+                return f"setting {key!r} differs: the store was built with {built.get(key)!r}, now {want.get(key)!r}"
+        old_ck = manifest["checkpoints"]
+        if len(old_ck) != len(self.checkpoints):
+            return f"the store holds {len(old_ck)} checkpoints, {len(self.checkpoints)} were given"
+        for m, (a, b) in enumerate(zip(old_ck, self.checkpoints)):
+            if a["hash"] != b["hash"]:
+                return (
+                    f"checkpoint {m} differs: the store was built for {a['path']} (sha256 {a['hash'][:12]}...), "
+                    f"now {b['path']} (sha256 {b['hash'][:12]}...)"
+                )
+        old_ds = manifest["dataset"]
+        if old_ds["fingerprint"] != self.dataset["fingerprint"]:
+            return (
+                f"the dataset differs: the store was built for {old_ds.get('name')!r} with "
+                f"{old_ds['num_train']} examples (fingerprint {old_ds['fingerprint'][:12]}...), now "
+                f"{self.dataset.get('name')!r} with {self.dataset['num_train']} (fingerprint "
+                f"{self.dataset['fingerprint'][:12]}...)"
+            )
+        if manifest["num_params"] != self.num_params:
+            return f"the number of parameters differs: {manifest['num_params']} in the store, {self.num_params} now"
+        return None
+
+
+class Store:
+    """A feature store directory; see the module doc for the layout."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], writable: bool):
+        self.root = root
+        self.manifest = manifest
+        self.writable = writable
+        self._features: dict[int, np.memmap] = {}
+        self._done: dict[int, np.memmap] = {}
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create_or_open(cls, root: str | Path, spec: StoreSpec) -> "Store":
+        """Open the store at ``root`` for writing, creating it if absent.
+
+        Raises:
+            StoreError: the existing store was built for another spec (the message says what differs).
+        """
+        root = Path(root)
+        if (root / "manifest.json").exists():
+            store = cls.open(root, spec, writable=True)
+            return store
+        root.mkdir(parents=True, exist_ok=True)
+        n, d = spec.dataset["num_train"], spec.proj_dim
+        dtype = np.dtype(spec.config.store_dtype)
+        arrays: dict[str, Any] = {}
+        for m in range(len(spec.checkpoints)):
+            for name, shape, dt in ((f"features_{m}.npy", (n, d), dtype), (f"done_{m}.npy", (n,), np.uint8)):
+                tmp = root / f".{name}.tmp{os.getpid()}.npy"
+                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dt, shape=shape)
+                arr.flush()
+                del arr
+                os.replace(tmp, root / name)
+                arrays[name] = {"shape": list(shape), "dtype": np.dtype(dt).str, "bytes": (root / name).stat().st_size}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "settings": spec.config.to_dict(),
+            "checkpoints": [dict(c) for c in spec.checkpoints],
+            "dataset": dict(spec.dataset),
+            "num_params": spec.num_params,
+            "proj_dim": d,
+            "arrays": arrays,
+            "kernels": {},
+        }
+        atomic_write_bytes(root / "manifest.json", json.dumps(manifest, indent=2).encode())
+        return cls(root, manifest, writable=True)
+
+    @classmethod
+    def open(cls, root: str | Path, spec: StoreSpec | None = None, writable: bool = False) -> "Store":
+        """Open an existing store, check its files, and (if ``spec`` is given) that it matches.
+
+        Raises:
+            StoreError: missing, from another format version, truncated arrays, or a mismatch.
+        """
+        root = Path(root)
+        path = root / "manifest.json"
+        if not path.exists():
+            raise StoreError(f"no store at {root} (manifest.json missing); build one with `attribution featurize`")
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreError(f"{path} is not valid JSON ({e}); delete the store and featurize again") from e
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"store {root} has format version {version}, this program reads version {FORMAT_VERSION}; "
+                "featurize again into a new directory"
+            )
+        for name, info in manifest["arrays"].items():
+            f = root / name
+            if not f.exists():
+                raise StoreError(f"store {root} is missing {name}; featurize again to rebuild it")
+            if f.stat().st_size != info["bytes"]:
+                raise StoreError(
+                    f"{f} has {f.stat().st_size} bytes, the manifest records {info['bytes']}: the file is "
+                    "truncated or was replaced; delete the store and featurize again"
+                )
+        if spec is not None:
+            why = spec.mismatch(manifest)
+            if why is not None:
+                raise StoreError(f"store {root} does not match: {why}. Use another --store directory or rebuild it.")
+        return cls(root, manifest, writable)
+
+    # ------------------------------------------------------------------ shape info
+    @property
+    def num_checkpoints(self) -> int:
+        return len(self.manifest["checkpoints"])
+
+    @property
+    def num_train(self) -> int:
+        return int(self.manifest["dataset"]["num_train"])
+
+    @property
+    def proj_dim(self) -> int:
+        return int(self.manifest["proj_dim"])
+
+    @property
+    def config(self) -> FeaturizeConfig:
+        return FeaturizeConfig.from_dict(self.manifest["settings"])
+
+    # ------------------------------------------------------------------ arrays
+    def _memmap(self, name: str) -> np.memmap:
+        info = self.manifest["arrays"][name]
+        arr = np.load(self.root / name, mmap_mode="r+" if self.writable else "r")
+        if list(arr.shape) != info["shape"] or arr.dtype.str != info["dtype"]:
+            raise StoreError(f"{self.root / name} has shape {arr.shape} {arr.dtype}, manifest says {info}")
+        return arr
+
+    def features(self, m: int) -> np.memmap:
+        """(N, d) memory-mapped features of checkpoint m (rows valid only where done)."""
+        if m not in self._features:
+            self._features[m] = self._memmap(f"features_{m}.npy")
+        return self._features[m]
+
+    def done(self, m: int) -> np.memmap:
+        """(N,) uint8 done flags of checkpoint m."""
+        if m not in self._done:
+            self._done[m] = self._memmap(f"done_{m}.npy")
+        return self._done[m]
+
+    def pending(self, m: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """Indices of rows of checkpoint m not done yet, in this rank's shard (i % world_size == rank)."""
+        idx = np.flatnonzero(np.asarray(self.done(m)) == 0)
+        return idx[idx % world_size == rank]
+
+    def write_rows(self, m: int, indices: np.ndarray, rows: np.ndarray) -> None:
+        """Write finished rows, flush them, then mark them done and flush the flags."""
+        if not self.writable:
+            raise StoreError("store opened read-only")
+        feats = self.features(m)
+        feats[indices] = rows.astype(feats.dtype, copy=False)
+        feats.flush()
+        done = self.done(m)
+        done[indices] = 1
+        done.flush()
+
+    def is_complete(self, m: int | None = None) -> bool:
+        ms = range(self.num_checkpoints) if m is None else [m]
+        return all(bool(np.all(np.asarray(self.done(k)) == 1)) for k in ms)
+
+    # ------------------------------------------------------------------ kernel
+    def finalize(self, progress: Progress | None = None, chunk_rows: int = 8192) -> None:
+        """Compute and save K_m = Phi_m^T Phi_m (float64) for every checkpoint."""
+        if not self.is_complete():
+            raise StoreError(f"store {self.root} is unfinished; run featurize again to complete it")
+        d = self.proj_dim
+        for m in range(self.num_checkpoints):
+            name = f"kernel_{m}.npy"
+            if name in self.manifest["kernels"] and (self.root / name).exists():
+                continue
+            feats = self.features(m)
+            kernel = np.zeros((d, d), dtype=np.float64)
+            for start in range(0, self.num_train, chunk_rows):
+                block = np.asarray(feats[start : start + chunk_rows], dtype=np.float64)
+                kernel += block.T @ block
+                if progress:
+                    progress(m * self.num_train + min(start + chunk_rows, self.num_train), self.num_checkpoints * self.num_train)
+            atomic_save_npy(self.root / name, kernel)
+            self.manifest["kernels"][name] = sha256_file(self.root / name)
+            atomic_write_bytes(self.root / "manifest.json", json.dumps(self.manifest, indent=2).encode())
+
+    def kernel(self, m: int) -> np.ndarray:
+        """(d, d) float64 K_m = Phi_m^T Phi_m; verified against its recorded sha256."""
+        name = f"kernel_{m}.npy"
+        recorded = self.manifest["kernels"].get(name)
+        if recorded is None:
+            raise StoreError(f"store {self.root} is not finalized (no {name}); run `attribution featurize` to finish it")
+        path = self.root / name
+        if not path.exists() or sha256_file(path) != recorded:
+            raise StoreError(f"{path} is missing or does not match its checksum; delete it and rerun featurize")
+        return np.load(path)

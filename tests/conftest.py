@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny diffusers models saved on disk and tiny datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from attribution.data import ArrayDataset
+from attribution.models import load_models
+
+
+def make_tiny_pipeline(directory: Path, seed: int, channels: int = 1, size: int = 8) -> Path:
+    """A random tiny UNet2DModel + DDPMScheduler saved in DDPMPipeline layout."""
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        add_attention=False,
+    )
+    # Random init gives near-zero outputs in places; perturb so gradients are informative.
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sched = DDPMScheduler(num_train_timesteps=100)
+    unet.save_pretrained(directory / "unet")
+    sched.save_pretrained(directory / "scheduler")
+    (directory / "model_index.json").write_text(
+        '{"_class_name": "DDPMPipeline", "_diffusers_version": "0.42.1", '
+        '"unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}'
+    )
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return [make_tiny_pipeline(root / f"m{seed}", seed) for seed in (0, 1)]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_model_dirs):
+    return load_models(tiny_model_dirs)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset() -> ArrayDataset:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(24, 8, 8), dtype=np.uint8)
+    labels = np.arange(24) % 3
+    return ArrayDataset(images, labels=labels, name="tiny")
