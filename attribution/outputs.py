@@ -76,21 +76,32 @@ def get_output(name: str) -> OutputFn:
 
 @dataclass(frozen=True)
 class Method:
-    """A TRAK-family attribution method: which output builds train and query features."""
+    """A gradient-based attribution method answered from a feature store.
+
+    Attributes:
+        train_output / query_output: output functions of train and query features.
+        combine: ``"trak"`` -- Phi (Phi^T Phi + lambda I)^-1 g (journey-TRAK, D-TRAK);
+            ``"tracin"`` -- Phi g, summed over checkpoints (Diffusion-TracIn);
+            ``"retrac"`` -- rows of Phi and g normalized to unit norm first
+            (Diffusion-ReTrac's fix of the timestep-induced gradient-norm bias).
+    """
 
     name: str
     train_output: str
     query_output: str
     label: str
+    combine: str = "trak"
 
 
-#: Kernel methods answered from a store (train features use ``train_output``).
+#: Methods answered from a store (train features use ``train_output``).
 METHODS: dict[str, Method] = {
     "journey": Method("journey", "loss", "loss", "journey-TRAK (Eq. 3)"),
     "dtrak-square": Method("dtrak-square", "square", "square", "D-TRAK, ||eps||^2"),
     "dtrak-l1": Method("dtrak-l1", "l1", "l1", "D-TRAK, L1 norm"),
     "dtrak-l2": Method("dtrak-l2", "l2", "l2", "D-TRAK, L2 norm"),
     "dtrak-mean": Method("dtrak-mean", "mean", "mean", "D-TRAK, mean"),
+    "tracin": Method("tracin", "loss", "loss", "Diffusion-TracIn", combine="tracin"),
+    "retrac": Method("retrac", "loss", "loss", "Diffusion-ReTrac", combine="retrac"),
 }
 
 

@@ -122,11 +122,13 @@ class Scorer:
         self.params = [select_params(model, cfg.param_filter) for model in models]
         self.projectors = [checkpoint_projector(cfg, store.manifest["num_params"], m, model.device) for m, model in enumerate(models)]
         self.chol = []
-        for m in range(len(models)):
-            k = torch.from_numpy(store.kernel(m))
-            lam = query.ridge * float(torch.trace(k)) / k.shape[0]
-            k = k + lam * torch.eye(k.shape[0], dtype=k.dtype)
-            self.chol.append(torch.linalg.cholesky(k))
+        if self.method.combine == "trak":
+            for m in range(len(models)):
+                k = torch.from_numpy(store.kernel(m))
+                lam = query.ridge * float(torch.trace(k)) / k.shape[0]
+                k = k + lam * torch.eye(k.shape[0], dtype=k.dtype)
+                self.chol.append(torch.linalg.cholesky(k))
+        self._row_norms: list[np.ndarray] | None = None
         self.output = get_output(self.method.query_output)
 
     def query_features(
@@ -156,17 +158,44 @@ class Scorer:
             feats.append(torch.cat(rows))
         return feats
 
+    def row_norms(self, chunk_rows: int = 65536) -> list[np.ndarray]:
+        """(N,) norms of the train features of each checkpoint (ReTrac), computed once."""
+        if self._row_norms is None:
+            self._row_norms = []
+            for m in range(self.store.num_checkpoints):
+                phi = self.store.features(m)
+                norms = [np.linalg.norm(np.asarray(phi[s : s + chunk_rows], dtype=np.float32), axis=1)
+                         for s in range(0, self.store.num_train, chunk_rows)]
+                self._row_norms.append(np.maximum(np.concatenate(norms), 1e-12))
+        return self._row_norms
+
     def scores_from_features(self, feats: list[torch.Tensor], chunk_rows: int = 65536) -> np.ndarray:
-        """tau = (1/M) sum_m Phi_m (K_m + lambda I)^-1 g_m, streaming Phi in row chunks: (S, N) float32."""
+        """Combine query features with the store, streaming Phi in row chunks: (S, N) float32.
+
+        trak:   tau = (1/M) sum_m Phi_m (K_m + lambda I)^-1 g_m
+        tracin: tau = sum_m Phi_m g_m
+        retrac: tau = sum_m (Phi_m / |rows|) (g_m / |g_m|)
+        """
         n = self.store.num_train
+        combine = self.method.combine
         out = np.zeros((feats[0].shape[0], n), dtype=np.float32)
+        norms = self.row_norms() if combine == "retrac" else None
         for m, g in enumerate(feats):
-            w = torch.cholesky_solve(g.double().T, self.chol[m]).float()  # (d, S)
+            if combine == "trak":
+                w = torch.cholesky_solve(g.double().T, self.chol[m]).float()  # (d, S)
+            elif combine == "retrac":
+                w = (g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
+            else:
+                w = g.T
             phi = self.store.features(m)
             for start in range(0, n, chunk_rows):
                 block = torch.from_numpy(np.asarray(phi[start : start + chunk_rows], dtype=np.float32))
-                out[:, start : start + chunk_rows] += (block @ w).T.numpy()
-        out /= len(feats)
+                part = (block @ w).T.numpy()
+                if norms is not None:
+                    part = part / norms[m][start : start + chunk_rows]
+                out[:, start : start + chunk_rows] += part
+        if combine == "trak":
+            out /= len(feats)
         return out
 
     def score(

@@ -119,6 +119,7 @@ class Store:
         self.writable = writable
         self._features: dict[int, np.memmap] = {}
         self._done: dict[int, np.memmap] = {}
+        self._kernels: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -255,29 +256,44 @@ class Store:
         """Compute and save K_m = Phi_m^T Phi_m (float64) for every checkpoint."""
         if not self.is_complete():
             raise StoreError(f"store {self.root} is unfinished; run featurize again to complete it")
-        d = self.proj_dim
         for m in range(self.num_checkpoints):
             name = f"kernel_{m}.npy"
             if name in self.manifest["kernels"] and (self.root / name).exists():
                 continue
-            feats = self.features(m)
-            kernel = np.zeros((d, d), dtype=np.float64)
-            for start in range(0, self.num_train, chunk_rows):
-                block = np.asarray(feats[start : start + chunk_rows], dtype=np.float64)
-                kernel += block.T @ block
-                if progress:
-                    progress(m * self.num_train + min(start + chunk_rows, self.num_train), self.num_checkpoints * self.num_train)
+            kernel = self._compute_kernel(m, chunk_rows)
+            if progress:
+                progress(m + 1, self.num_checkpoints)
             atomic_save_npy(self.root / name, kernel)
             self.manifest["kernels"][name] = sha256_file(self.root / name)
             atomic_write_bytes(self.root / "manifest.json", json.dumps(self.manifest, indent=2).encode())
 
     def kernel(self, m: int) -> np.ndarray:
-        """(d, d) float64 K_m = Phi_m^T Phi_m; verified against its recorded sha256."""
+        """(d, d) float64 K_m = Phi_m^T Phi_m.
+
+        Read from ``kernel_{m}.npy`` when :meth:`finalize` wrote it (verified against
+        its recorded sha256); a complete store without kernel files (e.g. a read-only
+        shipped store) gets it computed from Phi once and kept in memory.
+        """
+        if m in self._kernels:
+            return self._kernels[m]
         name = f"kernel_{m}.npy"
         recorded = self.manifest["kernels"].get(name)
-        if recorded is None:
-            raise StoreError(f"store {self.root} is not finalized (no {name}); run `attribution featurize` to finish it")
         path = self.root / name
-        if not path.exists() or sha256_file(path) != recorded:
-            raise StoreError(f"{path} is missing or does not match its checksum; delete it and rerun featurize")
-        return np.load(path)
+        if recorded is not None:
+            if not path.exists() or sha256_file(path) != recorded:
+                raise StoreError(f"{path} is missing or does not match its checksum; delete it and rerun featurize")
+            kernel = np.load(path)
+        else:
+            if not self.is_complete(m):
+                raise StoreError(f"store {self.root} is unfinished; run `attribution featurize` again to complete it")
+            kernel = self._compute_kernel(m)
+        self._kernels[m] = kernel
+        return kernel
+
+    def _compute_kernel(self, m: int, chunk_rows: int = 8192) -> np.ndarray:
+        feats = self.features(m)
+        kernel = np.zeros((self.proj_dim, self.proj_dim), dtype=np.float64)
+        for start in range(0, self.num_train, chunk_rows):
+            block = np.asarray(feats[start : start + chunk_rows], dtype=np.float64)
+            kernel += block.T @ block
+        return kernel

@@ -1,0 +1,254 @@
+"""Core math against brute force on tiny models (see shared/DESIGN.md, testing strategy)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig
+from attribution.data import ArrayDataset
+from attribution.featurize import draw_timesteps_and_noise, featurize, store_spec
+from attribution.gradients import looped_grads, per_example_grads, select_params
+from attribution.models import load_models
+from attribution.outputs import get_output
+from attribution.projection import GaussianProjector, SparseSignProjector, make_projector
+from attribution.scoring import Scorer, query_noises, top_k
+from attribution.store import Store, StoreError
+from attribution.trajectory import invert_image, sample_trajectory
+
+SMALL_PARAMS = ("conv_in", "conv_out")  # 77 parameters: identity projection stays tiny
+
+
+def _draws(model, n, d=3, seed=0):
+    cfg = FeaturizeConfig(num_draws=d, draw_seed=seed)
+    return draw_timesteps_and_noise(np.arange(n), cfg, model.num_train_timesteps, model.image_shape)
+
+
+@pytest.mark.parametrize("output", ["loss", "square", "l2"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_vmap_grads_equal_looped_autograd(tiny_models, tiny_dataset, output, masked):
+    model = tiny_models[0]
+    params = select_params(model)
+    x0 = tiny_dataset.images(range(5))
+    ts, noises = _draws(model, 5)
+    mask = None
+    if masked:
+        mask = torch.zeros(1, 8, 8)
+        mask[:, 2:6, 1:5] = 1
+    fast = per_example_grads(model, params, get_output(output), x0, ts, noises, mask, chunk_size=2)
+    slow = looped_grads(model, params, get_output(output), x0, ts, noises, mask)
+    assert fast.shape == (5, sum(p.numel() for p in params.values()))
+    assert slow.abs().max() > 0
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5 * float(slow.abs().max()))
+
+
+def test_mask_gradients_are_additive(tiny_models, tiny_dataset):
+    """f_mask + f_(1-mask) = f for the loss output, so their gradients add up."""
+    model = tiny_models[0]
+    params = select_params(model)
+    x0 = tiny_dataset.images(range(3))
+    ts, noises = _draws(model, 3)
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :4] = 1
+    out = get_output("loss")
+    full = per_example_grads(model, params, out, x0, ts, noises)
+    parts = per_example_grads(model, params, out, x0, ts, noises, mask) + per_example_grads(
+        model, params, out, x0, ts, noises, 1 - mask
+    )
+    torch.testing.assert_close(parts, full, rtol=1e-4, atol=1e-6)
+
+
+def test_draws_do_not_depend_on_chunking(tiny_models):
+    model = tiny_models[0]
+    cfg = FeaturizeConfig(num_draws=4)
+    t_all, n_all = draw_timesteps_and_noise(np.arange(6), cfg, 100, model.image_shape)
+    t_one, n_one = draw_timesteps_and_noise(np.array([4]), cfg, 100, model.image_shape)
+    assert torch.equal(t_all[4], t_one[0]) and torch.equal(n_all[4], n_one[0])
+    # stratified: one draw per quarter of [0, T)
+    assert all(((t_all[:, k] >= 25 * k) & (t_all[:, k] < 25 * (k + 1))).all() for k in range(4))
+
+
+def test_projections_are_seeded_and_blockwise():
+    g = torch.randn(3, 5000)
+    a = SparseSignProjector(5000, 64, seed=3, nnz=4)
+    b = SparseSignProjector(5000, 64, seed=3, nnz=4)
+    c = SparseSignProjector(5000, 64, seed=4, nnz=4)
+    assert torch.equal(a.project(g), b.project(g))
+    assert not torch.equal(a.project(g), c.project(g))
+    dense = a.matrix_t.to_dense()
+    assert ((dense != 0).sum(0) == 4).all()  # nnz non-zeros per input coordinate
+    torch.testing.assert_close(a.project(g), g @ dense.T)
+
+    ga = GaussianProjector(5000, 32, seed=1, block_rows=1000, cache_bytes=0)  # regenerated per call
+    gb = GaussianProjector(5000, 32, seed=1, block_rows=1000)
+    torch.testing.assert_close(ga.project(g), gb.project(g))
+    torch.testing.assert_close(gb.project(g), g @ gb.matrix(), rtol=1e-4, atol=1e-4)
+    # inner products approximately preserved (JL): relative error of norms small at d = 2048
+    big = make_projector("sjlt", 5000, 2048, seed=0)
+    ratio = big.project(g).norm(dim=1) / g.norm(dim=1)
+    assert ((ratio - 1).abs() < 0.15).all()
+
+
+def _explicit_scores(models, dataset, cfg, traj, steps, query, params_filter):
+    """tau_s = (1/M) sum_m Phi_m (Phi_m^T Phi_m + lambda_m I)^-1 g_{s,m}, by torch.linalg.solve."""
+    total = 0
+    for m, model in enumerate(models):
+        params = select_params(model, params_filter)
+        ts, noises = draw_timesteps_and_noise(np.arange(len(dataset)), cfg, model.num_train_timesteps, model.image_shape)
+        phi = looped_grads(model, params, get_output("loss"), dataset.images(range(len(dataset))), ts, noises).double()
+        K = query.num_resamples
+        qn = query_noises(steps, K, query.noise_seed, model.image_shape)
+        qt = traj.timesteps[steps][:, None].expand(-1, K)
+        g = looped_grads(model, params, get_output("loss"), traj.x0_hat[steps], qt, qn).double()
+        kern = phi.T @ phi
+        lam = query.ridge * torch.trace(kern) / kern.shape[0]
+        total = total + (phi @ torch.linalg.solve(kern + lam * torch.eye(kern.shape[0], dtype=kern.dtype), g.T)).T
+    return (total / len(models)).numpy()
+
+
+@pytest.mark.parametrize("num_models", [1, 2])
+def test_identity_projection_scores_equal_explicit_solve(tiny_models, tiny_dataset, tmp_path, num_models):
+    models = tiny_models[:num_models]
+    cfg = FeaturizeConfig(proj_kind="identity", num_draws=2, param_filter=SMALL_PARAMS, store_dtype="float32")
+    store = featurize(models, tiny_dataset, tmp_path / "store", cfg)
+    assert store.proj_dim == 77
+    traj = sample_trajectory(models[0], SamplingConfig(num_inference_steps=6, seed=1))
+    query = QueryConfig(num_resamples=4, ridge=1e-2)
+    steps = [0, 3, 5]
+    got = Scorer(store, models, "journey", query).score(traj, steps).scores
+    want = _explicit_scores(models, tiny_dataset, cfg, traj, steps, query, SMALL_PARAMS)
+    assert got.shape == (3, len(tiny_dataset))
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def test_same_seed_same_scores(tiny_models, tiny_dataset, tmp_path):
+    cfg = FeaturizeConfig(proj_dim=32, num_draws=1)
+    s1 = featurize(tiny_models, tiny_dataset, tmp_path / "a", cfg)
+    s2 = featurize(tiny_models, tiny_dataset, tmp_path / "b", cfg)
+    assert np.array_equal(np.asarray(s1.features(1)), np.asarray(s2.features(1)))
+    traj = sample_trajectory(tiny_models[0], SamplingConfig(num_inference_steps=5, seed=2))
+    q = QueryConfig(num_resamples=3)
+    a = Scorer(s1, tiny_models, "journey", q).score(traj, [1, 4]).scores
+    b = Scorer(s2, tiny_models, "journey", q).score(traj, [1, 4]).scores
+    np.testing.assert_array_equal(a, b)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_featurize_resumes_byte_identical(tiny_models, tiny_dataset, tmp_path):
+    cfg = FeaturizeConfig(proj_dim=32, num_draws=2)
+    one_go = featurize(tiny_models, tiny_dataset, tmp_path / "one", cfg, batch_size=5)
+
+    calls = []
+
+    def stop_after_three(done, total):
+        calls.append(done)
+        if len(calls) == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        featurize(tiny_models, tiny_dataset, tmp_path / "resumed", cfg, batch_size=5, progress=stop_after_three)
+    partial = Store.open(tmp_path / "resumed", writable=False)
+    assert 0 < int(np.asarray(partial.done(0)).sum()) < len(tiny_dataset)
+    assert not partial.is_complete()
+    with pytest.raises(StoreError, match="unfinished"):
+        partial.kernel(1)
+
+    seen = []
+    resumed = featurize(tiny_models, tiny_dataset, tmp_path / "resumed", cfg, batch_size=5, progress=lambda d, t: seen.append(t))
+    assert seen[-1] == 2 * len(tiny_dataset) - 15  # only the 33 unfinished rows were computed
+    for m in range(2):
+        assert np.asarray(resumed.features(m)).tobytes() == np.asarray(one_go.features(m)).tobytes()
+        np.testing.assert_array_equal(resumed.kernel(m), one_go.kernel(m))
+
+
+def test_mismatched_store_is_refused(tiny_models, tiny_dataset, tiny_model_dirs, tmp_path):
+    cfg = FeaturizeConfig(proj_dim=32, num_draws=1)
+    featurize(tiny_models, tiny_dataset, tmp_path / "s", cfg)
+    with pytest.raises(StoreError, match="proj_dim"):
+        featurize(tiny_models, tiny_dataset, tmp_path / "s", replace(cfg, proj_dim=64))
+    swapped = load_models(tiny_model_dirs[::-1])
+    with pytest.raises(StoreError, match="checkpoint 0 differs"):
+        featurize(swapped, tiny_dataset, tmp_path / "s", cfg)
+    other = ArrayDataset(tiny_dataset.array[::-1].copy(), name="reversed")
+    with pytest.raises(StoreError, match="dataset differs"):
+        Store.open(tmp_path / "s", store_spec(tiny_models, other, cfg))
+    store = Store.open(tmp_path / "s")
+    with pytest.raises(StoreError, match="weights differ"):
+        Scorer(store, swapped)
+    with pytest.raises(StoreError, match="output 'square'"):
+        Scorer(store, tiny_models, "dtrak-square")
+
+
+def test_truncated_store_array_is_refused(tiny_models, tiny_dataset, tmp_path):
+    featurize(tiny_models, tiny_dataset, tmp_path / "s", FeaturizeConfig(proj_dim=32, num_draws=1))
+    path = tmp_path / "s" / "features_1.npy"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(StoreError, match="truncated"):
+        Store.open(tmp_path / "s")
+
+
+def test_trajectory_is_reproducible_and_consistent(tiny_models):
+    model = tiny_models[0]
+    for sched in ("ddim", "ddpm"):
+        cfg = SamplingConfig(num_inference_steps=7, seed=5, scheduler=sched)
+        a, b = sample_trajectory(model, cfg), sample_trajectory(model, cfg)
+        assert torch.equal(a.x_t, b.x_t) and torch.equal(a.sample, b.sample)
+        assert a.x_t.shape == (7, 1, 8, 8) and a.timesteps[0] > a.timesteps[-1]
+        ab = model.alphas_cumprod[a.timesteps].view(-1, 1, 1, 1)
+        torch.testing.assert_close(ab.sqrt() * a.x0_hat + (1 - ab).sqrt() * a.eps, a.x_t, rtol=1e-4, atol=1e-4)
+    c = sample_trajectory(model, SamplingConfig(num_inference_steps=7, seed=6))
+    assert not torch.equal(c.x_t[0], a.x_t[0])
+
+
+def test_inversion_builds_a_trajectory_ending_at_the_image(tiny_models, tiny_dataset):
+    image = tiny_dataset.images([3])[0]
+    traj = invert_image(tiny_models[0], image, num_inference_steps=5)
+    assert traj.x_t.shape == (5, 1, 8, 8) and traj.source == "upload"
+    assert torch.equal(traj.sample, image)
+    with pytest.raises(ValueError, match="shape"):
+        invert_image(tiny_models[0], torch.zeros(3, 8, 8), 5)
+
+
+def test_tracin_retrac_and_topk(tiny_models, tiny_dataset, tmp_path):
+    store = featurize(tiny_models, tiny_dataset, tmp_path / "s", FeaturizeConfig(proj_dim=32, num_draws=1))
+    traj = sample_trajectory(tiny_models[0], SamplingConfig(num_inference_steps=4, seed=0))
+    q = QueryConfig(num_resamples=2)
+    scorer = Scorer(store, tiny_models, "tracin", q)
+    feats = scorer.query_features(traj, [2])
+    tracin = scorer.score(traj, [2]).scores
+    phi = [torch.from_numpy(np.asarray(store.features(m), dtype=np.float32)) for m in range(2)]
+    want = sum(p @ g[0] for p, g in zip(phi, feats)).numpy()
+    np.testing.assert_allclose(tracin[0], want, rtol=1e-4, atol=1e-6)
+    retrac = Scorer(store, tiny_models, "retrac", q).score(traj, [2]).scores
+    assert np.abs(retrac).max() <= 2 + 1e-4  # sum of two cosines
+    pos, neg = top_k(tracin, 3)
+    assert tracin[0, pos[0, 0]] == tracin.max() and tracin[0, neg[0, 0]] == tracin.min()
+
+
+def test_masks_are_validated(tiny_models, tiny_dataset, tmp_path):
+    store = featurize(tiny_models, tiny_dataset, tmp_path / "s", FeaturizeConfig(proj_dim=32, num_draws=1))
+    traj = sample_trajectory(tiny_models[0], SamplingConfig(num_inference_steps=3, seed=0))
+    scorer = Scorer(store, tiny_models, "journey", QueryConfig(num_resamples=2))
+    with pytest.raises(ValueError, match="no pixel"):
+        scorer.score(traj, [1], mask=np.zeros((8, 8)))
+    with pytest.raises(ValueError, match="shape"):
+        scorer.score(traj, [1], mask=np.ones((4, 4)))
+    mask = np.zeros((8, 8))
+    mask[:4] = 1
+    masked = scorer.score(traj, [1], mask=mask).scores
+    full = scorer.score(traj, [1]).scores
+    assert masked.shape == full.shape and not np.allclose(masked, full)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cpu_and_cuda_agree(tiny_model_dirs, tiny_dataset, tmp_path):
+    cfg = FeaturizeConfig(proj_dim=32, num_draws=2, store_dtype="float32")
+    cpu = featurize(load_models(tiny_model_dirs, "cpu"), tiny_dataset, tmp_path / "cpu", cfg)
+    gpu = featurize(load_models(tiny_model_dirs, "cuda"), tiny_dataset, tmp_path / "gpu", cfg)
+    np.testing.assert_allclose(np.asarray(gpu.features(0)), np.asarray(cpu.features(0)), rtol=1e-3, atol=1e-5)
