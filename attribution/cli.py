@@ -90,7 +90,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     store = Store.open(args.store)
-    paths = args.model or [c["path"] for c in store.manifest["checkpoints"]]
+    paths = args.model or [args.store / c["path"] for c in store.manifest["checkpoints"]]
     models = load_models(paths, device)
     if args.image:
         image = decode_image(Path(args.image), models[0].image_shape)
@@ -121,6 +121,31 @@ def cmd_attribute(args: argparse.Namespace) -> None:
         method=np.array(result.method),
     )
     print(f"wrote {args.out}: scores {result.scores.shape}; last step top positive {pos[-1][:5].tolist()}")
+
+
+def cmd_build_assets(args: argparse.Namespace) -> None:
+    from .assets import build_assets, verify_assets
+    from .workspace import ASSETS_DIR
+
+    assets = args.assets or ASSETS_DIR
+    if args.verify:
+        problems = verify_assets(assets)
+        for p in problems:
+            print(p)
+        if problems:
+            raise ValueError(f"{len(problems)} problem(s) in {assets}")
+        print(f"{assets}: all files match MANIFEST.json")
+        return
+    bars: list[tqdm] = []
+
+    def factory(name: str) -> Callable[[int, int], None]:
+        bar, update = _bar(name)
+        bars.append(bar)
+        return update
+
+    build_assets(assets, epochs=args.epochs, progress_factory=factory, log=tqdm.write)
+    for bar in bars:
+        bar.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto")
     a.add_argument("--out", required=True, type=Path)
     a.set_defaults(func=cmd_attribute)
+    b = sub.add_parser("build-assets", help="rebuild the bundled default under assets/ (skips what exists)")
+    b.add_argument("--assets", type=Path, help="assets directory (default: the repo's assets/)")
+    b.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    b.add_argument("--verify", action="store_true", help="only check the files against MANIFEST.json")
+    b.set_defaults(func=cmd_build_assets)
     return p
 
 

@@ -10,6 +10,7 @@ chunking, resumption, sharding or device gives the same features.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -56,12 +57,22 @@ def draw_timesteps_and_noise(
     return torch.stack(ts), torch.stack(noises)
 
 
-def store_spec(models: list[DiffusionModel], dataset: ImageDataset, config: FeaturizeConfig) -> StoreSpec:
-    """The spec a store must match for these checkpoints, data and settings."""
+def store_spec(
+    models: list[DiffusionModel], dataset: ImageDataset, config: FeaturizeConfig, store_dir: str | Path | None = None
+) -> StoreSpec:
+    """The spec a store must match for these checkpoints, data and settings.
+
+    Checkpoint paths are recorded relative to ``store_dir`` when given, so a store
+    moved together with its models (e.g. a clone of the repo) still finds them;
+    matching uses the content hashes only.
+    """
     params = select_params(models[0], config.param_filter)
     return StoreSpec(
         config=config,
-        checkpoints=tuple({"path": str(m.path), "hash": m.checkpoint_hash} for m in models),
+        checkpoints=tuple(
+            {"path": os.path.relpath(m.path, store_dir) if store_dir else str(m.path), "hash": m.checkpoint_hash}
+            for m in models
+        ),
         dataset={
             "name": dataset.name,
             "fingerprint": dataset.fingerprint(),
@@ -105,7 +116,7 @@ def featurize(
     """
     if dataset.image_shape != models[0].image_shape:
         raise ValueError(f"dataset images are {dataset.image_shape} but the model takes {models[0].image_shape}")
-    spec = store_spec(models, dataset, config)
+    spec = store_spec(models, dataset, config, store_dir)
     store = Store.create_or_open(store_dir, spec) if rank == 0 else Store.open(store_dir, spec, writable=True)
     output = get_output(config.output)
     pending = [store.pending(m, rank, world_size) for m in range(len(models))]
