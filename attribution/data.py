@@ -54,7 +54,7 @@ class ImageDataset(Protocol):
 
 def uint8_to_model(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]."""
-    arr = torch.from_numpy(np.ascontiguousarray(images))
+    arr = torch.from_numpy(np.array(images, copy=not images.flags.writeable or not images.flags.c_contiguous))
     if arr.ndim == 3:
         arr = arr[:, None]
     else:
@@ -112,15 +112,17 @@ def decode_image(data: bytes | str | Path, image_shape: tuple[int, int, int]) ->
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageDecodeError(
-                    f"the image is {img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,}; resize it first"
+                    f"the image is {img.width}x{img.height} pixels, more than the limit of {MAX_PIXELS:,}; resize it first"
                 )
             img.load()
             arr = pil_to_array(img, image_shape)
     except ImageDecodeError:
         raise
+    except Image.DecompressionBombError:
+        raise ImageDecodeError(f"the image declares more pixels than the limit of {MAX_PIXELS:,}; resize it first") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("the file is not an image Pillow can read (PNG, JPEG, WebP, BMP ...)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"the image could not be decoded: {e}") from None
     return uint8_to_model(arr[None])[0]
 
