@@ -40,7 +40,10 @@ class FeaturizeConfig:
             (D-TRAK's ``range(0, T, T // num_draws)``).
         draw_seed: seed of the draws; example i always gets the same draws,
             whatever the chunking, sharding or device.
-        param_filter: parameter-name prefixes to differentiate (``None``: all).
+        param_filter: parameters to differentiate (``None``: all): name prefixes, or
+            regular expressions written ``"re:<pattern>"`` (searched in the name), e.g.
+            ``("re:lora_",)`` for LoRA adapter weights; see
+            :func:`attribution.gradients.param_matcher`.
         store_dtype: dtype of the stored features (``"float32"`` or ``"float16"``).
     """
 
@@ -111,18 +114,31 @@ class QueryConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How a trajectory is sampled: scheduler kind, number of steps, seed."""
+    """How a trajectory is sampled: scheduler kind, number of steps, seed.
+
+    Text-conditional models also use:
+        prompt: the text the sample is conditioned on (``""``: unconditional).
+        negative_prompt: the text of the unconditional branch of guidance (usually ``""``).
+        guidance_scale: s of classifier-free guidance,
+            ``eps = eps_uncond + s (eps_cond - eps_uncond)``; at s <= 1 only the
+            conditional branch runs (as in diffusers). Ignored by unconditional models.
+    """
 
     num_inference_steps: int = 50
     scheduler: str = "ddim"
     seed: int = 0
     eta: float = 0.0
+    prompt: str = ""
+    negative_prompt: str = ""
+    guidance_scale: float = 7.5
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("ddim", "ddpm"):
             raise ValueError(f"scheduler must be 'ddim' or 'ddpm', not {self.scheduler!r}")
         if self.num_inference_steps < 1:
             raise ValueError("num_inference_steps must be at least 1")
+        if self.guidance_scale < 0:
+            raise ValueError("guidance_scale must be non-negative")
 
 
 @dataclass(frozen=True)

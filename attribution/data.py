@@ -2,7 +2,14 @@
 
 A dataset gives images as float32 tensors (B, C, H, W) in [-1, 1] at the model's
 size, plus optional integer labels and captions, and a fingerprint that
-identifies its content in store manifests.
+identifies its content in store manifests (captions are part of it when present).
+
+Captions of an image folder come from a metadata file beside the images, in the
+layout of diffusers' text-to-image training scripts (``datasets`` imagefolder):
+``metadata.jsonl`` (one ``{"file_name": ..., "text": ...}`` per line) or
+``metadata.csv`` / ``captions.csv`` (header ``file_name,text``); ``file_name`` is
+relative to the metadata file's folder, and the caption column is the first of
+``text``, ``caption``, ``prompt`` present.
 
 Conversion rule for image files (folders and uploads), stated once here:
   1. decode with Pillow, refusing files over ``MAX_PIXELS`` (decompression bombs);
@@ -16,8 +23,10 @@ Conversion rule for image files (folders and uploads), stated once here:
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -27,6 +36,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_FILES = ("metadata.jsonl", "metadata.csv", "captions.csv")
+CAPTION_COLUMNS = ("text", "caption", "prompt")
 MAX_PIXELS = 40_000_000  # refuse larger images before decoding them
 MAX_FILE_BYTES = 50 * 1024 * 1024
 
@@ -143,6 +154,8 @@ class ArrayDataset:
             raise ValueError("ArrayDataset needs uint8 images of shape (N, H, W) or (N, H, W, C)")
         if self.labels is not None and len(self.labels) != len(self.array):
             raise ValueError("labels and images differ in length")
+        if self.captions is not None and len(self.captions) != len(self.array):
+            raise ValueError("captions and images differ in length")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -159,6 +172,8 @@ class ArrayDataset:
         if self._fingerprint is None:
             h = hashlib.sha256(str(self.array.shape).encode())
             h.update(np.ascontiguousarray(self.array).tobytes())
+            if self.captions is not None:  # absent captions keep the old fingerprints
+                h.update(json.dumps(list(self.captions)).encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -167,7 +182,8 @@ def image_folder_dataset(root: str | Path, image_shape: tuple[int, int, int], na
     """All images under ``root`` (recursive, sorted by relative path), converted by the rule above.
 
     Labels: when every image sits in a first-level subfolder, the subfolder names
-    (sorted) become integer labels and ``class_names``.
+    (sorted) become integer labels and ``class_names``. Captions: from the metadata
+    files described in the module doc (every image must then have one).
     """
     root = Path(root)
     if not root.is_dir():
@@ -189,7 +205,57 @@ def image_folder_dataset(root: str | Path, image_shape: tuple[int, int, int], na
     arr = np.stack(arrays)
     if image_shape[0] == 1:
         arr = arr[..., 0]
-    return ArrayDataset(arr, labels=labels, name=name or str(root), class_names=class_names)
+    captions = read_captions(root, files)
+    return ArrayDataset(arr, labels=labels, captions=captions, name=name or str(root), class_names=class_names)
+
+
+def _caption_rows(meta: Path) -> list[dict[str, str]]:
+    """Rows of one metadata file (jsonl or csv) as dicts."""
+    text = meta.read_text(encoding="utf-8-sig")
+    if meta.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{meta} line {n} is not valid JSON: {e}") from None
+        return rows
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def read_captions(root: Path, files: Sequence[Path]) -> list[str] | None:
+    """Captions of ``files`` from the metadata files under ``root`` (None when there are none).
+
+    Raises:
+        ValueError: a metadata row without file name or caption, naming no image
+            found, or an image without a caption.
+    """
+    metas = sorted(p for p in root.rglob("*") if p.name in CAPTION_FILES and p.is_file())
+    if not metas:
+        return None
+    by_path: dict[Path, str] = {}
+    sources = []
+    for meta in metas:
+        rows = _caption_rows(meta)
+        if not any(c in row for row in rows for c in CAPTION_COLUMNS):
+            continue  # metadata without captions (e.g. only labels): not ours
+        sources.append(meta)
+        for row in rows:
+            col = next((c for c in CAPTION_COLUMNS if c in row and row[c] is not None), None)
+            if "file_name" not in row or col is None:
+                raise ValueError(f"{meta}: every row needs 'file_name' and one of {CAPTION_COLUMNS}; got {sorted(row)}")
+            by_path[(meta.parent / row["file_name"]).resolve()] = str(row[col])
+    if not sources:
+        return None
+    wanted = {p.resolve() for p in files}
+    unknown = [p for p in by_path if p not in wanted]
+    if unknown:
+        raise ValueError(f"caption metadata names {len(unknown)} image(s) not found under {root}, e.g. {unknown[0]}")
+    missing = [p for p in files if p.resolve() not in by_path]
+    if missing:
+        raise ValueError(f"{len(missing)} image(s) under {root} have no caption in {sources[0].name}, e.g. {missing[0]}")
+    return [by_path[p.resolve()] for p in files]
 
 
 def pil_to_array_from_file(path: Path, image_shape: tuple[int, int, int]) -> np.ndarray:

@@ -6,6 +6,11 @@ For checkpoint m and train example i (Algorithm 1 lines 3-9):
 
 The D draws of example i are a pure function of ``(draw_seed, i)`` so that any
 chunking, resumption, sharding or device gives the same features.
+
+Latent models: x_i is the VAE latent of train image i (computed once per VAE, see
+:mod:`attribution.latents`) and the noises are drawn in latent space.
+Text-conditional models: each example is conditioned on the embedding of its
+caption (the empty caption, i.e. unconditional, when the dataset has none).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from .config import FeaturizeConfig
 from .data import ImageDataset
 from .gradients import num_params, per_example_grads, select_params
+from .latents import LatentDataset, dataset_fingerprint, model_space_dataset
 from .models import DiffusionModel
 from .outputs import get_output
 from .projection import Projector, make_projector
@@ -67,6 +73,7 @@ def store_spec(
     matching uses the content hashes only.
     """
     params = select_params(models[0], config.param_filter)
+    shape = models[0].image_shape if models[0].is_latent else dataset.image_shape
     return StoreSpec(
         config=config,
         checkpoints=tuple(
@@ -75,9 +82,9 @@ def store_spec(
         ),
         dataset={
             "name": dataset.name,
-            "fingerprint": dataset.fingerprint(),
+            "fingerprint": dataset_fingerprint(dataset, models[0]),
             "num_train": len(dataset),
-            "image_shape": list(dataset.image_shape),
+            "image_shape": list(shape),
         },
         num_params=num_params(params),
     )
@@ -101,21 +108,25 @@ def featurize(
     finalize: bool = True,
     progress: Progress | None = None,
     log: Callable[[str], None] = lambda s: None,
+    latent_cache_dir: str | Path | None = None,
 ) -> Store:
     """Featurize ``dataset`` for every checkpoint into ``store_dir``; resume if it exists.
 
     Args:
+        dataset: train images at the model's pixel size (for latent models also a
+            :class:`~attribution.latents.LatentDataset` of the same VAE).
         batch_size: examples written to the store per flush (rows buffered before projecting).
         chunk_size: examples per vmapped gradient call (memory budget).
         rank, world_size: shard rows by ``i % world_size == rank`` (torchrun workers).
         finalize: compute the kernels once all rows are done (rank 0 only).
         progress: called with (rows done, rows total) of this shard.
+        latent_cache_dir: latent models: where the train latents are cached as .npy
+            (None: computed in memory for this call).
 
     Returns:
         The open store.
     """
-    if dataset.image_shape != models[0].image_shape:
-        raise ValueError(f"dataset images are {dataset.image_shape} but the model takes {models[0].image_shape}")
+    check_dataset(models[0], dataset)
     spec = store_spec(models, dataset, config, store_dir)
     store = Store.create_or_open(store_dir, spec) if rank == 0 else Store.open(store_dir, spec, writable=True)
     output = get_output(config.output)
@@ -125,9 +136,16 @@ def featurize(
         log(f"found existing features for all {len(dataset)} examples in {store_dir}, skipping")
     done_rows = 0
     t0 = time.perf_counter()
+    spaces: dict[str, ImageDataset] = {}  # model-space datasets, one per VAE
     for m, model in enumerate(models):
         if len(pending[m]) == 0:
             continue
+        key = getattr(model, "vae_hash", "")
+        if key not in spaces:
+            spaces[key] = model_space_dataset(dataset, model, latent_cache_dir)
+        data = spaces[key]
+        if model.is_conditional and dataset.captions is None:
+            log("the dataset has no captions: train examples are conditioned on the empty prompt")
         params = select_params(model, config.param_filter)
         projector = checkpoint_projector(config, spec.num_params, m, model.device)
         skipped = len(dataset) // world_size - len(pending[m])
@@ -135,9 +153,10 @@ def featurize(
             log(f"checkpoint {m}: found {skipped} finished rows, resuming")
         for start in range(0, len(pending[m]), batch_size):
             idx = pending[m][start : start + batch_size]
-            x0 = dataset.images(idx)
-            ts, noises = draw_timesteps_and_noise(idx, config, model.num_train_timesteps, dataset.image_shape)
-            grads = per_example_grads(model, params, output, x0, ts, noises, chunk_size=chunk_size)
+            x0 = data.images(idx)
+            ts, noises = draw_timesteps_and_noise(idx, config, model.num_train_timesteps, model.image_shape)
+            cond = caption_embeddings(model, dataset, idx)
+            grads = per_example_grads(model, params, output, x0, ts, noises, chunk_size=chunk_size, cond=cond)
             rows = projector.project(grads).cpu().numpy()
             store.write_rows(m, idx, rows)
             done_rows += len(idx)
@@ -148,3 +167,24 @@ def featurize(
     if finalize and rank == 0 and store.is_complete():
         store.finalize()
     return store
+
+
+def check_dataset(model: DiffusionModel, dataset: ImageDataset) -> None:
+    """Refuse a dataset whose images do not fit ``model`` (pixel size, or latents of another VAE)."""
+    if isinstance(dataset, LatentDataset):
+        if not model.is_latent or dataset.vae_hash != model.vae_hash:  # type: ignore[attr-defined]
+            raise ValueError(f"the dataset's latents were made by another VAE than that of {model.path}")
+        return
+    want = model.pixel_shape
+    if tuple(dataset.image_shape) != tuple(want):
+        hint = " (load the images at model.pixel_shape; latents are computed by featurize)" if model.is_latent else ""
+        raise ValueError(f"dataset images are {dataset.image_shape} but the model takes {want}{hint}")
+
+
+def caption_embeddings(model: DiffusionModel, dataset: ImageDataset, indices: np.ndarray) -> torch.Tensor | None:
+    """(B, L, D) caption embeddings of examples ``indices`` for conditional models, else None."""
+    if not model.is_conditional:
+        return None
+    caps = dataset.captions
+    texts = [caps[int(i)] if caps is not None else "" for i in indices]
+    return model.encode_prompts(texts)

@@ -10,10 +10,17 @@ Eq. (3) x0_b is the one-step prediction x0_hat at step b, t_bd its timestep
 repeated K times and eps_bd the K fresh noises. Examples are vmapped
 (``torch.func.vmap`` over ``grad`` of a ``functional_call``); the D draws of an
 example are one inner batch of the UNet.
+
+Text-conditional models take one conditioning ``c_b`` (L, D) per example (the
+caption embedding of a train example, the prompt embedding of a query), passed
+to the UNet as ``encoder_hidden_states`` and repeated for the D draws. For latent
+models x0_b and eps_bd live in latent space.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Callable
 
 import torch
@@ -23,14 +30,26 @@ from .models import DiffusionModel
 from .outputs import OutputFn
 
 
+def param_matcher(param_filter: tuple[str, ...]) -> Callable[[str], bool]:
+    """Predicate on parameter names: an entry matches names it prefixes, or, written
+    ``"re:<pattern>"``, names in which the regular expression is found (``re.search``).
+
+    E.g. ``("conv_in", "re:lora_")`` selects ``conv_in.*`` and every LoRA parameter.
+    """
+    prefixes = tuple(p for p in param_filter if not p.startswith("re:"))
+    regexes = [re.compile(p[3:]) for p in param_filter if p.startswith("re:")]
+    return lambda name: name.startswith(prefixes) or any(r.search(name) for r in regexes)
+
+
 def select_params(
     model: DiffusionModel, param_filter: tuple[str, ...] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Parameters to differentiate, by name prefix (``None``: all), in module order."""
+    """Parameters to differentiate (``None``: all), in module order; see :func:`param_matcher`."""
     named = dict(model.unet.named_parameters())
     if param_filter is None:
         return {k: v.detach() for k, v in named.items()}
-    chosen = {k: v.detach() for k, v in named.items() if any(k.startswith(p) for p in param_filter)}
+    match = param_matcher(tuple(param_filter))
+    chosen = {k: v.detach() for k, v in named.items() if match(k)}
     if not chosen:
         raise ValueError(f"param_filter {param_filter} matches no parameter of the model")
     return chosen
@@ -48,7 +67,7 @@ def flatten_grads(grads: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
 def _averaged_output_fn(
     model: DiffusionModel, params: dict[str, torch.Tensor], output: OutputFn
 ) -> Callable[..., torch.Tensor]:
-    """Build F(theta_sel; x0, a, b, t, eps, mask) for one example (no batch dim)."""
+    """Build F(theta_sel; x0, a, b, t, eps, mask[, cond]) for one example (no batch dim)."""
     others = {k: v.detach() for k, v in model.unet.named_parameters() if k not in params}
     buffers = {k: v.detach() for k, v in model.unet.named_buffers()}
 
@@ -60,12 +79,27 @@ def _averaged_output_fn(
         t: torch.Tensor,  # (D,)
         eps: torch.Tensor,  # (D, C, H, W)
         mask: torch.Tensor,  # (1 or C, H, W)
+        cond: torch.Tensor | None = None,  # (L, D_text)
     ) -> torch.Tensor:
         x_t = sqrt_ab[:, None, None, None] * x0[None] + sqrt_1mab[:, None, None, None] * eps
-        eps_pred = functional_call(model.unet, (sel, others, buffers), (x_t, t)).sample
+        c = None if cond is None else cond[None].expand(t.shape[0], *cond.shape)
+        eps_pred = functional_call(model.unet, (sel, others, buffers), (x_t, t), model.unet_kwargs(c)).sample
         return output(eps_pred, eps, mask[None]).mean()
 
     return fn
+
+
+def _check_cond(model: DiffusionModel, cond: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """Validate conditioning (B or 1, L, D) and broadcast it to (B, L, D) on the model's device."""
+    if cond is None:
+        if model.is_conditional:
+            raise ValueError("a text-conditional model needs cond (B, L, D); use model.encode_prompts")
+        return None
+    if not model.is_conditional:
+        raise ValueError(f"{model.path} is not text-conditional; cond must be None")
+    if cond.ndim != 3 or cond.shape[0] not in (1, batch):
+        raise ValueError(f"cond has shape {tuple(cond.shape)}; expected ({batch} or 1, L, D)")
+    return cond.to(model.device, torch.float32).expand(batch, -1, -1)
 
 
 def per_example_grads(
@@ -77,15 +111,19 @@ def per_example_grads(
     noises: torch.Tensor,
     mask: torch.Tensor | None = None,
     chunk_size: int = 32,
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradients of the draw-averaged output, one row per example.
 
     Args:
-        x0: (B, C, H, W) clean images (train images, or x0_hat of query steps).
+        x0: (B, C, H, W) clean images (train images, or x0_hat of query steps); latents
+            for latent models.
         timesteps: (B, D) integer training timesteps.
         noises: (B, D, C, H, W) Gaussian noises.
         mask: (1 or C, H, W) pixel weights shared by all examples, or None.
         chunk_size: examples per vmapped call (memory grows linearly with it).
+        cond: (B or 1, L, D) text embeddings for conditional models (``encoder_hidden_states``),
+            required for them and refused for unconditional ones.
 
     Returns:
         (B, P) float32 gradients, P = number of selected parameters.
@@ -93,7 +131,9 @@ def per_example_grads(
     device = model.device
     ab = model.alphas_cumprod
     fn = _averaged_output_fn(model, params, output)
-    per_ex = vmap(grad(fn), in_dims=(None, 0, 0, 0, 0, 0, None))
+    cond = _check_cond(model, cond, x0.shape[0])
+    dims = (None, 0, 0, 0, 0, 0, None) + ((0,) if cond is not None else ())
+    per_ex = vmap(grad(fn), in_dims=dims)
     if mask is None:
         mask = torch.ones((1, *x0.shape[-2:]), device=device)
     mask = mask.to(device=device, dtype=torch.float32)
@@ -105,15 +145,21 @@ def per_example_grads(
     rows = []
     for start in range(0, x0.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        g = per_ex(
-            params,
-            x0[sl].to(device),
-            sqrt_ab[sl],
-            sqrt_1mab[sl],
-            timesteps[sl],
-            noises[sl].to(device),
-            mask,
-        )
+        extra = (cond[sl],) if cond is not None else ()
+        with warnings.catch_warnings():
+            # No vmap batching rule for CPU flash attention: torch loops over the
+            # examples there (still faster on CPU than unfused attention).
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+            g = per_ex(
+                params,
+                x0[sl].to(device),
+                sqrt_ab[sl],
+                sqrt_1mab[sl],
+                timesteps[sl],
+                noises[sl].to(device),
+                mask,
+                *extra,
+            )
         rows.append(flatten_grads(g, g[next(iter(g))].shape[0]))
     return torch.cat(rows, dim=0)
 
@@ -126,10 +172,15 @@ def looped_grads(
     timesteps: torch.Tensor,
     noises: torch.Tensor,
     mask: torch.Tensor | None = None,
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference implementation with plain autograd, one example at a time: (B, P)."""
+    """Reference implementation with plain autograd, one example at a time: (B, P).
+
+    ``cond`` (B or 1, L, D) as in :func:`per_example_grads`.
+    """
     fn = _averaged_output_fn(model, params, output)
     device = model.device
+    cond = _check_cond(model, cond, x0.shape[0])
     ab = model.alphas_cumprod
     if mask is None:
         mask = torch.ones((1, *x0.shape[-2:]), device=device)
@@ -137,7 +188,8 @@ def looped_grads(
     for b in range(x0.shape[0]):
         sel = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         t = timesteps[b].to(device)
-        value = fn(sel, x0[b].to(device), ab[t].sqrt(), (1 - ab[t]).sqrt(), t, noises[b].to(device), mask)
+        c = cond[b] if cond is not None else None
+        value = fn(sel, x0[b].to(device), ab[t].sqrt(), (1 - ab[t]).sqrt(), t, noises[b].to(device), mask, c)
         gs = torch.autograd.grad(value, list(sel.values()))
         rows.append(torch.cat([g.reshape(-1) for g in gs]))
     return torch.stack(rows)

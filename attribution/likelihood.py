@@ -17,7 +17,7 @@ import torch
 
 from .config import SamplingConfig
 from .models import DiffusionModel
-from .trajectory import Trajectory, make_scheduler
+from .trajectory import Trajectory, guided_eps, make_scheduler
 
 Progress = Callable[[int, int], None]
 
@@ -45,20 +45,28 @@ class LikelihoodCurves:
 def continue_from_step(
     model: DiffusionModel, trajectory: Trajectory, step: int, num_samples: int, seed: int = 0, batch: int = 64
 ) -> torch.Tensor:
-    """Samples of p(. | x_t) at ``step``: (num_samples, C, H, W) in [-1, 1]."""
+    """Samples of p(. | x_t) at ``step``: (num_samples, C, H, W) in [-1, 1].
+
+    Text-conditional models continue with the trajectory's prompt and guidance;
+    latent models return decoded (pixel) samples.
+    """
     n = trajectory.num_steps
     sched = make_scheduler(model, SamplingConfig(num_inference_steps=n, scheduler="ddim"))
     if not torch.equal(sched.timesteps.long(), trajectory.timesteps):
         raise ValueError("the trajectory's timesteps do not match a DDIM schedule of the same length")
     gen = torch.Generator().manual_seed(seed * 100003 + step)
+    cond, uncond = trajectory.cond, trajectory.uncond
+    if model.is_conditional and cond is None:
+        cond = model.encode_prompts([trajectory.prompt or ""])
+    scale = trajectory.config.guidance_scale
     out = []
     for start in range(0, num_samples, batch):
         b = min(batch, num_samples - start)
         x = trajectory.x_t[step][None].expand(b, -1, -1, -1).to(model.device)
         for t in sched.timesteps[step:]:
-            eps = model.unet(x, t.reshape(1).expand(b).to(model.device)).sample
+            eps = guided_eps(model, x, t.reshape(1).expand(b).to(model.device), cond, uncond, scale)
             x = sched.step(eps, t, x, eta=1.0, generator=gen).prev_sample
-        out.append(x.clamp(-1, 1).cpu())
+        out.append((model.decode(x) if model.is_latent else x.clamp(-1, 1)).cpu())
     return torch.cat(out)
 
 

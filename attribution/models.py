@@ -1,4 +1,4 @@
-"""Load pixel-space diffusers models from local directories.
+"""Load diffusers models from local directories: pixel-space and latent text-conditional.
 
 A :class:`DiffusionModel` bundles what the attribution core needs of a
 checkpoint: the noise predictor ``eps_theta`` (a ``UNet2DModel``), the training
@@ -11,7 +11,16 @@ Accepted layouts:
   * a ``DDPMPipeline``/``DDIMPipeline`` directory: ``model_index.json``,
     ``unet/`` and ``scheduler/``;
   * a bare UNet directory (``config.json`` + ``diffusion_pytorch_model.safetensors``)
-    with ``scheduler_config.json`` beside it or in ``../scheduler``.
+    with ``scheduler_config.json`` beside it or in ``../scheduler``;
+  * a ``StableDiffusionPipeline`` directory (``unet/`` holding a
+    ``UNet2DConditionModel``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+    ``scheduler/``): loaded as a :class:`~attribution.latent_models.LatentDiffusionModel`,
+    whose ``image_shape`` is the *latent* shape and which adds ``encode``/``decode``
+    and ``encode_prompts`` (see :mod:`attribution.latent_models`).
+
+Every model has ``is_latent``, ``is_conditional``, ``pixel_shape``, ``encode``,
+``decode`` and ``encode_prompts``; for pixel models encode/decode are the identity
+and there is no conditioning.
 """
 
 from __future__ import annotations
@@ -66,10 +75,43 @@ class DiffusionModel:
         """(T,) float32 on the model's device: alpha-bar_t of the training schedule."""
         return self.scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float32)
 
+    @property
+    def is_latent(self) -> bool:
+        """True when the UNet works on VAE latents (then ``image_shape`` is the latent shape)."""
+        return False
+
+    @property
+    def is_conditional(self) -> bool:
+        """True when the UNet takes text embeddings (``encoder_hidden_states``)."""
+        return False
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images users see; equals ``image_shape`` for pixel models."""
+        return self.image_shape
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> model space; the identity for pixel models."""
+        return images
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> images (B, C, H, W) in [-1, 1]; the identity for pixel models."""
+        return x
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings (B, L, D); pixel models take no conditioning."""
+        raise ValueError(f"{self.path} is not a text-conditional model; it takes no prompt")
+
+    def unet_kwargs(self, cond: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Extra UNet keyword arguments for conditioning ``cond`` (B, L, D) (none for pixel models)."""
+        if cond is not None:
+            raise ValueError(f"{self.path} is not a text-conditional model; it takes no conditioning")
+        return {}
+
     @torch.no_grad()
-    def eps(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Predicted noise eps_theta(x_t, t): x_t (B, C, H, W), timesteps (B,) -> (B, C, H, W)."""
-        return self.unet(x_t, timesteps).sample
+    def eps(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted noise eps_theta(x_t, t[, c]): x_t (B, C, H, W), timesteps (B,), cond (B, L, D) -> (B, C, H, W)."""
+        return self.unet(x_t, timesteps, **self.unet_kwargs(cond)).sample
 
     def to(self, device: str | torch.device) -> "DiffusionModel":
         self.unet.to(device)
@@ -115,6 +157,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Diffusio
     unet_dir, sched_dir = _resolve_dirs(path)
     with open(unet_dir / "config.json") as f:
         cls_name = json.load(f).get("_class_name", "UNet2DModel")
+    if cls_name == "UNet2DConditionModel" or (path / "vae").is_dir():
+        from .latent_models import load_latent_model
+
+        return load_latent_model(path, unet_dir, sched_dir, device)
     if cls_name != "UNet2DModel":
         raise ModelLoadError(f"{unet_dir} holds a {cls_name}; only pixel-space UNet2DModel is supported here")
     try:
@@ -140,6 +186,8 @@ def load_models(paths: list[str | Path], device: str | torch.device = "cpu") -> 
     for m in models[1:]:
         if m.image_shape != ref.image_shape:
             raise ModelLoadError(f"{m.path} works on {m.image_shape} images but {ref.path} on {ref.image_shape}")
+        if m.pixel_shape != ref.pixel_shape or m.is_conditional != ref.is_conditional:
+            raise ModelLoadError(f"{m.path} and {ref.path} are different kinds of model (pixel size or conditioning)")
         if not torch.allclose(m.scheduler.alphas_cumprod, ref.scheduler.alphas_cumprod):
             raise ModelLoadError(f"{m.path} and {ref.path} use different noise schedules")
     return models

@@ -13,6 +13,11 @@ scores are shown as is, with that meaning.
 
 The K noises of step s depend only on ``(noise_seed, s)`` and are reused by the
 LDS ground truth (:func:`query_noises`).
+
+Latent text-conditional models: x0_hat, the noises and the mask live in latent
+space (a pixel mask is area-averaged onto the latent grid, :func:`downsample_mask`),
+and f_s is conditioned on the trajectory's prompt, embedded by each checkpoint's
+own text encoder (no guidance in the query: eps_theta(x, t, c_prompt)).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import QueryConfig
 from .featurize import checkpoint_projector
@@ -44,8 +50,25 @@ def query_noises(steps: Sequence[int], num_resamples: int, noise_seed: int, imag
     return torch.stack(out)
 
 
-def prepare_mask(mask: torch.Tensor | np.ndarray | None, image_shape: tuple[int, int, int]) -> torch.Tensor | None:
+def downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area-average a mask (1|C, H, W) onto a coarser (h, w) grid -> (1, h, w) in [0, 1].
+
+    Each latent cell gets the mean of the mask over the pixels it covers (exact
+    area average when H/h and W/w are integers, as for VAEs); channels are averaged.
+    """
+    return F.adaptive_avg_pool2d(mask.float().mean(0, keepdim=True)[None], size)[0]
+
+
+def prepare_mask(
+    mask: torch.Tensor | np.ndarray | None,
+    image_shape: tuple[int, int, int],
+    model: DiffusionModel | None = None,
+) -> torch.Tensor | None:
     """A pixel mask (H, W) or (1|C, H, W) with values in [0, 1] -> float (1|C, H, W); None stays None.
+
+    With a latent ``model`` (``model.is_latent``), a mask at the model's pixel size
+    is area-averaged onto the latent grid ``image_shape[1:]`` (a mask already at
+    the latent size is used as is).
 
     Raises:
         ValueError: wrong size, or a mask with no selected pixel.
@@ -55,6 +78,13 @@ def prepare_mask(mask: torch.Tensor | np.ndarray | None, image_shape: tuple[int,
     m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
     if m.ndim == 2:
         m = m[None]
+    if model is not None and model.is_latent and m.ndim == 3 and tuple(m.shape[-2:]) != tuple(image_shape[1:]):
+        pc, ph, pw = model.pixel_shape
+        if m.shape[-2:] != (ph, pw) or m.shape[0] not in (1, pc):
+            raise ValueError(f"mask has shape {tuple(m.shape)}; expected ({ph}, {pw}) or (1, {ph}, {pw})")
+        if float(m.max()) <= 0:
+            raise ValueError("the mask selects no pixel; paint a region first")
+        m = downsample_mask(m.clamp(0, 1), tuple(image_shape[1:]))
     c, h, w = image_shape
     if m.ndim != 3 or m.shape[-2:] != (h, w) or m.shape[0] not in (1, c):
         raise ValueError(f"mask has shape {tuple(m.shape)}; expected ({h}, {w}) or (1, {h}, {w})")
@@ -137,9 +167,16 @@ class Scorer:
         steps: Sequence[int],
         mask: torch.Tensor | None = None,
         progress: Progress | None = None,
+        prompt: str | None = None,
     ) -> list[torch.Tensor]:
-        """Projected Eq. (3) gradients: one (S, d) float32 tensor per checkpoint (on the CPU)."""
+        """Projected Eq. (3) gradients: one (S, d) float32 tensor per checkpoint (on the CPU).
+
+        ``prompt`` (conditional models): the text f_s is conditioned on; default the
+        trajectory's prompt, else ``""``.
+        """
         steps = list(steps)
+        if prompt is None:
+            prompt = trajectory.prompt if trajectory.prompt is not None else ""
         K = self.query.num_resamples
         shape = tuple(trajectory.x0_hat.shape[1:])
         noises = query_noises(steps, K, self.query.noise_seed, shape)
@@ -148,10 +185,14 @@ class Scorer:
         feats = []
         total = len(self.models) * len(steps)
         for m, model in enumerate(self.models):
+            cond = model.encode_prompts([prompt]) if model.is_conditional else None  # (1, L, D)
             rows = []
             for c in range(0, len(steps), self.query.chunk_size):
                 sl = slice(c, c + self.query.chunk_size)
-                g = per_example_grads(model, self.params[m], self.output, x0[sl], ts[sl], noises[sl], mask, chunk_size=self.query.chunk_size)
+                g = per_example_grads(
+                    model, self.params[m], self.output, x0[sl], ts[sl], noises[sl], mask,
+                    chunk_size=self.query.chunk_size, cond=cond,
+                )
                 rows.append(self.projectors[m].project(g).cpu())
                 if progress:
                     progress(m * len(steps) + min(c + self.query.chunk_size, len(steps)), total)
@@ -204,13 +245,18 @@ class Scorer:
         steps: Sequence[int] | None = None,
         mask: torch.Tensor | np.ndarray | None = None,
         progress: Progress | None = None,
+        prompt: str | None = None,
     ) -> Attribution:
-        """Scores for ``steps`` (default: all) of ``trajectory``, optionally for a pixel mask."""
+        """Scores for ``steps`` (default: all) of ``trajectory``, optionally for a pixel mask.
+
+        ``prompt``: conditional models: the prompt the query is conditioned on
+        (default: ``trajectory.prompt``, else ``""``).
+        """
         steps = list(range(trajectory.num_steps)) if steps is None else [int(s) for s in steps]
         if any(s < 0 or s >= trajectory.num_steps for s in steps):
             raise ValueError(f"steps must lie in [0, {trajectory.num_steps})")
-        mask_t = prepare_mask(mask, tuple(trajectory.x0_hat.shape[1:]))
-        feats = self.query_features(trajectory, steps, mask_t, progress)
+        mask_t = prepare_mask(mask, tuple(trajectory.x0_hat.shape[1:]), self.models[0])
+        feats = self.query_features(trajectory, steps, mask_t, progress, prompt=prompt)
         return Attribution(
             scores=self.scores_from_features(feats),
             steps=np.asarray(steps),

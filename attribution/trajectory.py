@@ -15,11 +15,20 @@ the exact reverse of a DDIM step under the usual approximation
 eps(x_t) ~ eps(x_{t_prev}). The recorded trajectory is the inversion path read
 from noisy to clean, with eps and x0_hat recomputed at each x_t; its final
 sample is the uploaded image itself.
+
+Latent text-conditional models: x_t, eps and x0_hat are recorded in latent space
+(that is where attribution happens) and the trajectory also keeps the prompt, its
+embedding and pixel decodings of x0_hat and of the sample for display
+(``decoded_x0_hat``, ``decoded_sample``; see :func:`decode_trajectory`). Sampling
+uses classifier-free guidance, eps = eps_uncond + s (eps_cond - eps_uncond), with
+s = ``SamplingConfig.guidance_scale`` (only the conditional branch when s <= 1);
+the recorded eps is the guided one, so x0_hat is what the sampler actually
+predicted. Inversion uses the conditional branch only (no guidance).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -41,9 +50,15 @@ class Trajectory:
         x_t: (S, C, H, W) input of each step.
         eps: (S, C, H, W) eps_theta(x_t, t).
         x0_hat: (S, C, H, W) one-step prediction of the clean image.
-        sample: (C, H, W) the final image.
+        sample: (C, H, W) the final image (the final latent for latent models).
         config: how it was made (``None`` fields for uploads).
         source: ``"generated"`` or ``"upload"``.
+        prompt: the prompt of a text-conditional model (None otherwise); queries are
+            conditioned on it.
+        cond: (1, L, D) its embedding by the sampling model's text encoder, or None.
+        uncond: (1, L, D) embedding of the negative prompt (guidance), or None.
+        decoded_x0_hat: latent models: (S, 3, H, W) VAE decodings of x0_hat in [-1, 1].
+        decoded_sample: latent models: (3, H, W) decoding of the sample.
     """
 
     timesteps: torch.Tensor
@@ -53,19 +68,39 @@ class Trajectory:
     sample: torch.Tensor
     config: SamplingConfig
     source: str = "generated"
+    prompt: str | None = None
+    cond: torch.Tensor | None = None
+    uncond: torch.Tensor | None = None
+    decoded_x0_hat: torch.Tensor | None = None
+    decoded_sample: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
+    @property
+    def display_x0_hat(self) -> torch.Tensor:
+        """(S, C, H, W) x0_hat in pixel space, for display (decoded for latent models)."""
+        return self.decoded_x0_hat if self.decoded_x0_hat is not None else self.x0_hat
+
+    @property
+    def display_sample(self) -> torch.Tensor:
+        """(C, H, W) the sample in pixel space, for display."""
+        return self.decoded_sample if self.decoded_sample is not None else self.sample
+
     def to_numpy(self) -> dict[str, np.ndarray]:
-        return {
+        out = {
             "timesteps": self.timesteps.numpy(),
             "x_t": self.x_t.numpy(),
             "eps": self.eps.numpy(),
             "x0_hat": self.x0_hat.numpy(),
             "sample": self.sample.numpy(),
         }
+        if self.decoded_x0_hat is not None:
+            out["decoded_x0_hat"] = self.decoded_x0_hat.numpy()
+        if self.decoded_sample is not None:
+            out["decoded_sample"] = self.decoded_sample.numpy()
+        return out
 
 
 def make_scheduler(model: DiffusionModel, config: SamplingConfig) -> DDIMScheduler | DDPMScheduler:
@@ -81,21 +116,82 @@ def one_step_prediction(x_t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor
     return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
 
 
+def guided_eps(
+    model: DiffusionModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor | None = None,
+    uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """eps of a sampling step: x (B, C, H, W), t (B,), cond/uncond (1 or B, L, D) -> (B, C, H, W).
+
+    Unconditional models: eps_theta(x, t). Conditional: eps_theta(x, t, cond), or with
+    guidance (scale > 1 and ``uncond`` given) eps_u + s (eps_c - eps_u), both in one batch.
+    """
+    if not model.is_conditional:
+        return model.unet(x, t).sample
+    b = x.shape[0]
+    cond = cond.to(x.device).expand(b, -1, -1)
+    if uncond is None or guidance_scale <= 1.0:
+        return model.unet(x, t, encoder_hidden_states=cond).sample
+    both = torch.cat([uncond.to(x.device).expand(b, -1, -1), cond])
+    eps_u, eps_c = model.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=both).sample.chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def prompt_embeddings(model: DiffusionModel, config: SamplingConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """((1, L, D) prompt, (1, L, D) negative-prompt or None) embeddings; (None, None) for unconditional models."""
+    if not model.is_conditional:
+        return None, None
+    cond = model.encode_prompts([config.prompt])
+    uncond = model.encode_prompts([config.negative_prompt]) if config.guidance_scale > 1.0 else None
+    return cond, uncond
+
+
+@torch.no_grad()
+def decode_trajectory(model: DiffusionModel, traj: Trajectory, batch_size: int = 8) -> Trajectory:
+    """Fill ``decoded_x0_hat`` (S, 3, H, W) and ``decoded_sample`` of a latent model's trajectory (in place)."""
+    if not model.is_latent:
+        return traj
+    traj.decoded_x0_hat = model.decode(traj.x0_hat, batch_size).cpu()
+    if traj.decoded_sample is None:
+        traj.decoded_sample = model.decode(traj.sample[None])[0].cpu()
+    return traj
+
+
 @torch.no_grad()
 def sample_trajectory(
-    model: DiffusionModel, config: SamplingConfig = SamplingConfig(), progress: Progress | None = None
+    model: DiffusionModel,
+    config: SamplingConfig = SamplingConfig(),
+    progress: Progress | None = None,
+    *,
+    prompt: str | None = None,
+    guidance_scale: float | None = None,
+    decode: bool = True,
 ) -> Trajectory:
-    """Generate one sample from ``config.seed`` and record every step."""
+    """Generate one sample from ``config.seed`` and record every step.
+
+    Args:
+        prompt, guidance_scale: override ``config.prompt`` / ``config.guidance_scale``
+            (text-conditional models; the trajectory's config records the values used).
+        decode: latent models: also decode x0_hat of every step for display.
+    """
+    if prompt is not None:
+        config = replace(config, prompt=prompt)
+    if guidance_scale is not None:
+        config = replace(config, guidance_scale=guidance_scale)
     device = model.device
     sched = make_scheduler(model, config)
     gen = torch.Generator().manual_seed(config.seed)
     x = torch.randn((1, *model.image_shape), generator=gen).to(device)
     abar = model.alphas_cumprod
+    cond, uncond = prompt_embeddings(model, config)
     xs, epss, x0s = [], [], []
     kwargs = {"eta": config.eta} if config.scheduler == "ddim" else {}
     for s, t in enumerate(sched.timesteps):
         t_batch = t.reshape(1).to(device)
-        eps = model.unet(x, t_batch).sample
+        eps = guided_eps(model, x, t_batch, cond, uncond, config.guidance_scale)
         xs.append(x[0].cpu())
         epss.append(eps[0].cpu())
         x0s.append(one_step_prediction(x, eps, abar[t_batch].reshape(-1, 1, 1, 1))[0].cpu())
@@ -103,14 +199,20 @@ def sample_trajectory(
         x = sched.step(eps, t, x, generator=gen, **kwargs).prev_sample
         if progress:
             progress(s + 1, len(sched.timesteps))
-    return Trajectory(
+    traj = Trajectory(
         timesteps=sched.timesteps.clone().long().cpu(),
         x_t=torch.stack(xs),
         eps=torch.stack(epss),
         x0_hat=torch.stack(x0s),
-        sample=x[0].clamp(-1, 1).cpu(),
+        sample=(x[0] if model.is_latent else x[0].clamp(-1, 1)).cpu(),
         config=config,
     )
+    if model.is_conditional:
+        traj.prompt, traj.cond = config.prompt, cond.cpu()
+        traj.uncond = uncond.cpu() if uncond is not None else None
+    if model.is_latent and decode:
+        decode_trajectory(model, traj)
+    return traj
 
 
 @torch.no_grad()
@@ -119,30 +221,41 @@ def invert_image(
     image: torch.Tensor,
     num_inference_steps: int = 50,
     progress: Progress | None = None,
+    prompt: str = "",
 ) -> Trajectory:
     """Build a trajectory for an image by DDIM inversion (see module doc).
 
     Args:
-        image: (C, H, W) in [-1, 1] at the model's size.
+        image: (C, H, W) in [-1, 1] at the model's (pixel) size.
+        prompt: text-conditional models: the prompt the inversion and queries are
+            conditioned on (``""``: unconditional).
     """
-    if tuple(image.shape) != model.image_shape:
-        raise ValueError(f"image has shape {tuple(image.shape)}, the model takes {model.image_shape}")
-    config = SamplingConfig(num_inference_steps=num_inference_steps, scheduler="ddim", seed=-1)
+    if tuple(image.shape) != model.pixel_shape:
+        raise ValueError(f"image has shape {tuple(image.shape)}, the model takes {model.pixel_shape}")
+    config = SamplingConfig(
+        num_inference_steps=num_inference_steps, scheduler="ddim", seed=-1, prompt=prompt, guidance_scale=1.0
+    )
     sched = make_scheduler(model, config)
     device = model.device
     abar = model.alphas_cumprod
     ts_clean_first = sched.timesteps.flip(0).long()  # ascending
-    x = image[None].to(device)
+    cond, _ = prompt_embeddings(model, config)
+
+    def eps_of(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return guided_eps(model, x, t, cond)
+
+    clean = model.encode(image[None].to(device))  # (1, C, h, w) latent, or the image itself
+    x = clean
     path = []
     prev_t = None
     for i, t in enumerate(ts_clean_first):
         if prev_t is not None:
-            eps = model.unet(x, prev_t.reshape(1).to(device)).sample
+            eps = eps_of(x, prev_t.reshape(1).to(device))
             x0 = one_step_prediction(x, eps, abar[prev_t])
             x = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * eps
         else:
             # From the clean image to the first (smallest) timestep: forward DDIM step from t = 0.
-            eps = model.unet(x, torch.zeros(1, dtype=torch.long, device=device)).sample
+            eps = eps_of(x, torch.zeros(1, dtype=torch.long, device=device))
             x = abar[t].sqrt() * x + (1 - abar[t]).sqrt() * eps
         path.append(x[0])
         prev_t = t
@@ -150,16 +263,22 @@ def invert_image(
             progress(i + 1, 2 * len(ts_clean_first))
     x_t = torch.stack(path[::-1])  # noisy to clean
     timesteps = sched.timesteps.long()
-    eps = torch.cat([model.unet(x_t[s : s + 10].to(device), timesteps[s : s + 10].to(device)).sample for s in range(0, len(timesteps), 10)])
+    eps = torch.cat([eps_of(x_t[s : s + 10].to(device), timesteps[s : s + 10].to(device)) for s in range(0, len(timesteps), 10)])
     x0_hat = one_step_prediction(x_t, eps, abar[timesteps.to(device)].reshape(-1, 1, 1, 1))
     if progress:
         progress(2 * len(ts_clean_first), 2 * len(ts_clean_first))
-    return Trajectory(
+    traj = Trajectory(
         timesteps=timesteps.cpu(),
         x_t=x_t.cpu(),
         eps=eps.cpu(),
         x0_hat=x0_hat.cpu(),
-        sample=image.cpu(),
+        sample=clean[0].cpu() if model.is_latent else image.cpu(),
         config=config,
         source="upload",
     )
+    if model.is_conditional:
+        traj.prompt, traj.cond = prompt, cond.cpu()
+    if model.is_latent:
+        traj.decoded_sample = image.cpu()
+        decode_trajectory(model, traj)
+    return traj

@@ -116,7 +116,8 @@ class Workspace:
         self.bundle = bundle
         self.device = resolve_device(device)
         self.models: list[DiffusionModel] = load_models(list(bundle.model_dirs), self.device)
-        self.dataset: ArrayDataset = load_dataset(bundle.data, self.models[0].image_shape)
+        # images at the size users see (the VAE input for latent models; latents are made by featurize)
+        self.dataset: ArrayDataset = load_dataset(bundle.data, self.models[0].pixel_shape)
         self.query = query
         self.classifier = None
         if bundle.classifier_dir is not None and Path(bundle.classifier_dir).exists():
@@ -138,7 +139,13 @@ class Workspace:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) the UNet works on (latent shape for latent models)."""
         return self.models[0].image_shape
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of displayed images, uploads and masks (equals ``image_shape`` for pixel models)."""
+        return self.models[0].pixel_shape
 
     def train_images(self, indices: Sequence[int]) -> np.ndarray:
         """uint8 (B, H, W, C) training images for display."""
@@ -156,22 +163,39 @@ class Workspace:
         return ""
 
     # ------------------------------------------------------------------ trajectories
-    def generate(self, seed: int, num_steps: int = 50, scheduler: str = "ddim") -> tuple[str, Trajectory]:
-        """A generated trajectory and its cache key (same seed, same trajectory)."""
+    def generate(
+        self,
+        seed: int,
+        num_steps: int = 50,
+        scheduler: str = "ddim",
+        prompt: str = "",
+        guidance_scale: float = SamplingConfig.guidance_scale,
+    ) -> tuple[str, Trajectory]:
+        """A generated trajectory and its cache key (same seed, same trajectory).
+
+        ``prompt`` and ``guidance_scale`` apply to text-conditional models only.
+        """
         key = f"seed{seed}-{scheduler}{num_steps}"
+        if self.models[0].is_conditional:
+            key += "-" + hashlib.sha256(f"{guidance_scale}|{prompt}".encode()).hexdigest()[:12]
         traj = self._trajectories.get(key)
         if traj is None:
-            traj = sample_trajectory(self.models[0], SamplingConfig(num_inference_steps=num_steps, seed=seed, scheduler=scheduler))
+            cfg = SamplingConfig(num_inference_steps=num_steps, seed=seed, scheduler=scheduler, prompt=prompt,
+                                 guidance_scale=guidance_scale)
+            traj = sample_trajectory(self.models[0], cfg)
             self._trajectories.put(key, traj)
         return key, traj
 
-    def upload(self, data: bytes, num_steps: int = 50) -> tuple[str, Trajectory]:
-        """Decode an uploaded image (raises ``ImageDecodeError`` with a message) and invert it."""
+    def upload(self, data: bytes, num_steps: int = 50, prompt: str = "") -> tuple[str, Trajectory]:
+        """Decode an uploaded image (raises ``ImageDecodeError`` with a message) and invert it
+        (conditioned on ``prompt`` for text-conditional models)."""
         key = "upload-" + hashlib.sha256(data).hexdigest()[:16] + f"-{num_steps}"
+        if prompt:
+            key += "-" + hashlib.sha256(prompt.encode()).hexdigest()[:12]
         traj = self._trajectories.get(key)
         if traj is None:
-            image = decode_image(data, self.image_shape)
-            traj = invert_image(self.models[0], image.to(self.device), num_steps)
+            image = decode_image(data, self.pixel_shape)
+            traj = invert_image(self.models[0], image.to(self.device), num_steps, prompt=prompt)
             self._trajectories.put(key, traj)
         return key, traj
 
@@ -200,7 +224,7 @@ class Workspace:
         from dataclasses import replace
 
         cfg = replace(self.bundle.featurize, output=output)
-        featurize(self.models, self.dataset, path, cfg, progress=progress)
+        featurize(self.models, self.dataset, path, cfg, progress=progress, latent_cache_dir=CACHE_DIR / "latents")
         return Path(path)
 
     def scorer(self, method: str) -> Scorer:
@@ -254,8 +278,8 @@ class Workspace:
         if missing:
             if method.startswith("baseline-"):
                 base = self.baseline(method.split("-", 1)[1])
-                mask_t = prepare_mask(mask, self.image_shape) if mask is not None else None
-                x0 = traj.x0_hat[missing].clamp(-1, 1)
+                mask_t = prepare_mask(mask, self.pixel_shape) if mask is not None else None
+                x0 = traj.display_x0_hat[missing].clamp(-1, 1)
                 if mask_t is not None:
                     x0 = x0 * mask_t
                 rows = base.scores(x0.to(self.device))
