@@ -65,7 +65,7 @@ def cmd_featurize(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     models = load_models(args.model, device)
-    ds = load_dataset(args.data, models[0].image_shape)
+    ds = load_dataset(args.data, models[0].pixel_shape)
     cfg = FeaturizeConfig(
         output=args.output,
         proj_dim=args.proj_dim,
@@ -93,16 +93,21 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     paths = args.model or [args.store / c["path"] for c in store.manifest["checkpoints"]]
     models = load_models(paths, device)
     if args.image:
-        image = decode_image(Path(args.image), models[0].image_shape)
-        traj = invert_image(models[0], image, args.num_steps)
+        image = decode_image(Path(args.image), models[0].pixel_shape)
+        traj = invert_image(models[0], image, args.num_steps, prompt=args.prompt)
     else:
-        traj = sample_trajectory(models[0], SamplingConfig(num_inference_steps=args.num_steps, seed=args.seed, scheduler=args.scheduler))
+        traj = sample_trajectory(
+            models[0],
+            SamplingConfig(num_inference_steps=args.num_steps, seed=args.seed, scheduler=args.scheduler),
+            prompt=args.prompt,
+            guidance_scale=args.guidance_scale,
+        )
     steps = _steps(args.steps, traj.num_steps)
     mask = None
     if args.mask:
         from .data import decode_image as _decode
 
-        mask = (_decode(Path(args.mask), (1, *models[0].image_shape[1:])) > 0).float()
+        mask = (_decode(Path(args.mask), (1, *models[0].pixel_shape[1:])) > 0).float()
     scorer = Scorer(store, models, args.method, QueryConfig(num_resamples=args.num_resamples, ridge=args.ridge))
     bar, update = _bar("attribute")
     result = scorer.score(traj, steps, mask, progress=update)
@@ -188,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--steps", default="all", help="'all' or comma-separated step indices")
     a.add_argument("--num-steps", type=int, default=50, help="sampling steps")
     a.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
+    a.add_argument("--prompt", default="", help="text prompt (text-conditional models)")
+    a.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (text-conditional models)")
     a.add_argument("--mask", type=Path, help="image whose non-black pixels select the patch")
     a.add_argument("--method", default="journey")
     a.add_argument("--num-resamples", type=int, default=QueryConfig.num_resamples, help="K in Eq. (3)")
