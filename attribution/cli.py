@@ -64,6 +64,12 @@ def cmd_featurize(args: argparse.Namespace) -> None:
     from .models import load_models, resolve_device
 
     device = resolve_device(args.device)
+    rank, world_size = 0, 1
+    if args.distributed:
+        from .distributed import init_from_env, local_device
+
+        device = local_device(device)
+        rank, world_size = init_from_env(device)
     models = load_models(args.model, device)
     ds = load_dataset(args.data, models[0].pixel_shape)
     cfg = FeaturizeConfig(
@@ -75,6 +81,20 @@ def cmd_featurize(args: argparse.Namespace) -> None:
         store_dtype="float16" if args.half else "float32",
         param_filter=tuple(args.params) if args.params else None,
     )
+    if args.distributed:
+        from .distributed import featurize_distributed, shutdown
+
+        bar, update = _bar(f"featurize (rank 0 of {world_size})") if rank == 0 else (None, None)
+        try:
+            featurize_distributed(models, ds, args.store, cfg, rank=rank, world_size=world_size,
+                                  batch_size=args.batch_size, progress=update, log=tqdm.write)
+        finally:
+            if bar is not None:
+                bar.close()
+            shutdown()
+        if rank == 0:
+            print(f"store ready: {args.store} ({world_size} processes)")
+        return
     bar, update = _bar("featurize")
     featurize(models, ds, args.store, cfg, batch_size=args.batch_size, progress=update, log=tqdm.write)
     bar.close()
@@ -182,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--half", action="store_true", help="store features in float16")
     f.add_argument("--batch-size", type=int, default=64)
     f.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    f.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run under torchrun (torchrun --nproc_per_node=N -m attribution.cli featurize --distributed ...): "
+        "process r featurizes rows i %% N == r into the same store; rank 0 creates and finalizes it "
+        "(gloo on CPU, nccl with one GPU per process)",
+    )
     f.set_defaults(func=cmd_featurize)
 
     a = sub.add_parser("attribute", help="score every training example at the steps of a sample")

@@ -204,8 +204,7 @@ class Scorer:
         if self._row_norms is None:
             self._row_norms = []
             for m in range(self.store.num_checkpoints):
-                phi = self.store.features(m)
-                norms = [np.linalg.norm(np.asarray(phi[s : s + chunk_rows], dtype=np.float32), axis=1)
+                norms = [np.linalg.norm(self.store.read_rows(m, s, s + chunk_rows).astype(np.float32), axis=1)
                          for s in range(0, self.store.num_train, chunk_rows)]
                 self._row_norms.append(np.maximum(np.concatenate(norms), 1e-12))
         return self._row_norms
@@ -228,9 +227,8 @@ class Scorer:
                 w = (g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
             else:
                 w = g.T
-            phi = self.store.features(m)
             for start in range(0, n, chunk_rows):
-                block = torch.from_numpy(np.asarray(phi[start : start + chunk_rows], dtype=np.float32))
+                block = torch.from_numpy(self.store.read_rows(m, start, start + chunk_rows).astype(np.float32))
                 part = (block @ w).T.numpy()
                 if norms is not None:
                     part = part / norms[m][start : start + chunk_rows]

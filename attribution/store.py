@@ -231,6 +231,30 @@ class Store:
             self._done[m] = self._memmap(f"done_{m}.npy")
         return self._done[m]
 
+    def read_rows(self, m: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of features_{m} as a fresh (stop - start, d) array.
+
+        Read with ``os.pread`` rather than through the memory map, so streaming a
+        store larger than memory keeps the resident set at one chunk (pages touched
+        through a memmap stay mapped and count toward RSS).
+        """
+        feats = self.features(m)
+        stop = min(stop, feats.shape[0])
+        row_bytes = feats.dtype.itemsize * feats.shape[1]
+        out = np.empty((stop - start, feats.shape[1]), dtype=feats.dtype)
+        fd = os.open(self.root / f"features_{m}.npy", os.O_RDONLY)
+        try:
+            view = memoryview(out).cast("B")
+            offset, done = feats.offset + start * row_bytes, 0
+            while done < view.nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise StoreError(f"features_{m}.npy ended early; the store is truncated")
+                done += n
+        finally:
+            os.close(fd)
+        return out
+
     def pending(self, m: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
         """Indices of rows of checkpoint m not done yet, in this rank's shard (i % world_size == rank)."""
         idx = np.flatnonzero(np.asarray(self.done(m)) == 0)
@@ -291,9 +315,8 @@ class Store:
         return kernel
 
     def _compute_kernel(self, m: int, chunk_rows: int = 8192) -> np.ndarray:
-        feats = self.features(m)
         kernel = np.zeros((self.proj_dim, self.proj_dim), dtype=np.float64)
         for start in range(0, self.num_train, chunk_rows):
-            block = np.asarray(feats[start : start + chunk_rows], dtype=np.float64)
+            block = self.read_rows(m, start, start + chunk_rows).astype(np.float64)
             kernel += block.T @ block
         return kernel

@@ -1,0 +1,202 @@
+"""Where featurize spends its time: gradients vs projection vs store I/O vs the rest.
+
+Wraps the functions :func:`attribution.featurize.featurize` calls (per-example
+gradients, the projector, the (timestep, noise) draws, image loading, store
+writes, the kernel in ``finalize``) with timers, without editing the core, and
+runs one featurize of the bundled default model. Optionally adds torch.profiler's
+top operators (``--torch-profiler``) and a sweep of the gradient chunk size and of
+the rows per projection call (``--sweep``).
+
+Usage::
+
+    python benchmarks/profile_featurize.py                       # n = 512, sjlt and gaussian, d = 2048
+    python benchmarks/profile_featurize.py --n 128 --torch-profiler --sweep
+
+Writes ``benchmarks/results/profile_featurize.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def _timer(acc: dict[str, float], key: str, fn):
+    def wrapped(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            acc[key] += time.perf_counter() - t0
+
+    return wrapped
+
+
+def profile_once(models, ds, proj_kind: str, proj_dim: int, batch_size: int, chunk_size: int, work: Path,
+                 torch_profiler: bool = False) -> dict[str, Any]:
+    import attribution.featurize as F
+    from attribution.config import FeaturizeConfig
+    from attribution.store import Store
+
+    acc: dict[str, float] = defaultdict(float)
+    saved = {name: getattr(F, name) for name in ("per_example_grads", "draw_timesteps_and_noise", "checkpoint_projector")}
+    saved_write, saved_finalize = Store.write_rows, Store.finalize
+    saved_images = type(ds).images
+
+    def make_projector(*a, **k):
+        t0 = time.perf_counter()
+        proj = saved["checkpoint_projector"](*a, **k)
+        acc["projector build"] += time.perf_counter() - t0
+        proj.project = _timer(acc, "projection", proj.project)
+        return proj
+
+    F.per_example_grads = _timer(acc, "per-example gradients (vmap)", saved["per_example_grads"])
+    F.draw_timesteps_and_noise = _timer(acc, "draws (timesteps, noise)", saved["draw_timesteps_and_noise"])
+    F.checkpoint_projector = make_projector
+    Store.write_rows = _timer(acc, "store writes (+flush)", saved_write)
+    Store.finalize = _timer(acc, "finalize (kernel)", saved_finalize)
+    type(ds).images = _timer(acc, "load images", saved_images)
+    store_dir = work / f"store-{proj_kind}"
+    shutil.rmtree(store_dir, ignore_errors=True)
+    cfg = FeaturizeConfig(proj_kind=proj_kind, proj_dim=proj_dim, num_draws=1)
+    prof = None
+    try:
+        if torch_profiler:
+            from torch.profiler import ProfilerActivity, profile
+
+            prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
+            prof.__enter__()
+        import resource
+
+        busy0, self0 = common.cpu_busy_s(), sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+        t0 = time.perf_counter()
+        F.featurize(models, ds, store_dir, cfg, batch_size=batch_size, chunk_size=chunk_size)
+        total = time.perf_counter() - t0
+        others = ((common.cpu_busy_s() - busy0) - (sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - self0)) / total
+    finally:
+        if prof is not None:
+            prof.__exit__(None, None, None)
+        for name, fn in saved.items():
+            setattr(F, name, fn)
+        Store.write_rows, Store.finalize = saved_write, saved_finalize
+        type(ds).images = saved_images
+        shutil.rmtree(store_dir, ignore_errors=True)
+    parts = dict(acc)
+    parts["other (spec, hashing, store create, python)"] = total - sum(parts.values())
+    out: dict[str, Any] = {"proj_kind": proj_kind, "total_s": total, "rows": len(ds) * len(models),
+                           "others_busy_cores": round(max(0.0, others), 2),
+                           "examples_per_s": len(ds) * len(models) / total, "parts_s": parts}
+    if prof is not None:
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        out["torch_profiler_top_ops"] = table
+    return out
+
+
+def sweep(models, ds, proj_dim: int) -> dict[str, Any]:
+    """Gradient throughput vs chunk size, projection throughput vs rows per call."""
+    import numpy as np
+    import torch
+
+    from attribution.config import FeaturizeConfig
+    from attribution.featurize import checkpoint_projector, draw_timesteps_and_noise
+    from attribution.gradients import num_params, per_example_grads, select_params
+    from attribution.outputs import get_output
+
+    model = models[0]
+    params = select_params(model)
+    p = num_params(params)
+    n = 64
+    x0 = ds.images(range(n))
+    ts, noises = draw_timesteps_and_noise(np.arange(n), FeaturizeConfig(num_draws=1), model.num_train_timesteps, model.image_shape)
+    out: dict[str, Any] = {"grad_examples_per_s_by_chunk": {}, "projection_rows_per_s": {}}
+    per_example_grads(model, params, get_output("loss"), x0[:8], ts[:8], noises[:8], chunk_size=8)  # warm-up
+    for chunk in (8, 16, 32, 64):
+        t0 = time.perf_counter()
+        per_example_grads(model, params, get_output("loss"), x0, ts, noises, chunk_size=chunk)
+        out["grad_examples_per_s_by_chunk"][chunk] = n / (time.perf_counter() - t0)
+    # the Eq. (3) query: 50 steps x K = 20 rows, steps per vmapped call (QueryConfig.chunk_size, default 10)
+    from attribution.config import SamplingConfig
+    from attribution.scoring import query_noises
+    from attribution.trajectory import sample_trajectory
+
+    traj = sample_trajectory(model, SamplingConfig(num_inference_steps=50, seed=0))
+    qn = query_noises(range(50), 20, 0, model.image_shape)
+    qt = traj.timesteps[:, None].expand(-1, 20)
+    out["query_50_steps_s_by_chunk"] = {}
+    for chunk in (5, 10, 25, 50):
+        t0 = time.perf_counter()
+        for s in range(0, 50, chunk):
+            per_example_grads(model, params, get_output("loss"), traj.x0_hat[s : s + chunk], qt[s : s + chunk],
+                              qn[s : s + chunk], chunk_size=chunk)
+        out["query_50_steps_s_by_chunk"][chunk] = time.perf_counter() - t0
+    g = torch.randn(256, p)
+    for kind in ("sjlt", "gaussian"):
+        proj = checkpoint_projector(FeaturizeConfig(proj_kind=kind, proj_dim=proj_dim), p, 0, "cpu")
+        proj.project(g[:16])  # builds / caches the matrix
+        for rows in (16, 64, 256):
+            reps = max(1, 256 // rows)
+            t0 = time.perf_counter()
+            for r in range(reps):
+                proj.project(g[r * rows % 256 : r * rows % 256 + rows])
+            out["projection_rows_per_s"][f"{kind}@{rows}"] = rows * reps / (time.perf_counter() - t0)
+        del proj
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=512)
+    p.add_argument("--proj-dim", type=int, default=2048)
+    p.add_argument("--projections", nargs="+", default=["sjlt", "gaussian"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--model-dir", type=Path, help="a default-model checkpoint (default: random weights)")
+    p.add_argument("--torch-profiler", action="store_true")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--out", type=Path, default=common.RESULTS / "profile_featurize.json")
+    args = p.parse_args(argv)
+
+    from attribution.models import load_models
+
+    work = Path(tempfile.mkdtemp(prefix="profile_featurize_"))
+    model_dir = args.model_dir or common.save_random_pipeline(work / "model", (1, 32, 32), (16, 32, 32), 1)
+    models = load_models([model_dir])
+    ds = common.make_dataset("digits", args.n)
+    result: dict[str, Any] = {"machine": common.machine_info(), "other_cpu_users": common.other_cpu_users(),
+                              "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                              "n": args.n, "proj_dim": args.proj_dim, "batch_size": args.batch_size,
+                              "chunk_size": args.chunk_size, "runs": []}
+    # warm-up: oneDNN primitive caches, allocator (not counted)
+    profile_once(models, common.make_dataset("digits", 16), "sjlt", args.proj_dim, 16, args.chunk_size, work)
+    for kind in args.projections:
+        r = profile_once(models, ds, kind, args.proj_dim, args.batch_size, args.chunk_size, work, args.torch_profiler)
+        result["runs"].append(r)
+        print(f"\n{kind}: {r['examples_per_s']:.1f} examples/s, {r['total_s']:.2f} s for {r['rows']} rows "
+              f"(other processes kept {r['others_busy_cores']:.2f} cores busy)")
+        rows = [[k, f"{v:.2f}", f"{100 * v / r['total_s']:.0f} %"] for k, v in sorted(r["parts_s"].items(), key=lambda kv: -kv[1])]
+        common.print_table(rows, ["part", "seconds", "share"])
+        if "torch_profiler_top_ops" in r:
+            print(r["torch_profiler_top_ops"])
+    if args.sweep:
+        result["sweep"] = sweep(models, ds, args.proj_dim)
+        print(json.dumps(result["sweep"], indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str))
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
