@@ -1,0 +1,73 @@
+"""Explore: make a sample, scrub its denoising steps, see the training images that shaped each step."""
+
+from __future__ import annotations
+
+import random
+
+import streamlit as st
+
+import app_support as ui
+
+ws = ui.get_workspace()
+ui.page_header(
+    "Explore",
+    "Generate a digit (or upload one), move through its denoising steps, and see which training images "
+    "pushed each step toward what was generated (green) or away from it (red).",
+)
+
+
+def _random_seed() -> None:
+    st.session_state["seed_input"] = random.randrange(0, 100_000)
+    st.session_state["pending_seed"] = st.session_state["seed_input"]
+
+
+# ---------------------------------------------------------------- where the sample comes from
+with st.container(border=True):
+    c_seed, c_gen, c_rand, c_up = st.columns([1.1, 0.8, 0.9, 3.2], vertical_alignment="bottom", gap="small")
+    seed = c_seed.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="seed_input",
+                               help="The same seed always gives the same digit.")
+    if c_gen.button("Generate", type="primary", icon=":material/auto_awesome:", width="stretch"):
+        st.session_state["pending_seed"] = int(seed)
+    c_rand.button("Random seed", icon=":material/casino:", on_click=_random_seed, width="stretch")
+    upload = c_up.file_uploader(
+        "…or upload an image (PNG or JPG; it is turned into a trajectory by DDIM inversion)",
+        type=["png", "jpg", "jpeg"], key="upload",
+    )
+
+if "pending_seed" in st.session_state:
+    with st.spinner("Generating…"):
+        ui.set_seed_sample(ws, st.session_state.pop("pending_seed"))
+if upload is not None and st.session_state.get("upload_seen") != upload.file_id:
+    st.session_state["upload_seen"] = upload.file_id
+    with st.spinner(f"Inverting {upload.name} into a trajectory…"):
+        st.session_state["upload_error"] = ui.handle_upload(ws, upload.getvalue(), upload.name)
+if upload is None:
+    st.session_state.pop("upload_error", None)
+if st.session_state.get("upload_error"):
+    st.error(st.session_state["upload_error"], icon=":material/error:")
+
+key, traj = ui.current_sample(ws)
+
+# ---------------------------------------------------------------- settings
+method = ui.method_selector(ws)
+k = st.sidebar.slider("Influencers shown", 4, 16, 8, key="top_k", persist_state="session")
+
+# ---------------------------------------------------------------- trajectory
+step = ui.step_slider(traj)
+ui.trajectory_images(traj, step, size=192)
+
+# ---------------------------------------------------------------- influencers of this step
+row, seconds = ui.step_scores(ws, key, method, step)
+inf = ui.influencers(row, k)
+ui.influencer_pair(ws, inf, baseline=method.startswith("baseline"))
+timing = "from cache" if seconds is None else f"computed in {seconds:.2f} s"
+st.caption(f"{ws.available_methods()[method]} · {ui.step_label(traj, step)} · scores {timing}", help=(
+    "Scores are estimates: a positive score means removing that training image would make this step's "
+    "prediction less likely."))
+
+all_done = ui.background_scores(ws, key, method, traj.num_steps, center=step)
+
+with st.expander("Export", icon=":material/download:"):
+    st.caption("Scores of every step computed so far (one row per step, one column per training image), "
+               "and the two grids above as a picture.")
+    ui.export_buttons(ws, key, method, traj, inf, step)
