@@ -134,12 +134,33 @@ def sweep(models, ds, proj_dim: int) -> dict[str, Any]:
     qn = query_noises(range(50), 20, 0, model.image_shape)
     qt = traj.timesteps[:, None].expand(-1, 20)
     out["query_50_steps_s_by_chunk"] = {}
+    per_example_grads(model, params, get_output("loss"), traj.x0_hat[:2], qt[:2], qn[:2], chunk_size=2)  # warm-up
     for chunk in (5, 10, 25, 50):
         t0 = time.perf_counter()
         for s in range(0, 50, chunk):
             per_example_grads(model, params, get_output("loss"), traj.x0_hat[s : s + chunk], qt[s : s + chunk],
                               qn[s : s + chunk], chunk_size=chunk)
         out["query_50_steps_s_by_chunk"][chunk] = time.perf_counter() - t0
+    # the same 50 gradients with plain autograd, one step (K rows in one batch) at a time
+    from attribution.gradients import looped_grads
+
+    t0 = time.perf_counter()
+    looped = looped_grads(model, params, get_output("loss"), traj.x0_hat, qt, qn)
+    out["query_50_steps_s_looped_autograd"] = time.perf_counter() - t0
+    vm = per_example_grads(model, params, get_output("loss"), traj.x0_hat[:10], qt[:10], qn[:10], chunk_size=10)
+    out["query_looped_vs_vmap_max_rel_diff"] = float((looped[:10] - vm).abs().max() / vm.abs().max())
+    # the limit proxy for the same 1000 rows: batched forward+backward of the mean loss, 200 rows per call
+    ab = model.alphas_cumprod
+    unet = model.unet.requires_grad_(True)
+    x0r = traj.x0_hat[:, None].expand(-1, 20, -1, -1, -1).reshape(-1, *traj.x0_hat.shape[1:])
+    tr, er = qt.reshape(-1), qn.reshape(-1, *qn.shape[2:])
+    t0 = time.perf_counter()
+    for s in range(0, 1000, 200):
+        a = ab.index_select(0, tr[s : s + 200]).view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0r[s : s + 200] + (1 - a).sqrt() * er[s : s + 200]
+        torch.nn.functional.mse_loss(unet(xt, tr[s : s + 200]).sample, er[s : s + 200]).backward()
+    out["query_limit_batched_fwd_bwd_s"] = time.perf_counter() - t0
+    unet.requires_grad_(False)
     g = torch.randn(256, p)
     for kind in ("sjlt", "gaussian"):
         proj = checkpoint_projector(FeaturizeConfig(proj_kind=kind, proj_dim=proj_dim), p, 0, "cpu")

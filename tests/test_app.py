@@ -382,6 +382,26 @@ def test_over_the_steps(app_bundle, ws, real_prefetch):
     assert "Training images that change sides" in [s.value for s in at.subheader]
 
 
+def test_page_scoring_during_background_job_matches_sequential(app_bundle, ws, real_prefetch):
+    """The page's step and the background job score at the same time without corrupting each other."""
+    from attribution.workspace import Workspace
+
+    reference = Workspace(ws.bundle)
+    fg_key, _ = reference.generate(31, num_steps=10)
+    bg_key, _ = reference.generate(32, num_steps=10)
+    ref_fg = reference.scores(fg_key, "journey", range(10))
+    ref_bg = reference.scores(bg_key, "journey", range(10))
+
+    ws.generate(31, num_steps=10)
+    ws.generate(32, num_steps=10)
+    ws.prefetch(bg_key, "journey", range(10), chunk=1)
+    fg = np.stack([ws.scores(fg_key, "journey", [s])[0] for s in range(10)])  # meanwhile, as a page would
+    wait_for_job(ws, bg_key, "journey")
+    bg = np.stack([ws.cached_scores(bg_key, "journey", s) for s in range(10)])
+    np.testing.assert_allclose(fg, ref_fg, rtol=1e-3, atol=1e-4 * np.abs(ref_fg).max())
+    np.testing.assert_allclose(bg, ref_bg, rtol=1e-3, atol=1e-4 * np.abs(ref_bg).max())
+
+
 # ---------------------------------------------------------------------------- Compare
 def test_compare_methods(app_bundle, ws, monkeypatch):
     at = make_app("compare")
@@ -413,13 +433,13 @@ def test_compare_build_button_runs_a_background_build(app_bundle, ws, monkeypatc
     release = threading.Event()
     calls = []
 
-    def fake_build(output, progress=None):
+    def fake_build(workspace, output, progress=None):
         calls.append(output)
         progress(1, 4)
         release.wait(30)
         return Path("/nonexistent")
 
-    monkeypatch.setattr(ws, "build_store", fake_build)
+    monkeypatch.setattr(ui, "build_store_isolated", fake_build)
     at = make_app("compare")
     at.button(key=f"build-{missing[0]}").click().run()
     try:
