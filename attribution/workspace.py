@@ -130,6 +130,9 @@ class Workspace:
         self._scores = LRU(4096)
         self._curves = LRU(64)
         self._lock = threading.RLock()
+        # torch.func.functional_call swaps the shared UNet's parameters while it runs, so two
+        # threads computing gradients at once corrupt each other's scores: one at a time.
+        self._compute_lock = threading.Lock()
         self._jobs: dict[tuple, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ data
@@ -214,7 +217,12 @@ class Workspace:
 
     def store_exists(self, output: str) -> bool:
         path = self.bundle.stores.get(output)
-        return path is not None and (Path(path) / "manifest.json").exists()
+        if path is None or not (Path(path) / "manifest.json").exists():
+            return False
+        try:  # a store still being built, or left half-built, is not ready
+            return Store.open(path).is_complete()
+        except StoreError:
+            return False
 
     def build_store(self, output: str, progress: Progress | None = None) -> Path:
         """Featurize the store of train output ``output`` (resumes if interrupted)."""
@@ -274,6 +282,13 @@ class Workspace:
             raise KeyError(f"unknown trajectory {key!r}; generate or upload it first")
         steps = [int(s) for s in steps]
         mk = mask_key(mask)
+        if any(self._scores.get((key, method, s, mk)) is None for s in steps):
+            with self._compute_lock:
+                self._compute_missing(traj, key, method, steps, mask, mk, progress)
+        return np.stack([self._scores.get((key, method, s, mk)) for s in steps])
+
+    def _compute_missing(self, traj, key, method, steps, mask, mk, progress) -> None:
+        """Score the steps not in the cache yet and cache them (caller holds the compute lock)."""
         missing = [s for s in steps if self._scores.get((key, method, s, mk)) is None]
         if missing:
             if method.startswith("baseline-"):
@@ -287,7 +302,6 @@ class Workspace:
                 rows = self.scorer(method).score(traj, missing, mask, progress).scores
             for s, row in zip(missing, rows):
                 self._scores.put((key, method, s, mk), row)
-        return np.stack([self._scores.get((key, method, s, mk)) for s in steps])
 
     def prefetch(self, key: str, method: str, steps: Sequence[int], chunk: int = 5) -> None:
         """Compute the scores of ``steps`` in a background thread (no-op if already running)."""

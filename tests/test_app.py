@@ -387,17 +387,17 @@ def test_page_scoring_during_background_job_matches_sequential(app_bundle, ws, r
     from attribution.workspace import Workspace
 
     reference = Workspace(ws.bundle)
-    fg_key, _ = reference.generate(31, num_steps=10)
-    bg_key, _ = reference.generate(32, num_steps=10)
-    ref_fg = reference.scores(fg_key, "journey", range(10))
-    ref_bg = reference.scores(bg_key, "journey", range(10))
+    fg_key, _ = reference.generate(31, num_steps=8)
+    bg_key, _ = reference.generate(32, num_steps=8)
+    ref_fg = reference.scores(fg_key, "journey", range(8))
+    ref_bg = reference.scores(bg_key, "journey", range(8))
 
-    ws.generate(31, num_steps=10)
-    ws.generate(32, num_steps=10)
-    ws.prefetch(bg_key, "journey", range(10), chunk=1)
-    fg = np.stack([ws.scores(fg_key, "journey", [s])[0] for s in range(10)])  # meanwhile, as a page would
+    ws.generate(31, num_steps=8)
+    ws.generate(32, num_steps=8)
+    ws.prefetch(bg_key, "journey", range(8), chunk=1)
+    fg = np.stack([ws.scores(fg_key, "journey", [s])[0] for s in range(8)])  # meanwhile, as a page would
     wait_for_job(ws, bg_key, "journey")
-    bg = np.stack([ws.cached_scores(bg_key, "journey", s) for s in range(10)])
+    bg = np.stack([ws.cached_scores(bg_key, "journey", s) for s in range(8)])
     np.testing.assert_allclose(fg, ref_fg, rtol=1e-3, atol=1e-4 * np.abs(ref_fg).max())
     np.testing.assert_allclose(bg, ref_bg, rtol=1e-3, atol=1e-4 * np.abs(ref_bg).max())
 
