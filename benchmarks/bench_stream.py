@@ -15,14 +15,17 @@ its checksum are written the way ``finalize`` writes them.
 
 Variants (each in its own process, so peaks do not mix):
 
-* ``core``    -- ``Scorer.scores_from_features`` as shipped (np.memmap slices);
-* ``madvise`` -- the same loop, dropping each chunk's pages from the mapping
+* ``core``    -- ``Scorer.scores_from_features`` as shipped: ``Store.read_rows`` (os.pread
+  into a fresh array per chunk) then ``.astype(np.float32)``;
+* ``memmap``  -- the loop before ``read_rows`` existed: float32 copies of ``np.memmap``
+  slices (the touched pages stay mapped and count toward RSS);
+* ``madvise`` -- the memmap loop, dropping each chunk's pages from the mapping
   (``mmap.madvise(MADV_DONTNEED)``) once used;
-* ``pread``   -- chunks read with ``os.preadv`` into one reused buffer (no mapping),
-  converted to float32 by torch into a second reused buffer.
+* ``pread``   -- chunks read with ``os.preadv`` into one *reused* buffer, converted to
+  float32 by torch (``copy_``) into a second reused buffer.
 
-``core`` runs with the shipped chunk of 65,536 rows, the two fixes with 16,384
-(``name@rows`` picks another, e.g. ``pread@65536``).
+``core`` and ``memmap`` run with the shipped chunk of 65,536 rows, ``madvise`` and
+``pread`` with 16,384 (``name@rows`` picks another, e.g. ``pread@65536``).
 
 ``--cold`` evicts the file from the page cache first (``posix_fadvise(DONTNEED)``,
 no root needed) so the pass really reads the disk.
@@ -159,8 +162,24 @@ def query_features(steps: int, dim: int, seed: int = 1):
     return [torch.randn(steps, dim, generator=torch.Generator().manual_seed(seed))]
 
 
+def scores_memmap(sc, feats, chunk_rows: int = CHUNK_ROWS):
+    """The loop of ``scores_from_features`` (trak branch) as it was first written: np.memmap slices."""
+    import numpy as np
+    import torch
+
+    n = sc.store.num_train
+    out = np.zeros((feats[0].shape[0], n), dtype=np.float32)
+    for m, g in enumerate(feats):
+        w = torch.cholesky_solve(g.double().T, sc.chol[m]).float()
+        phi = sc.store.features(m)
+        for start in range(0, n, chunk_rows):
+            block = torch.from_numpy(np.asarray(phi[start : start + chunk_rows], dtype=np.float32))
+            out[:, start : start + chunk_rows] += (block @ w).T.numpy()
+    return out / len(feats)
+
+
 def scores_madvise(sc, feats, chunk_rows: int = CHUNK_ROWS):
-    """The loop of ``scores_from_features`` (trak branch), releasing each chunk's pages after use."""
+    """The memmap loop, releasing each chunk's pages after use."""
     import numpy as np
     import torch
 
@@ -238,7 +257,7 @@ def proc_status() -> dict[str, int]:
 def parse_variant(variant: str) -> tuple[str, int]:
     """``"pread@16384"`` -> ("pread", 16384); without ``@``: core uses its default chunk, the fixes 16,384."""
     name, _, chunk = variant.partition("@")
-    return name, int(chunk) if chunk else (CHUNK_ROWS if name == "core" else FIX_CHUNK_ROWS)
+    return name, int(chunk) if chunk else (CHUNK_ROWS if name in ("core", "memmap") else FIX_CHUNK_ROWS)
 
 
 def worker_score(spec: dict[str, Any]) -> dict[str, Any]:
@@ -257,6 +276,8 @@ def worker_score(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     if name == "core":
         scores = sc.scores_from_features(feats, chunk_rows=chunk)
+    elif name == "memmap":
+        scores = scores_memmap(sc, feats, chunk_rows=chunk)
     elif name == "madvise":
         scores = scores_madvise(sc, feats, chunk_rows=chunk)
     elif name == "pread":
@@ -333,7 +354,8 @@ def worker_probe(spec: dict[str, Any]) -> dict[str, Any]:
     if variant == "core":
         scores = sc.scores_from_features(feats, chunk_rows=chunk)
     else:
-        scores = {"madvise": scores_madvise, "pread": scores_pread}[variant](sc, feats, chunk_rows=chunk)
+        fns = {"memmap": scores_memmap, "madvise": scores_madvise, "pread": scores_pread}
+        scores = fns[variant](sc, feats, chunk_rows=chunk)
     res["score_s"] = time.perf_counter() - t0
     after = proc_status()
     res |= {"status_before": before, "status_after": after, "growth_bytes": after["VmHWM"] - before["VmRSS"],
@@ -395,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--dir", type=Path, help="store directory (default: a fresh one under /tmp, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the store (reused by the next run with the same --dir)")
-    p.add_argument("--variants", nargs="+", default=["core", "madvise", "pread", "pread@65536"],
-                   help="core | madvise | pread, optionally @CHUNK_ROWS (default: core 65536, the others 16384)")
+    p.add_argument("--variants", nargs="+", default=["core", "core@16384", "memmap", "madvise", "pread", "pread@65536"],
+                   help="core | memmap | madvise | pread, optionally @CHUNK_ROWS "
+                   "(default: core and memmap 65536, the others 16384)")
     p.add_argument("--cold", action="store_true", help="also run every variant after evicting the file from the page cache")
     p.add_argument("--check-rows", type=int, default=2000, help="rows checked against a float64 reference")
     p.add_argument("--out", type=Path, default=common.RESULTS / "bench_stream.json")
