@@ -245,15 +245,29 @@ def add_lora(
     model.unet.add_adapter(config)
     model.unet.requires_grad_(False)
     names = lora_param_filter(model.unet)
-    refresh_lora_hash(model, f"r={rank},alpha={config.lora_alpha},targets={sorted(target_modules)}")
+    refresh_lora_hash(model)
     return list(names)
 
 
+def _lora_settings(unet: torch.nn.Module) -> str:
+    """The settings of the UNet's LoRA adapters that change its output (rank, alpha, targets)."""
+    parts = []
+    for name, cfg in sorted(getattr(unet, "peft_config", {}).items()):
+        parts.append(f"{name}:r={cfg.r},alpha={cfg.lora_alpha},targets={sorted(cfg.target_modules or [])},"
+                     f"rank_pattern={sorted(cfg.rank_pattern.items())},alpha_pattern={sorted(cfg.alpha_pattern.items())},"
+                     f"rslora={cfg.use_rslora},dora={cfg.use_dora}")
+    return ";".join(parts)
+
+
 def refresh_lora_hash(model: DiffusionModel, tag: str = "") -> None:
-    """Fold the current LoRA weights of ``model.unet`` into ``model.checkpoint_hash`` (after loading/training them)."""
+    """Fold the LoRA settings and current weights of ``model.unet`` into ``model.checkpoint_hash``.
+
+    Call it after loading or training adapter weights. The same base model with the
+    same adapter (however it was made or loaded) gets the same hash.
+    """
     base = getattr(model, "_base_hash", None) or model.checkpoint_hash
     model._base_hash = base  # type: ignore[attr-defined]
-    h = hashlib.sha256((base + "|lora|" + tag).encode())
+    h = hashlib.sha256((base + "|lora|" + _lora_settings(model.unet) + "|" + tag).encode())
     for name, p in model.unet.named_parameters():
         if "lora_" in name:
             h.update(name.encode())
@@ -280,3 +294,87 @@ def module_param_filter(module_names: Sequence[str] = LORA_TARGETS) -> tuple[str
     """
     alt = "|".join(re.escape(n) for n in module_names)
     return (rf"re:(^|\.)({alt})\.",)
+
+
+# ---------------------------------------------------------------------- LoRA weights from disk
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+DIFFUSERS_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def _lora_weight_file(path: Path) -> tuple[Path, str]:
+    """(file, ``"peft"`` or ``"diffusers"``) of a LoRA directory or file; safetensors only."""
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelLoadError(f"{path}: only .safetensors LoRA weights are loaded")
+        kind = "peft" if (path.parent / PEFT_CONFIG).exists() and path.name == PEFT_WEIGHTS else "diffusers"
+        return path, kind
+    if not path.is_dir():
+        raise ModelLoadError(f"LoRA weights {path} do not exist")
+    if (path / PEFT_CONFIG).exists():
+        if not (path / PEFT_WEIGHTS).exists():
+            raise ModelLoadError(f"{path} has {PEFT_CONFIG} but no {PEFT_WEIGHTS} (only safetensors are loaded)")
+        return path / PEFT_WEIGHTS, "peft"
+    if (path / DIFFUSERS_LORA_WEIGHTS).exists():
+        return path / DIFFUSERS_LORA_WEIGHTS, "diffusers"
+    found = sorted(p.name for p in path.glob("*.safetensors"))
+    if len(found) == 1:
+        return path / found[0], "diffusers"
+    raise ModelLoadError(
+        f"{path} holds no LoRA weights: expected {PEFT_CONFIG} + {PEFT_WEIGHTS} (peft) or "
+        f"{DIFFUSERS_LORA_WEIGHTS} (diffusers' LoRA training scripts)"
+    )
+
+
+def load_lora(model: DiffusionModel, path: str | Path) -> list[str]:
+    """Load trained LoRA weights into ``model.unet`` and return the adapter's parameter names.
+
+    Accepts a peft adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``,
+    as ``PeftModel.save_pretrained`` writes) or diffusers' ``pytorch_lora_weights.safetensors``
+    (``save_lora_weights`` / ``save_lora_adapter``; keys with or without the ``unet.`` prefix),
+    given as the file or its directory. Only safetensors are read, only from disk.
+    The adapter is named ``"default"``, like :func:`add_lora`'s, so the parameter names
+    (and thus a store's parameter filter) match; the checkpoint hash is extended with
+    its settings and weights (:func:`refresh_lora_hash`).
+
+    Raises:
+        ModelLoadError: missing/pickled weights, text-encoder LoRA, keys that match no
+            UNet module, or a UNet that already has an adapter.
+    """
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file, kind = _lora_weight_file(Path(path))
+    unet = model.unet
+    if getattr(unet, "peft_config", None):
+        raise ModelLoadError(f"{model.path}: the UNet already has a LoRA adapter; load weights into a fresh model")
+    with safe_open(str(file), framework="pt") as f:
+        keys = list(f.keys())
+    if any(k.startswith(("text_encoder.", "te.", "lora_te")) for k in keys):
+        raise ModelLoadError(f"{file} also adapts the text encoder; only UNet LoRA adapters are supported")
+    try:
+        if kind == "peft":
+            config = LoraConfig.from_pretrained(str(file.parent))
+            state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(file)).items()}
+            unet.add_adapter(config, adapter_name="default")
+            result = set_peft_model_state_dict(unet, state, adapter_name="default")
+            unexpected = getattr(result, "unexpected_keys", None) or []
+            if unexpected:
+                raise ModelLoadError(f"{file}: {len(unexpected)} LoRA weights match no UNet module, e.g. {unexpected[0]}")
+        else:
+            prefix = "unet" if any(k.startswith("unet.") for k in keys) else None
+            unet.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=prefix, adapter_name="default",
+                                   use_safetensors=True, local_files_only=True)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"could not load LoRA weights from {file}: {e}") from e
+    unet.requires_grad_(False)
+    names = [k for k, _ in unet.named_parameters() if "lora_" in k]
+    if not names:
+        raise ModelLoadError(f"{file} added no LoRA parameter to the UNet (no key matched its modules)")
+    # every stored tensor must have landed in the model, else the adapter is silently partial
+    loaded = {k for k, _ in unet.named_parameters() if "lora_" in k}
+    if len(loaded) < sum(1 for k in keys if "lora" in k and not k.endswith(".alpha")):
+        raise ModelLoadError(f"{file}: only {len(loaded)} of its {len(keys)} LoRA tensors match the UNet's modules")
+    refresh_lora_hash(model)
+    return names

@@ -58,3 +58,30 @@ def tiny_dataset() -> ArrayDataset:
     images = rng.integers(0, 256, size=(24, 8, 8), dtype=np.uint8)
     labels = np.arange(24) % 3
     return ArrayDataset(images, labels=labels, name="tiny")
+
+
+# ---------------------------------------------------------------------- latent text-conditional pipelines
+@pytest.fixture(scope="session")
+def latent_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SD-layout pipeline ``a``; ``other_vae`` and ``other_text`` differ from it in one component."""
+    import shutil
+
+    pytest.importorskip("transformers")
+    from latent_builders import make_tiny_latent_pipeline, tiny_text_encoder, tiny_vae
+
+    root = tmp_path_factory.mktemp("latent_models")
+    a = make_tiny_latent_pipeline(root / "a")
+    variants = {"other_vae": ("vae", tiny_vae(11)), "other_text": ("text_encoder", tiny_text_encoder(21))}
+    for name, (component, module) in variants.items():
+        shutil.copytree(a, root / name)
+        shutil.rmtree(root / name / component)
+        module.save_pretrained(root / name / component)
+    return {"a": a, **{name: root / name for name in variants}}
+
+
+@pytest.fixture(scope="session")
+def caption_folder(tmp_path_factory) -> Path:
+    """8 RGB 16x16 images with captions in metadata.jsonl (tests/latent_builders.py)."""
+    from latent_builders import write_caption_folder
+
+    return write_caption_folder(tmp_path_factory.mktemp("captioned"))
