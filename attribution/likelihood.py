@@ -5,6 +5,11 @@ resuming sampling at x_t with stochastic (eta = 1, i.e. DDPM-like ancestral)
 DDIM steps over the same remaining timesteps, classify them, and average the
 class probabilities. The steps where the likelihood of a feature rises fastest
 are those that decide it.
+
+The "classifier" is any map from images to probabilities: the bundled digit
+classifier (:func:`likelihood_curves`), or a user's local CLIP model scoring
+free-text labels zero-shot (:func:`label_curves`, see :mod:`attribution.clip`),
+with the same continuation samples.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .clip import ClipLabeler, check_labels
 from .config import SamplingConfig
 from .models import DiffusionModel
 from .trajectory import Trajectory, guided_eps, make_scheduler
@@ -94,3 +100,22 @@ def likelihood_curves(
         probs=np.stack(probs),
         num_samples=num_samples,
     )
+
+
+def label_curves(
+    model: DiffusionModel,
+    trajectory: Trajectory,
+    clip: ClipLabeler,
+    labels: Sequence[str],
+    steps: Sequence[int] | None = None,
+    num_samples: int = 16,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> LikelihoodCurves:
+    """Likelihood curves of free-text ``labels`` under CLIP: probs (S, L), each row sums to 1.
+
+    The probability of label j at step s is the mean over samples x ~ p(. | x_t) of
+    softmax_j(CLIP logits of x against all labels), so the labels compete with each other.
+    """
+    labels = check_labels(labels)
+    return likelihood_curves(model, trajectory, lambda x: clip.label_probs(x, labels), steps, num_samples, seed, progress)
