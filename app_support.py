@@ -19,7 +19,10 @@ import base64
 import html
 import io
 import json
+import argparse
 import os
+import shlex
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -35,7 +38,7 @@ from attribution.config import FeaturizeConfig
 from attribution.data import ImageDecodeError, model_to_uint8
 from attribution.scoring import top_k
 from attribution.trajectory import Trajectory
-from attribution.workspace import ASSETS_DIR, Bundle, Workspace, default_bundle
+from attribution.workspace import ASSETS_DIR, Bundle, Workspace, custom_bundle, default_bundle
 
 POSITIVE_COLOR = "#1a9850"
 NEGATIVE_COLOR = "#d73027"
@@ -166,8 +169,93 @@ def _load_workspace(bundle_dir: str | None) -> Workspace:
     return serialize_scoring(Workspace(bundle))
 
 
+ALLOWED_ENV = "ATTRIBUTION_ALLOWED_DIRS"
+LAUNCH_ENV = {"model": "ATTRIBUTION_MODEL", "data": "ATTRIBUTION_DATA", "store": "ATTRIBUTION_STORE",
+              "lora": "ATTRIBUTION_LORA", "clip": "ATTRIBUTION_CLIP"}
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """The user's own model, data and store, from ``streamlit run app.py -- --model DIR ...`` or the environment."""
+
+    model: tuple[str, ...]
+    data: str
+    store: str
+    lora: tuple[str, ...] = ()
+    clip: str | None = None
+
+
+def allowed_roots(environ=os.environ) -> list[Path]:
+    """Directories launch paths must lie in: ``$ATTRIBUTION_ALLOWED_DIRS`` (os.pathsep-separated),
+    else the working directory, the home directory and the repository."""
+    raw = environ.get(ALLOWED_ENV, "")
+    roots = [p for p in raw.split(os.pathsep) if p.strip()] if raw.strip() else [os.getcwd(), str(Path.home()), str(ASSETS_DIR.parent)]
+    return [Path(r).expanduser().resolve() for r in roots]
+
+
+def checked_path(path: str, what: str, roots: Sequence[Path]) -> str:
+    """``path`` resolved (symlinks followed); ValueError unless it exists inside one of ``roots``."""
+    p = Path(path).expanduser().resolve()
+    if not any(p == r or r in p.parents for r in roots):
+        raise ValueError(f"{what} {path} is outside the allowed directories ({', '.join(map(str, roots))}); "
+                         f"add its parent to ${ALLOWED_ENV}")
+    if what != "store" and not p.exists():
+        raise ValueError(f"{what} {path} does not exist")
+    return str(p)
+
+
+def launch_settings(argv: Sequence[str] | None = None, environ=os.environ) -> LaunchSettings | None:
+    """Parse ``--model DIR [--model DIR ...] --data DIR --store DIR [--lora DIR] [--clip DIR]``.
+
+    ``argv`` defaults to the script arguments when run as ``streamlit run app.py -- ...``;
+    with none, ``$ATTRIBUTION_MODEL`` (os.pathsep-separated), ``$ATTRIBUTION_DATA``,
+    ``$ATTRIBUTION_STORE``, ``$ATTRIBUTION_LORA``, ``$ATTRIBUTION_CLIP`` are read. Returns None
+    when neither names a model. Every path must lie in :func:`allowed_roots`.
+    """
+    if argv is None:
+        argv = sys.argv[1:] if Path(sys.argv[0]).name == "app.py" else []
+    parser = argparse.ArgumentParser(prog="streamlit run app.py --", exit_on_error=False)
+    parser.add_argument("--model", action="append", default=[])
+    parser.add_argument("--data")
+    parser.add_argument("--store")
+    parser.add_argument("--lora", action="append", default=[])
+    parser.add_argument("--clip")
+    try:
+        args = parser.parse_args(list(argv))
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise ValueError(f"bad app arguments {shlex.join(argv)}: {e}") from None
+    if not args.model:
+        env = {k: environ.get(v, "") for k, v in LAUNCH_ENV.items()}
+        if not env["model"]:
+            return None
+        args.model = [m for m in env["model"].split(os.pathsep) if m]
+        args.lora = [m for m in env["lora"].split(os.pathsep) if m]
+        args.data, args.store, args.clip = env["data"] or None, env["store"] or None, env["clip"] or None
+    if not args.data or not args.store:
+        raise ValueError("a custom model needs --data (its training images) and --store (where its features are)")
+    roots = allowed_roots(environ)
+    return LaunchSettings(
+        model=tuple(checked_path(m, "model", roots) for m in args.model),
+        data=checked_path(args.data, "data", roots),
+        store=checked_path(args.store, "store", roots),
+        lora=tuple(checked_path(m, "LoRA", roots) for m in args.lora),
+        clip=checked_path(args.clip, "CLIP model", roots) if args.clip else None,
+    )
+
+
+@st.cache_resource(show_spinner="Loading your model, its training set and the attribution store…")
+def _load_custom_workspace(settings: LaunchSettings) -> Workspace:
+    configure_torch_threads()
+    bundle = custom_bundle(settings.model, settings.data, settings.store, settings.lora, settings.clip)
+    return serialize_scoring(Workspace(bundle))
+
+
 def get_workspace() -> Workspace:
-    """The shared workspace: ``$ATTRIBUTION_BUNDLE`` if set, else the bundled digits ensemble."""
+    """The shared workspace: the launch settings' model if given (:func:`launch_settings`),
+    else ``$ATTRIBUTION_BUNDLE`` if set, else the bundled digits ensemble."""
+    settings = launch_settings()
+    if settings is not None:
+        return _load_custom_workspace(settings)
     return _load_workspace(os.environ.get(BUNDLE_ENV) or None)
 
 
@@ -178,6 +266,18 @@ def describe_bundle(ws: Workspace) -> str:
     n_models = len(ws.models)
     what = "MNIST digits" if ws.bundle.data.startswith("digits") or ws.class_names() == [str(i) for i in range(10)] else "images"
     stores = ", ".join(label for name, label in ws.available_methods().items() if not name.startswith("baseline"))
+    if ws.models[0].is_latent:
+        lc, lh, lw = ws.image_shape
+        _, ph, pw = ws.pixel_shape
+        kind = "text-conditional latent" if is_conditional(ws) else "latent"
+        lora = " with a LoRA adapter" if ws.bundle.lora_dirs else ""
+        return (
+            f"**{ws.bundle.name}**  \n"
+            f"{n_models} {kind} diffusion model{'s' if n_models > 1 else ''}{lora} "
+            f"({ph}×{pw} images, {lc}×{lh}×{lw} latents), trained on **{ws.num_train:,} "
+            f"{'captioned ' if ws.dataset.captions is not None else ''}images**.  \n"
+            f"Attribution methods ready: {stores or 'similarity baselines only'}."
+        )
     return (
         f"**{ws.bundle.name}**  \n"
         f"{n_models} diffusion models (DDPMs) trained on **{ws.num_train:,} {what}** ({h}×{w} {kind}); "
@@ -187,29 +287,71 @@ def describe_bundle(ws: Workspace) -> str:
 
 
 # ---------------------------------------------------------------------------- current sample
-def set_seed_sample(ws: Workspace, seed: int) -> str:
-    """Generate the sample of ``seed`` and make it current; returns its key."""
-    key, _ = ws.generate(int(seed))
-    st.session_state["sample"] = {"kind": "seed", "seed": int(seed)}
+def is_conditional(ws: Workspace) -> bool:
+    """Whether the bundle's models take a text prompt."""
+    return ws.models[0].is_conditional
+
+
+def _prompt_fields(prompt: str | None, guidance_scale: float | None) -> dict:
+    """The prompt part of a sample recipe (empty for unconditional models)."""
+    if prompt is None:
+        return {}
+    return {"prompt": prompt, "guidance_scale": float(guidance_scale if guidance_scale is not None else 1.0)}
+
+
+def _generate(ws: Workspace, recipe: dict) -> tuple[str, Trajectory]:
+    if "prompt" in recipe:
+        return ws.generate(recipe["seed"], prompt=recipe["prompt"], guidance_scale=recipe["guidance_scale"])
+    return ws.generate(recipe["seed"])
+
+
+def _upload(ws: Workspace, recipe: dict) -> tuple[str, Trajectory]:
+    if "prompt" in recipe:
+        return ws.upload(recipe["data"], prompt=recipe["prompt"])
+    return ws.upload(recipe["data"])
+
+
+def set_seed_sample(ws: Workspace, seed: int, prompt: str | None = None, guidance_scale: float | None = None) -> str:
+    """Generate the sample of ``seed`` (and ``prompt``, conditional models) and make it current; returns its key."""
+    recipe = {"kind": "seed", "seed": int(seed), **_prompt_fields(prompt, guidance_scale)}
+    key, _ = _generate(ws, recipe)
+    st.session_state["sample"] = recipe
     st.session_state["sample_key"] = key
     return key
 
 
-def set_upload_sample(ws: Workspace, data: bytes, name: str) -> str:
-    """Invert an uploaded image and make it current (raises ``ImageDecodeError`` with a message)."""
-    key, _ = ws.upload(data)
-    st.session_state["sample"] = {"kind": "upload", "name": name, "data": data}
+def set_upload_sample(ws: Workspace, data: bytes, name: str, prompt: str | None = None) -> str:
+    """Invert an uploaded image (conditioned on ``prompt``) and make it current (raises ``ImageDecodeError``)."""
+    recipe = {"kind": "upload", "name": name, "data": data, **_prompt_fields(prompt, 1.0)}
+    key, _ = _upload(ws, recipe)
+    st.session_state["sample"] = recipe
     st.session_state["sample_key"] = key
     return key
 
 
-def handle_upload(ws: Workspace, data: bytes, name: str) -> str | None:
+def handle_upload(ws: Workspace, data: bytes, name: str, prompt: str | None = None) -> str | None:
     """Use an uploaded file as the current sample; returns an error message for the user, or None."""
     try:
-        set_upload_sample(ws, data, name)
+        set_upload_sample(ws, data, name, prompt)
     except ImageDecodeError as e:
         return f"Could not use {name}: {e}"
     return None
+
+
+def prompt_inputs(ws: Workspace, container=None) -> tuple[str | None, float | None]:
+    """Prompt and guidance-scale inputs for text-conditional models; (None, None) otherwise."""
+    if not is_conditional(ws):
+        return None, None
+    target = container if container is not None else st
+    captions = ws.dataset.captions or []
+    st.session_state.setdefault("prompt_input", captions[0] if captions else "")
+    c_prompt, c_scale = target.columns([3.2, 1], vertical_alignment="bottom")
+    prompt = c_prompt.text_input("Prompt", key="prompt_input", max_chars=500,
+                                 help="The text the model is conditioned on; the scores are conditioned on it too.")
+    scale = c_scale.number_input("Guidance scale", min_value=1.0, max_value=20.0, value=7.5, step=0.5,
+                                 key="guidance_input",
+                                 help="Classifier-free guidance: 1 = conditional prediction only, higher = follow the prompt more.")
+    return prompt, float(scale)
 
 
 def current_sample(ws: Workspace, autogenerate: bool = True) -> tuple[str, Trajectory] | None:
@@ -222,16 +364,18 @@ def current_sample(ws: Workspace, autogenerate: bool = True) -> tuple[str, Traje
         if not autogenerate:
             return None
         with st.spinner("Generating a first sample (seed 0)…"):
-            set_seed_sample(ws, 0)
+            if is_conditional(ws):
+                captions = ws.dataset.captions or [""]
+                set_seed_sample(ws, 0, st.session_state.get("prompt_input", captions[0]),
+                                st.session_state.get("guidance_input", 7.5))
+            else:
+                set_seed_sample(ws, 0)
         recipe = st.session_state["sample"]
     key = st.session_state.get("sample_key")
     traj = ws.trajectory(key) if key else None
     if traj is None:
         with st.spinner("Restoring the current sample…"):
-            if recipe["kind"] == "seed":
-                key, traj = ws.generate(recipe["seed"])
-            else:
-                key, traj = ws.upload(recipe["data"])
+            key, traj = _generate(ws, recipe) if recipe["kind"] == "seed" else _upload(ws, recipe)
         st.session_state["sample_key"] = key
     return key, traj
 
@@ -241,7 +385,16 @@ def sample_label() -> str:
     recipe = st.session_state.get("sample")
     if recipe is None:
         return "none yet"
-    return f"seed {recipe['seed']}" if recipe["kind"] == "seed" else f"upload {recipe['name']}"
+    label = f"seed {recipe['seed']}" if recipe["kind"] == "seed" else f"upload {recipe['name']}"
+    if recipe.get("prompt") is not None:
+        label += f" · “{short_text(recipe['prompt'], 60)}”"
+    return label
+
+
+def short_text(text: str, limit: int = 48) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis (long captions in grids and tables)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def sample_caption() -> None:
@@ -341,10 +494,13 @@ def img_tag(image: np.ndarray, size: int, border: str | None = None, alt: str = 
 def trajectory_images(traj: Trajectory, step: int, size: int = 192) -> None:
     """x_t, x̂0 and the final sample side by side, large and crisp."""
     cols = st.columns(3, gap="medium")
+    latent = traj.decoded_x0_hat is not None
     panels = [
-        (traj.x_t[step], "Noisy input x_t", "what the model sees at this step"),
-        (traj.x0_hat[step], "One-step prediction x̂0", "the model's guess of the final image from x_t"),
-        (traj.sample, "Final sample", f"where the trajectory ends · {sample_label()}"),
+        (traj.display_x_t[step], "Noisy input x_t",
+         "the noisy latent the model sees (channels 1–3 as colours)" if latent else "what the model sees at this step"),
+        (traj.display_x0_hat[step], "One-step prediction x̂0",
+         "the model's guess of the final image from x_t" + (", decoded by the VAE" if latent else "")),
+        (traj.display_sample, "Final sample", f"where the trajectory ends · {sample_label()}"),
     ]
     for col, (x, title, sub) in zip(cols, panels):
         col.markdown(
@@ -404,7 +560,9 @@ def influencer_grid(
             if compact:
                 cap = f"{sc:+.2g}<br>idx {i}"
             else:
-                cap = f"<b>#{r + 1}</b> {sc:+.3g}<br>“{html.escape(ws.label(i))}” · idx {i}"
+                label = ws.label(i)
+                cap = (f"<b>#{r + 1}</b> {sc:+.3g}<br><span title='{html.escape(label)}'>"
+                       f"“{html.escape(short_text(label))}”</span> · idx {i}")
             cells.append(
                 f"<figure style='margin:0;width:{size + 8}px;text-align:center'>"
                 f"{img_tag(im, size, color, alt=f'training image {i}')}"
@@ -564,7 +722,7 @@ def scores_csv(ws: Workspace, traj: Trajectory, steps: Sequence[int], scores: np
 
 
 def scores_npz(ws: Workspace, key: str, method: str, traj: Trajectory, steps: Sequence[int], scores: np.ndarray) -> bytes:
-    """NPZ with scores (S, N), steps, timesteps, the method, the sample key and the final sample."""
+    """NPZ with scores (S, N), steps, timesteps, the method, the sample key and the final sample (pixels, (C, H, W))."""
     buf = io.BytesIO()
     np.savez_compressed(
         buf,
@@ -573,7 +731,7 @@ def scores_npz(ws: Workspace, key: str, method: str, traj: Trajectory, steps: Se
         timesteps=traj.timesteps[list(steps)].numpy(),
         method=np.array(method),
         sample_key=np.array(key),
-        sample=traj.sample.numpy(),
+        sample=traj.display_sample.numpy(),
     )
     return buf.getvalue()
 
@@ -601,7 +759,7 @@ def export_buttons(ws: Workspace, key: str, method: str, traj: Trajectory, inf: 
     title = f"{sample_label()} · {method} · {step_label(traj, step)}"
     cols[2].download_button(
         "Influencer grid as PNG",
-        data=lambda: influencer_grid_png(ws, inf, title, [("x0_hat at this step", model_to_uint8(traj.x0_hat[step:step + 1])[0]),
+        data=lambda: influencer_grid_png(ws, inf, title, [("x0_hat at this step", model_to_uint8(traj.display_x0_hat[step:step + 1])[0]),
                                                           ("final sample", sample_uint8(traj))]),
         file_name=f"{stem}-step{step}-influencers.png", mime="image/png", icon=":material/image:",
         width="stretch", on_click="ignore",
@@ -779,7 +937,7 @@ def predicted_class(ws: Workspace, traj: Trajectory) -> int | None:
     """The classifier's label of the final sample, or None without a classifier."""
     if ws.classifier is None:
         return None
-    return int(ws.classify(traj.sample[None])[0].argmax())
+    return int(ws.classify(traj.display_sample[None])[0].argmax())
 
 
 def curve_steps(num_steps: int, subset: str) -> list[int]:
@@ -793,8 +951,28 @@ def _step_hover(traj: Trajectory, steps: Sequence[int]) -> list[int]:
     return [int(traj.timesteps[s]) for s in steps]
 
 
-def curves_figure(curves, names: Sequence[str], highlight: int, traj: Trajectory, current_step: int | None = None):
-    """Plotly lines of every class probability vs step; ``highlight`` drawn bold with its rise interval shaded."""
+def default_labels(ws: Workspace, traj: Trajectory, limit: int = 4) -> list[str]:
+    """Starting text labels for CLIP curves: the sample's prompt, then distinct training captions."""
+    out: list[str] = []
+    for text in [traj.prompt or ""] + list(ws.dataset.captions or []):
+        text = " ".join(text.split())
+        if text and text not in out:
+            out.append(text)
+        if len(out) == limit:
+            break
+    return out if len(out) >= 2 else out + [f"label {i + 1}" for i in range(2 - len(out))]
+
+
+def parse_labels(raw: str) -> list[str]:
+    """One label per non-blank line (ValueError with a message for fewer than two or repeats)."""
+    from attribution.clip import check_labels
+
+    return check_labels([line for line in raw.splitlines() if line.strip()])
+
+
+def curves_figure(curves, names: Sequence[str], highlight: int, traj: Trajectory, current_step: int | None = None,
+                  feature: str = "class"):
+    """Plotly lines of every class (or text label) probability vs step; ``highlight`` drawn bold with its rise interval shaded."""
     import plotly.graph_objects as go
     import plotly.express as px
 
@@ -805,21 +983,21 @@ def curves_figure(curves, names: Sequence[str], highlight: int, traj: Trajectory
     if interval is not None:
         a, b = interval
         fig.add_vrect(x0=a - 0.5, x1=b + 0.5, fillcolor=POSITIVE_COLOR, opacity=0.12, line_width=0,
-                      annotation_text=f"“{names[highlight]}” is decided here", annotation_position="top left")
+                      annotation_text=f"“{short_text(names[highlight], 32)}” is decided here", annotation_position="top left")
     order = [c for c in range(len(names)) if c != highlight] + [highlight]
     for c in order:
         bold = c == highlight
         fig.add_trace(go.Scatter(
-            x=steps, y=curves.probs[:, c], mode="lines+markers" if bold else "lines", name=f"“{names[c]}”",
+            x=steps, y=curves.probs[:, c], mode="lines+markers" if bold else "lines", name=f"“{short_text(names[c], 32)}”",
             line=dict(width=4 if bold else 1.5, color=palette[c % len(palette)]),
             opacity=1.0 if bold else 0.45, customdata=_step_hover(traj, steps), legendrank=c,
-            hovertemplate=f"“{names[c]}”: %{{y:.0%}} at step %{{x}} (t=%{{customdata}})<extra></extra>",
+            hovertemplate=f"“{html.escape(short_text(names[c], 60))}”: %{{y:.0%}} at step %{{x}} (t=%{{customdata}})<extra></extra>",
         ))
     if current_step is not None:
         fig.add_vline(x=current_step, line_dash="dot", line_color=NEUTRAL_COLOR)
     fig.update_layout(
-        height=430, margin=dict(l=10, r=10, t=30, b=10), legend_title_text="class",
-        xaxis_title=STEP_AXIS, yaxis_title="probability of the class", yaxis=dict(range=[0, 1.02], tickformat=".0%"),
+        height=430, margin=dict(l=10, r=10, t=30, b=10), legend_title_text=feature,
+        xaxis_title=STEP_AXIS, yaxis_title=f"probability of the {feature}", yaxis=dict(range=[0, 1.02], tickformat=".0%"),
     )
     return fig
 
@@ -851,7 +1029,7 @@ def heatmap_figure(ws: Workspace, scores: np.ndarray, indices: np.ndarray, traj:
         values = per_step_normalized(values, scores)
     z = values.T
     zmax = float(np.abs(z).max()) or 1.0
-    ylabels = [f"idx {int(i)} · “{ws.label(int(i))}”" for i in indices]
+    ylabels = [f"idx {int(i)} · “{short_text(ws.label(int(i)), 32)}”" for i in indices]
     steps = list(range(scores.shape[0]))
     fig = go.Figure(go.Heatmap(
         z=z, x=steps, y=ylabels, zmin=-zmax, zmax=zmax, zmid=0,
@@ -892,5 +1070,5 @@ def flips_table(ws: Workspace, scores: np.ndarray, k: int, limit: int = 30):
 
 
 def sample_uint8(traj: Trajectory) -> np.ndarray:
-    """The final sample as uint8 (H, W, C)."""
-    return model_to_uint8(traj.sample[None])[0]
+    """The final sample as uint8 (H, W, C) (decoded for latent models)."""
+    return model_to_uint8(traj.display_sample[None])[0]

@@ -378,3 +378,15 @@ def load_lora(model: DiffusionModel, path: str | Path) -> list[str]:
         raise ModelLoadError(f"{file}: only {len(loaded)} of its {len(keys)} LoRA tensors match the UNet's modules")
     refresh_lora_hash(model)
     return names
+
+
+def apply_lora(models: Sequence[DiffusionModel], lora_dirs: Sequence[str | Path | None]) -> None:
+    """Load LoRA weights into an ensemble: one entry per model, or a single one for all (None: no adapter)."""
+    if not lora_dirs:
+        return
+    if len(lora_dirs) not in (1, len(models)):
+        raise ModelLoadError(f"{len(lora_dirs)} LoRA directories for {len(models)} models; give one, or one per model")
+    dirs = list(lora_dirs) * len(models) if len(lora_dirs) == 1 else list(lora_dirs)
+    for model, d in zip(models, dirs):
+        if d is not None:
+            load_lora(model, d)

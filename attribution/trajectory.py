@@ -84,6 +84,15 @@ class Trajectory:
         return self.decoded_x0_hat if self.decoded_x0_hat is not None else self.x0_hat
 
     @property
+    def display_x_t(self) -> torch.Tensor:
+        """(S, C', H', W') x_t for display: the image for pixel models; for latent models the
+        latent itself (what the UNet sees), its first three channels halved into [-1, 1]
+        (scaled SD-style latents have about unit variance; no VAE decode per step)."""
+        if self.decoded_x0_hat is None:
+            return self.x_t
+        return self.x_t[:, :3] / 2
+
+    @property
     def display_sample(self) -> torch.Tensor:
         """(C, H, W) the sample in pixel space, for display."""
         return self.decoded_sample if self.decoded_sample is not None else self.sample

@@ -25,7 +25,7 @@ from .baselines import BASELINES, SimilarityBaseline
 from .config import FeaturizeConfig, QueryConfig, SamplingConfig
 from .data import ArrayDataset, decode_image, load_dataset, model_to_uint8
 from .featurize import featurize
-from .likelihood import LikelihoodCurves, likelihood_curves
+from .likelihood import LikelihoodCurves, label_curves, likelihood_curves
 from .models import DiffusionModel, load_models, resolve_device
 from .outputs import METHODS, get_method
 from .scoring import Scorer, prepare_mask
@@ -77,6 +77,10 @@ class Bundle:
             TracIn and ReTrac; ``"square"`` etc. the D-TRAK variants).
         classifier_dir: digit-style classifier for curves and the embedding baseline.
         featurize: settings used when a missing store is built.
+        lora_dirs: trained LoRA weights loaded into the models (one, or one per model;
+            see :func:`attribution.latent_models.load_lora`).
+        clip_dir: a local CLIP model for text-label curves (and the embedding baseline
+            when there is no classifier).
     """
 
     name: str
@@ -85,6 +89,8 @@ class Bundle:
     stores: dict[str, Path]
     classifier_dir: Path | None = None
     featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
+    lora_dirs: tuple[Path, ...] = ()
+    clip_dir: Path | None = None
 
 
 def default_bundle() -> Bundle:
@@ -103,6 +109,43 @@ def default_bundle() -> Bundle:
     )
 
 
+DTRAK_STORE_OUTPUTS = ("square", "l1", "l2", "mean")
+
+
+def custom_bundle(
+    model_dirs: Sequence[str | Path],
+    data: str | Path,
+    store: str | Path,
+    lora_dirs: Sequence[str | Path] = (),
+    clip_dir: str | Path | None = None,
+    name: str | None = None,
+) -> Bundle:
+    """A bundle of a user's own models, training data and store directory.
+
+    The journey store is ``store``; the D-TRAK stores go beside it (``<store>-square``, ...).
+    Settings for stores built later are read from ``store``'s manifest when it exists, else
+    the defaults, differentiating only the adapter (``re:lora_``) when LoRA weights are given.
+    """
+    import json
+
+    store = Path(store)
+    manifest = store / "manifest.json"
+    if manifest.exists():
+        cfg = FeaturizeConfig.from_dict(json.loads(manifest.read_text())["settings"])
+    else:
+        cfg = FeaturizeConfig(param_filter=("re:lora_",) if lora_dirs else None)
+    return Bundle(
+        name=name or f"{Path(model_dirs[0]).name} on {Path(data).name}",
+        model_dirs=tuple(Path(d) for d in model_dirs),
+        data=str(data),
+        stores={"loss": store, **{o: store.with_name(f"{store.name}-{o}") for o in DTRAK_STORE_OUTPUTS}},
+        classifier_dir=None,
+        featurize=cfg,
+        lora_dirs=tuple(Path(d) for d in lora_dirs),
+        clip_dir=Path(clip_dir) if clip_dir is not None else None,
+    )
+
+
 def mask_key(mask: np.ndarray | None) -> str:
     if mask is None:
         return "full"
@@ -116,6 +159,10 @@ class Workspace:
         self.bundle = bundle
         self.device = resolve_device(device)
         self.models: list[DiffusionModel] = load_models(list(bundle.model_dirs), self.device)
+        if bundle.lora_dirs:
+            from .latent_models import apply_lora
+
+            apply_lora(self.models, bundle.lora_dirs)
         # images at the size users see (the VAE input for latent models; latents are made by featurize)
         self.dataset: ArrayDataset = load_dataset(bundle.data, self.models[0].pixel_shape)
         self.query = query
@@ -124,6 +171,7 @@ class Workspace:
             from .classifier import load_classifier
 
             self.classifier = load_classifier(Path(bundle.classifier_dir), device=self.device)
+        self._clip = None
         self._scorers: dict[str, Scorer] = {}
         self._baselines: dict[str, SimilarityBaseline] = {}
         self._trajectories = LRU(64)
@@ -212,7 +260,8 @@ class Workspace:
         for name, m in METHODS.items():
             if self.store_exists(m.train_output):
                 out[name] = m.label
-        out.update({f"baseline-{k}": v for k, v in BASELINES.items() if k != "embedding" or self.classifier is not None})
+        embed = self.classifier is not None or self.bundle.clip_dir is not None
+        out.update({f"baseline-{k}": v for k, v in BASELINES.items() if k != "embedding" or embed})
         return out
 
     def store_exists(self, output: str) -> bool:
@@ -257,9 +306,13 @@ class Workspace:
                 if name == "pixel":
                     self._baselines[name] = SimilarityBaseline(self.dataset, None, "pixel")
                 elif name == "embedding":
-                    if self.classifier is None:
-                        raise StoreError("the embedding baseline needs a classifier")
-                    self._baselines[name] = SimilarityBaseline(self.dataset, self.classifier.embed, "embedding")
+                    if self.classifier is not None:
+                        embed = self.classifier.embed
+                    elif self.bundle.clip_dir is not None:
+                        embed = self.clip.embed_images
+                    else:
+                        raise StoreError("the embedding baseline needs a classifier or a CLIP model")
+                    self._baselines[name] = SimilarityBaseline(self.dataset, embed, "embedding")
                 else:
                     raise ValueError(f"unknown baseline {name!r}")
             return self._baselines[name]
@@ -355,3 +408,40 @@ class Workspace:
 
     def class_names(self) -> list[str]:
         return self.dataset.class_names or [str(i) for i in range(10)]
+
+    # ------------------------------------------------------------------ text-label curves (CLIP)
+    @property
+    def clip(self):
+        """The bundle's :class:`~attribution.clip.ClipLabeler` (loaded on first use), or None."""
+        if self.bundle.clip_dir is None:
+            return None
+        with self._lock:
+            if self._clip is None:
+                from .clip import load_clip
+
+                self._clip = load_clip(self.bundle.clip_dir, self.device)
+            return self._clip
+
+    def label_curves(
+        self,
+        key: str,
+        steps: Sequence[int],
+        labels: Sequence[str],
+        num_samples: int = 16,
+        progress: Progress | None = None,
+    ) -> LikelihoodCurves:
+        """Likelihood curves (S, L) of free-text ``labels`` under the bundle's CLIP model."""
+        from .clip import check_labels
+
+        if self.bundle.clip_dir is None:
+            raise StoreError("no CLIP model configured for text-label curves")
+        labels = check_labels(labels)
+        ck = ("labels", key, tuple(int(s) for s in steps), num_samples, tuple(labels))
+        cached = self._curves.get(ck)
+        if cached is None:
+            traj = self._trajectories.get(key)
+            if traj is None:
+                raise KeyError(f"unknown trajectory {key!r}")
+            cached = label_curves(self.models[0], traj, self.clip, labels, steps, num_samples, progress=progress)
+            self._curves.put(ck, cached)
+        return cached

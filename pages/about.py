@@ -59,8 +59,8 @@ with right:
         step = min(int(st.session_state.get("step", traj.num_steps // 2)), traj.num_steps - 1)
         st.caption(f"{ui.sample_label()}, {ui.step_label(traj, step)}, journey-TRAK")
         cols = st.columns(3)
-        for col, (x, cap) in zip(cols, [(traj.x_t[step], "noisy x_t"), (traj.x0_hat[step], "guess x̂0"),
-                                        (traj.sample, "final")]):
+        for col, (x, cap) in zip(cols, [(traj.display_x_t[step], "noisy x_t"), (traj.display_x0_hat[step], "guess x̂0"),
+                                        (traj.display_sample, "final")]):
             col.image(ui.tensor_image(x, 96), width=96, caption=cap)
         method = "journey" if "journey" in ws.available_methods() else "baseline-pixel"
         row, _ = ui.step_scores(ws, key, method, step)

@@ -9,9 +9,10 @@ import streamlit as st
 import app_support as ui
 
 ws = ui.get_workspace()
+subject = "an image from a prompt" if ui.is_conditional(ws) else "a digit"
 ui.page_header(
     "Explore",
-    "Generate a digit (or upload one), move through its denoising steps, and see which training images "
+    f"Generate {subject} (or upload one), move through its denoising steps, and see which training images "
     "pushed each step toward what was generated (green) or away from it (red).",
 )
 
@@ -23,9 +24,10 @@ def _random_seed() -> None:
 
 # ---------------------------------------------------------------- where the sample comes from
 with st.container(border=True):
+    prompt, guidance = ui.prompt_inputs(ws)
     c_seed, c_gen, c_rand, c_up = st.columns([1.1, 0.8, 0.9, 3.2], vertical_alignment="bottom", gap="small")
     seed = c_seed.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="seed_input",
-                               help="The same seed always gives the same digit.")
+                               help="The same seed (and prompt) always gives the same sample.")
     if c_gen.button("Generate", type="primary", icon=":material/auto_awesome:", width="stretch"):
         st.session_state["pending_seed"] = int(seed)
     c_rand.button("Random seed", icon=":material/casino:", on_click=_random_seed, width="stretch")
@@ -36,11 +38,11 @@ with st.container(border=True):
 
 if "pending_seed" in st.session_state:
     with st.spinner("Generating…"):
-        ui.set_seed_sample(ws, st.session_state.pop("pending_seed"))
+        ui.set_seed_sample(ws, st.session_state.pop("pending_seed"), prompt, guidance)
 if upload is not None and st.session_state.get("upload_seen") != upload.file_id:
     st.session_state["upload_seen"] = upload.file_id
     with st.spinner(f"Inverting {upload.name} into a trajectory…"):
-        st.session_state["upload_error"] = ui.handle_upload(ws, upload.getvalue(), upload.name)
+        st.session_state["upload_error"] = ui.handle_upload(ws, upload.getvalue(), upload.name, prompt)
 if upload is None:
     st.session_state.pop("upload_error", None)
 if st.session_state.get("upload_error"):

@@ -37,7 +37,7 @@ with paint_col:
     result = st_canvas(
         stroke_width=brush,
         stroke_color="rgba(255, 140, 0, 0.6)",
-        background_image=ui.tensor_image(traj.sample, CANVAS_SIZE),
+        background_image=ui.tensor_image(traj.display_sample, CANVAS_SIZE),
         height=CANVAS_SIZE,
         width=CANVAS_SIZE,
         drawing_mode="freedraw",
@@ -45,7 +45,7 @@ with paint_col:
         key=f"patch_canvas_{st.session_state.get('canvas_version', 0)}",
     )
     st.button("Clear the mask", icon=":material/ink_eraser:", on_click=_clear)
-    mask = ui.canvas_to_mask(result.image_data, tuple(traj.sample.shape[1:]))
+    mask = ui.canvas_to_mask(result.image_data, tuple(ws.pixel_shape[1:]))
     if mask is not None:
         st.image(ui.mask_overlay(ui.sample_uint8(traj), mask, 128), width=128,
                  caption=f"the mask as the model sees it: {mask.shape[0]}×{mask.shape[1]}, "
