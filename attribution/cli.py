@@ -58,10 +58,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"saved {args.out}")
 
 
+def _load_with_lora(paths, lora_dirs, device):
+    """The models of ``paths`` with trained LoRA weights loaded (one directory, or one per model)."""
+    from .models import load_models
+
+    models = load_models(paths, device)
+    if lora_dirs:
+        from .latent_models import apply_lora
+
+        apply_lora(models, lora_dirs)
+    return models
+
+
 def cmd_featurize(args: argparse.Namespace) -> None:
     from .data import load_dataset
     from .featurize import featurize
-    from .models import load_models, resolve_device
+    from .models import resolve_device
 
     device = resolve_device(args.device)
     rank, world_size = 0, 1
@@ -70,7 +82,7 @@ def cmd_featurize(args: argparse.Namespace) -> None:
 
         device = local_device(device)
         rank, world_size = init_from_env(device)
-    models = load_models(args.model, device)
+    models = _load_with_lora(args.model, args.lora, device)
     ds = load_dataset(args.data, models[0].pixel_shape)
     cfg = FeaturizeConfig(
         output=args.output,
@@ -79,7 +91,7 @@ def cmd_featurize(args: argparse.Namespace) -> None:
         proj_seed=args.proj_seed,
         num_draws=args.num_draws,
         store_dtype="float16" if args.half else "float32",
-        param_filter=tuple(args.params) if args.params else None,
+        param_filter=tuple(args.params) if args.params else (("re:lora_",) if args.lora else None),
     )
     if args.distributed:
         from .distributed import featurize_distributed, shutdown
@@ -103,7 +115,7 @@ def cmd_featurize(args: argparse.Namespace) -> None:
 
 def cmd_attribute(args: argparse.Namespace) -> None:
     from .data import decode_image
-    from .models import load_models, resolve_device
+    from .models import resolve_device
     from .scoring import Scorer
     from .store import Store
     from .trajectory import invert_image, sample_trajectory
@@ -111,7 +123,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     store = Store.open(args.store)
     paths = args.model or [args.store / c["path"] for c in store.manifest["checkpoints"]]
-    models = load_models(paths, device)
+    models = _load_with_lora(paths, args.lora, device)
     if args.image:
         image = decode_image(Path(args.image), models[0].pixel_shape)
         traj = invert_image(models[0], image, args.num_steps, prompt=args.prompt)
@@ -198,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--proj-seed", type=int, default=0)
     f.add_argument("--num-draws", type=int, default=FeaturizeConfig.num_draws, help="(timestep, noise) draws per example")
     f.add_argument("--output", default="loss", help="model output: loss (journey-TRAK) or square/l1/l2/mean (D-TRAK)")
-    f.add_argument("--params", nargs="*", help="parameter-name prefixes to differentiate (default: all)")
+    f.add_argument("--params", nargs="*", help="parameter-name prefixes to differentiate (default: all; with --lora: re:lora_)")
+    f.add_argument("--lora", action="append", help="trained LoRA weights (peft dir or pytorch_lora_weights.safetensors); one, or one per --model")
     f.add_argument("--half", action="store_true", help="store features in float16")
     f.add_argument("--batch-size", type=int, default=64)
     f.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -220,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--steps", default="all", help="'all' or comma-separated step indices")
     a.add_argument("--num-steps", type=int, default=50, help="sampling steps")
     a.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
+    a.add_argument("--lora", action="append", help="the LoRA weights the store was built with (as for featurize)")
     a.add_argument("--prompt", default="", help="text prompt (text-conditional models)")
     a.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (text-conditional models)")
     a.add_argument("--mask", type=Path, help="image whose non-black pixels select the patch")

@@ -346,3 +346,21 @@ def test_workspace_serves_a_latent_pipeline(latent_dirs, caption_folder, tmp_pat
     mask[:8] = 1
     assert ws.scores(key, "journey", [1, 2], mask=mask).shape == (2, 8)
     assert ws.scores(key, "baseline-pixel", [1]).shape == (1, 8)
+
+
+def test_cli_featurizes_a_lora_model_on_its_adapter_only(latent_dirs, caption_folder, tmp_path):
+    pytest.importorskip("peft")
+    from attribution.cli import main
+
+    trained = load_model(latent_dirs["a"])
+    add_lora(trained, rank=2, random_init=True)
+    trained.unet.save_lora_adapter(tmp_path / "lora")
+    args = ["featurize", "--model", str(latent_dirs["a"]), "--data", str(caption_folder), "--lora", str(tmp_path / "lora"),
+            "--store", str(tmp_path / "store"), "--proj-dim", "16", "--num-draws", "1", "--device", "cpu"]
+    assert main(args) == 0
+    store = Store.open(tmp_path / "store")
+    assert store.config.param_filter == ("re:lora_",)
+    assert store.manifest["num_params"] == sum(p.numel() for k, p in trained.unet.named_parameters() if "lora_" in k)
+    Scorer(store, [trained])  # the store is the LoRA model's
+    with pytest.raises(StoreError, match="weights differ"):
+        Scorer(store, [load_model(latent_dirs["a"])])  # not the base model's
