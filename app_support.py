@@ -522,8 +522,11 @@ class Influencers:
 
 
 def influencers(row: np.ndarray, k: int) -> Influencers:
-    """Top-k positive and negative examples of a (N,) score row."""
-    pos, neg = top_k(row[None], k)
+    """Top-k positive and negative examples of a (N,) score row.
+
+    At most N // 2 each, so that a small training set never shows an example in both grids.
+    """
+    pos, neg = top_k(row[None], min(k, max(len(row) // 2, 1)))
     return Influencers(pos[0], row[pos[0]], neg[0], row[neg[0]])
 
 

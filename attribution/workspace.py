@@ -135,7 +135,7 @@ def custom_bundle(
     else:
         cfg = FeaturizeConfig(param_filter=("re:lora_",) if lora_dirs else None)
     return Bundle(
-        name=name or f"{Path(model_dirs[0]).name} on {Path(data).name}",
+        name=name or f"Your model {Path(model_dirs[0]).name}/ on {Path(data).name}/",
         model_dirs=tuple(Path(d) for d in model_dirs),
         data=str(data),
         stores={"loss": store, **{o: store.with_name(f"{store.name}-{o}") for o in DTRAK_STORE_OUTPUTS}},

@@ -29,7 +29,7 @@ if not text_labels and ws.classifier is None:
 if text_labels:
     default = ui.default_labels(ws, traj)
     raw = st.text_area("Text labels, one per line (at least two; their probabilities add up to 1)",
-                       value="\n".join(default), key="curve_labels", height=110, max_chars=2000)
+                       value="\n".join(default), key="curve_labels", height=150, max_chars=2000)
     try:
         names = ui.parse_labels(raw)
     except ValueError as e:

@@ -25,7 +25,7 @@ def _random_seed() -> None:
 # ---------------------------------------------------------------- where the sample comes from
 with st.container(border=True):
     prompt, guidance = ui.prompt_inputs(ws)
-    c_seed, c_gen, c_rand, c_up = st.columns([1.1, 0.8, 0.9, 3.2], vertical_alignment="bottom", gap="small")
+    c_seed, c_gen, c_rand, c_up = st.columns([1.0, 0.85, 1.05, 3.1], vertical_alignment="bottom", gap="small")
     seed = c_seed.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="seed_input",
                                help="The same seed (and prompt) always gives the same sample.")
     if c_gen.button("Generate", type="primary", icon=":material/auto_awesome:", width="stretch"):
