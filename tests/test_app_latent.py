@@ -21,11 +21,9 @@ from PIL import Image
 pytest.importorskip("transformers")
 
 from latent_builders import CAPTIONS, make_tiny_clip  # noqa: E402
+from test_app import influencer_captions, make_app, stroke_png  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-APP = str(REPO / "app.py")
 IMG = re.compile(r"<img src='data:image/png;base64,([^']+)' alt='([^']*)'")
-FIGCAPTION = re.compile(r"<figcaption[^>]*>(.*?)</figcaption>")
 
 
 @pytest.fixture(scope="session")
@@ -59,20 +57,6 @@ def latent_ws(latent_launch, monkeypatch):
     return ws
 
 
-def run_app(page: str | None = None, **state):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(APP, default_timeout=120)
-    for k, v in state.items():
-        at.session_state[k] = v
-    at.run()
-    if page:
-        at.switch_page(f"pages/{page}.py")
-        at.run()
-    assert not at.exception, [e.message for e in at.exception]
-    return at
-
-
 def shown_images(at) -> list[tuple[str, tuple[int, ...]]]:
     """(alt text, array shape) of every inline image of the page's markdown, in page order."""
     out = []
@@ -82,16 +66,9 @@ def shown_images(at) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def captions_of_grids(at) -> list[str]:
-    caps = []
-    for m in at.markdown:
-        caps += [re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", c)).strip() for c in FIGCAPTION.findall(m.value)]
-    return caps
-
-
 def test_explore_with_a_prompt_shows_decoded_images_and_captions(latent_ws):
     ws = latent_ws
-    at = run_app()
+    at = make_app()
     prompt_box = at.text_input(key="prompt_input")
     assert prompt_box.label == "Prompt" and prompt_box.value == CAPTIONS[0]
     assert at.number_input(key="guidance_input").value == 7.5
@@ -119,7 +96,7 @@ def test_explore_with_a_prompt_shows_decoded_images_and_captions(latent_ws):
         [m.value for m in at.markdown if "alt='Final sample'" in m.value][0])[0][0]))))
     np.testing.assert_array_equal(shown, ui_sample(traj))
 
-    caps = captions_of_grids(at)
+    caps = influencer_captions(at)
     assert len(caps) == 8  # 4 + 4: with 8 training images, no image is in both grids
     step = at.select_slider(key="step").value
     row = ws.scores(key, "journey", [step])[0]
@@ -143,7 +120,7 @@ def plotly_array(values) -> np.ndarray:
 
 
 def test_feature_curves_with_text_labels(latent_ws):
-    at = run_app("curves", curve_samples=2)
+    at = make_app("curves", curve_samples=2)
     labels = at.text_area(key="curve_labels")
     assert labels.value.splitlines()[0] == CAPTIONS[0]  # the prompt first, then captions
     fig = json.loads(at.get("plotly_chart")[0].proto.spec)
@@ -160,14 +137,12 @@ def test_feature_curves_with_text_labels(latent_ws):
 
 
 def test_patch_and_other_pages_run_on_the_latent_model(latent_ws):
-    from test_app import stroke_png
-
     drawing = {"drawing": {"raw": {"objects": [{"type": "path"}]}, "data": stroke_png(288, 288)}, "backgroundFit": None}
-    at = run_app("patch", patch_canvas_0=drawing)
+    at = make_app("patch", patch_canvas_0=drawing)
     assert any("the mask as the model sees it: 16×16" in c for el in at.get("image") for c in el.captions)
-    assert len(captions_of_grids(at)) == 16  # painted patch + whole image, 4 + 4 each
+    assert len(influencer_captions(at)) == 16  # painted patch + whole image, 4 + 4 each
     for page in ("about", "compare"):
-        run_app(page)
+        make_app(page)
 
 
 def test_launch_settings_from_arguments(latent_launch, tmp_path):
