@@ -166,3 +166,16 @@ def test_launch_settings_from_arguments(latent_launch, tmp_path):
         ui.launch_settings(["--model", model + "-missing", "--data", data, "--store", store], env)
     with pytest.raises(ValueError, match="bad app arguments"):
         ui.launch_settings(["--modle", model], env)
+
+
+def test_over_the_steps_labels_rows_with_captions(latent_ws):
+    ws = latent_ws
+    key, _ = ws.generate(0, num_steps=6, prompt="a red square", guidance_scale=2.0)
+    ws.scores(key, "journey", range(6))  # every step scored, as the background job would
+    at = make_app("over_steps", sample={"kind": "seed", "seed": 0, "prompt": "a red square", "guidance_scale": 2.0},
+                  sample_key=key)
+    specs = [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+    assert len(specs) == 2 and specs[1]["data"][0]["type"] == "heatmap"
+    rows = specs[1]["data"][0]["y"]
+    assert rows and all(any(f"“{c}”" in r for c in CAPTIONS) for r in rows)
+    assert f"(“{CAPTIONS[at.number_input(key='example_idx').value]}”)" in specs[0]["layout"]["title"]["text"]
