@@ -18,15 +18,28 @@ from tqdm import tqdm
 from .config import FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig
 
 
-def _bar(desc: str) -> tuple[tqdm, Callable[[int, int], None]]:
-    bar = tqdm(desc=desc, unit="it", dynamic_ncols=True)
+class _LazyBar:
+    """A tqdm bar created at the first progress report, so errors before any work print no bar."""
 
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.bar: tqdm | None = None
 
-    return bar, update
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(desc=self.desc, unit="it", dynamic_ncols=True)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _bar(desc: str) -> tuple[_LazyBar, Callable[[int, int], None]]:
+    bar = _LazyBar(desc)
+    return bar, bar.update
 
 
 def _steps(spec: str, num_steps: int) -> list[int]:
@@ -268,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:
+        for bar in list(getattr(tqdm, "_instances", ())):  # end a half-drawn bar's line first
+            bar.close()
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     return code if isinstance(code, int) else 0

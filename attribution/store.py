@@ -116,6 +116,25 @@ def _allocate_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
     _replace_from_tmp(path, path.with_name(f".{path.name}.tmp{os.getpid()}.npy"), write)
 
 
+def remove_stale_tmp(root: Path) -> list[Path]:
+    """Delete temporary files under ``root`` left by killed writers (their process id is gone)."""
+    removed = []
+    for tmp in root.glob(".*.tmp*"):
+        digits = tmp.name.rsplit(".tmp", 1)[1].split(".")[0]
+        if not digits.isdigit() or int(digits) == os.getpid():
+            continue
+        try:
+            os.kill(int(digits), 0)
+            continue  # its writer is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
 def row_checksums(rows: np.ndarray) -> np.ndarray:
     """(B,) uint32 CRC-32 of the bytes of each row of a C-contiguous (B, d) array."""
     rows = np.ascontiguousarray(rows)
@@ -219,6 +238,7 @@ class Store:
         root = Path(root)
         if (root / "manifest.json").exists():
             store = cls.open(root, spec, writable=True)
+            remove_stale_tmp(root)
             return store
         root.mkdir(parents=True, exist_ok=True)
         n, d = spec.dataset["num_train"], spec.proj_dim
