@@ -282,14 +282,17 @@ class Workspace:
             raise KeyError(f"unknown trajectory {key!r}; generate or upload it first")
         steps = [int(s) for s in steps]
         mk = mask_key(mask)
-        if any(self._scores.get((key, method, s, mk)) is None for s in steps):
+        # rows are kept locally: other callers may evict them from the bounded cache at any time
+        rows = {s: self._scores.get((key, method, s, mk)) for s in steps}
+        if any(r is None for r in rows.values()):
             with self._compute_lock:
-                self._compute_missing(traj, key, method, steps, mask, mk, progress)
-        return np.stack([self._scores.get((key, method, s, mk)) for s in steps])
+                rows.update(self._compute_missing(traj, key, method, [s for s, r in rows.items() if r is None], mask, mk, progress))
+        return np.stack([rows[s] for s in steps])
 
-    def _compute_missing(self, traj, key, method, steps, mask, mk, progress) -> None:
-        """Score the steps not in the cache yet and cache them (caller holds the compute lock)."""
-        missing = [s for s in steps if self._scores.get((key, method, s, mk)) is None]
+    def _compute_missing(self, traj, key, method, steps, mask, mk, progress) -> dict[int, np.ndarray]:
+        """Rows of ``steps``: from the cache, or scored and cached (caller holds the compute lock)."""
+        found = {s: self._scores.get((key, method, s, mk)) for s in steps}
+        missing = [s for s, r in found.items() if r is None]
         if missing:
             if method.startswith("baseline-"):
                 base = self.baseline(method.split("-", 1)[1])
@@ -302,6 +305,8 @@ class Workspace:
                 rows = self.scorer(method).score(traj, missing, mask, progress).scores
             for s, row in zip(missing, rows):
                 self._scores.put((key, method, s, mk), row)
+                found[s] = row
+        return found
 
     def prefetch(self, key: str, method: str, steps: Sequence[int], chunk: int = 5) -> None:
         """Compute the scores of ``steps`` in a background thread (no-op if already running)."""
