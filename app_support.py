@@ -35,7 +35,8 @@ from attribution.config import FeaturizeConfig
 from attribution.data import ImageDecodeError, model_to_uint8
 from attribution.scoring import top_k
 from attribution.trajectory import Trajectory
-from attribution.workspace import ASSETS_DIR, Bundle, Workspace, default_bundle
+from attribution.paths import safe_name
+from attribution.workspace import ASSETS_DIR, CACHE_DIR, Bundle, Workspace, default_bundle
 
 POSITIVE_COLOR = "#1a9850"
 NEGATIVE_COLOR = "#d73027"
@@ -85,6 +86,7 @@ def bundle_from_dir(root: str | Path) -> Bundle:
         stores=stores,
         classifier_dir=ASSETS_DIR / "classifier",
         featurize=featurize,
+        roots=(root, CACHE_DIR),
     )
 
 
@@ -198,7 +200,7 @@ def set_seed_sample(ws: Workspace, seed: int) -> str:
 def set_upload_sample(ws: Workspace, data: bytes, name: str) -> str:
     """Invert an uploaded image and make it current (raises ``ImageDecodeError`` with a message)."""
     key, _ = ws.upload(data)
-    st.session_state["sample"] = {"kind": "upload", "name": name, "data": data}
+    st.session_state["sample"] = {"kind": "upload", "name": safe_name(name), "data": data}
     st.session_state["sample_key"] = key
     return key
 
@@ -208,7 +210,7 @@ def handle_upload(ws: Workspace, data: bytes, name: str) -> str | None:
     try:
         set_upload_sample(ws, data, name)
     except ImageDecodeError as e:
-        return f"Could not use {name}: {e}"
+        return f"Could not use {safe_name(name)}: {e}"
     return None
 
 
@@ -716,12 +718,10 @@ def build_store_isolated(ws: Workspace, output: str, progress=None) -> Path:
 
     from attribution.featurize import featurize
 
-    path = ws.bundle.stores.get(output)
-    if path is None:
-        raise ValueError(f"no store location configured for output {output!r}")
+    path = ws.store_path(output)  # refuses a location outside the bundle's directories
     models = [copy.deepcopy(m) for m in ws.models]
     featurize(models, ws.dataset, path, replace(ws.bundle.featurize, output=output), progress=progress)
-    return Path(path)
+    return path
 
 
 def start_store_build(ws: Workspace, output: str) -> None:

@@ -28,6 +28,7 @@ from .featurize import featurize
 from .likelihood import LikelihoodCurves, likelihood_curves
 from .models import DiffusionModel, load_models, resolve_device
 from .outputs import METHODS, get_method
+from .paths import resolve_within
 from .scoring import Scorer, prepare_mask
 from .store import Store, StoreError
 from .trajectory import Trajectory, invert_image, sample_trajectory
@@ -77,6 +78,8 @@ class Bundle:
             TracIn and ReTrac; ``"square"`` etc. the D-TRAK variants).
         classifier_dir: digit-style classifier for curves and the embedding baseline.
         featurize: settings used when a missing store is built.
+        roots: directories the workspace may write in (stores it builds, cached
+            latents); empty: no restriction (library use). The app's bundles set them.
     """
 
     name: str
@@ -85,6 +88,7 @@ class Bundle:
     stores: dict[str, Path]
     classifier_dir: Path | None = None
     featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
+    roots: tuple[Path, ...] = ()
 
 
 def default_bundle() -> Bundle:
@@ -100,6 +104,7 @@ def default_bundle() -> Bundle:
         },
         classifier_dir=ASSETS_DIR / "classifier",
         featurize=cfg,
+        roots=(ASSETS_DIR, CACHE_DIR),
     )
 
 
@@ -224,16 +229,30 @@ class Workspace:
         except StoreError:
             return False
 
-    def build_store(self, output: str, progress: Progress | None = None) -> Path:
-        """Featurize the store of train output ``output`` (resumes if interrupted)."""
+    def writable_path(self, path: str | Path) -> Path:
+        """``path`` if it resolves inside the bundle's roots (any path when it has none).
+
+        Raises:
+            PathEscapeError: a link or ``..`` takes it outside the configured directories.
+        """
+        return resolve_within(path, self.bundle.roots) if self.bundle.roots else Path(path)
+
+    def store_path(self, output: str) -> Path:
+        """Where the store of train output ``output`` is built (checked by :meth:`writable_path`)."""
         path = self.bundle.stores.get(output)
         if path is None:
             raise StoreError(f"no store location configured for output {output!r}")
+        return self.writable_path(path)
+
+    def build_store(self, output: str, progress: Progress | None = None) -> Path:
+        """Featurize the store of train output ``output`` (resumes if interrupted)."""
+        path = self.store_path(output)
         from dataclasses import replace
 
         cfg = replace(self.bundle.featurize, output=output)
-        featurize(self.models, self.dataset, path, cfg, progress=progress, latent_cache_dir=CACHE_DIR / "latents")
-        return Path(path)
+        featurize(self.models, self.dataset, path, cfg, progress=progress,
+                  latent_cache_dir=self.writable_path(CACHE_DIR / "latents"))
+        return path
 
     def scorer(self, method: str) -> Scorer:
         with self._lock:
