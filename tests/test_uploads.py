@@ -4,9 +4,6 @@ st.error on the Explore page; nothing crashes and nothing is written. The decode
 from __future__ import annotations
 
 import io
-import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,22 +13,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from attribution.data import ImageDecodeError, decode_image
+from test_data import _bomb_png as bomb_png
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
     return buf.getvalue()
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A tiny PNG whose header declares a huge image."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
 
 
 def _noise(shape, dtype=np.uint8, top=255):
