@@ -101,6 +101,11 @@ def _state(pid: int) -> str:
         return "Z"
 
 
+def kill_targets(total: int) -> list[int]:
+    """KILLS increasing points of progress: KILLS - 1 random ones in [1, total), then ``total``."""
+    return sorted(random.sample(range(1, total), KILLS - 1)) + [total]
+
+
 def _done_rows(store: Path) -> int:
     return sum(int(np.load(p, mmap_mode="r").sum()) for p in store.glob("done_*.npy"))
 
@@ -126,12 +131,11 @@ def test_featurize_killed_repeatedly_equals_uninterrupted(server, tiny_model_dir
     finish(cli("featurize", *common, "--store", str(tmp_path / "reference")))
     store = tmp_path / "store"
     total = 2 * 72
-    rng = random.Random()
+    # kill once the store has (at least) a random number of done rows; the last kill lands at or
+    # after the last row, i.e. during finalize (kernels, manifest)
+    targets = kill_targets(total)
     outcomes = []
-    for k in range(KILLS):
-        # kill once the store has (at least) a random number of done rows; the last kill lands at or
-        # after the last row, i.e. during finalize (kernels, manifest)
-        target = total if k == KILLS - 1 else rng.randrange(1, total)
+    for target in targets:
         job = cli("featurize", *common, "--store", str(store))
         outcomes.append((target, kill_when(job, lambda: (store / "manifest.json").exists() and _done_rows(store) >= target)))
         outcomes[-1] += (_done_rows(store) if (store / "manifest.json").exists() else 0,)
@@ -160,8 +164,7 @@ def test_train_killed_repeatedly_equals_uninterrupted(server, data_npz, tmp_path
     partial = tmp_path / "model.partial"
     rng = random.Random()
     outcomes = []
-    for k in range(KILLS):
-        target = epochs if k == KILLS - 1 else rng.randrange(1, epochs)
+    for target in kill_targets(epochs):
         extra = rng.uniform(0, 0.05)  # land inside the next epoch, or inside the final save
 
         def ready() -> bool:
