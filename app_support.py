@@ -38,7 +38,8 @@ from attribution.config import FeaturizeConfig
 from attribution.data import ImageDecodeError, model_to_uint8
 from attribution.scoring import top_k
 from attribution.trajectory import Trajectory
-from attribution.workspace import ASSETS_DIR, Bundle, Workspace, custom_bundle, default_bundle
+from attribution.paths import PathEscapeError, resolve_within, safe_name
+from attribution.workspace import ASSETS_DIR, CACHE_DIR, Bundle, Workspace, custom_bundle, default_bundle
 
 POSITIVE_COLOR = "#1a9850"
 NEGATIVE_COLOR = "#d73027"
@@ -88,6 +89,7 @@ def bundle_from_dir(root: str | Path) -> Bundle:
         stores=stores,
         classifier_dir=ASSETS_DIR / "classifier",
         featurize=featurize,
+        roots=(root, CACHE_DIR),
     )
 
 
@@ -195,10 +197,10 @@ def allowed_roots(environ=os.environ) -> list[Path]:
 
 def checked_path(path: str, what: str, roots: Sequence[Path]) -> str:
     """``path`` resolved (symlinks followed); ValueError unless it exists inside one of ``roots``."""
-    p = Path(path).expanduser().resolve()
-    if not any(p == r or r in p.parents for r in roots):
-        raise ValueError(f"{what} {path} is outside the allowed directories ({', '.join(map(str, roots))}); "
-                         f"add its parent to ${ALLOWED_ENV}")
+    try:
+        p = resolve_within(Path(path).expanduser(), roots)
+    except PathEscapeError as e:
+        raise ValueError(f"{what} {path} is outside the allowed directories: {e}; add its parent to ${ALLOWED_ENV}") from None
     if what != "store" and not p.exists():
         raise ValueError(f"{what} {path} does not exist")
     return str(p)
@@ -322,7 +324,7 @@ def set_seed_sample(ws: Workspace, seed: int, prompt: str | None = None, guidanc
 
 def set_upload_sample(ws: Workspace, data: bytes, name: str, prompt: str | None = None) -> str:
     """Invert an uploaded image (conditioned on ``prompt``) and make it current (raises ``ImageDecodeError``)."""
-    recipe = {"kind": "upload", "name": name, "data": data, **_prompt_fields(prompt, 1.0)}
+    recipe = {"kind": "upload", "name": safe_name(name), "data": data, **_prompt_fields(prompt, 1.0)}
     key, _ = _upload(ws, recipe)
     st.session_state["sample"] = recipe
     st.session_state["sample_key"] = key
@@ -334,7 +336,7 @@ def handle_upload(ws: Workspace, data: bytes, name: str, prompt: str | None = No
     try:
         set_upload_sample(ws, data, name, prompt)
     except ImageDecodeError as e:
-        return f"Could not use {name}: {e}"
+        return f"Could not use {safe_name(name)}: {e}"
     return None
 
 
@@ -877,12 +879,10 @@ def build_store_isolated(ws: Workspace, output: str, progress=None) -> Path:
 
     from attribution.featurize import featurize
 
-    path = ws.bundle.stores.get(output)
-    if path is None:
-        raise ValueError(f"no store location configured for output {output!r}")
+    path = ws.store_path(output)  # refuses a location outside the bundle's directories
     models = [copy.deepcopy(m) for m in ws.models]
     featurize(models, ws.dataset, path, replace(ws.bundle.featurize, output=output), progress=progress)
-    return Path(path)
+    return path
 
 
 def start_store_build(ws: Workspace, output: str) -> None:

@@ -1,4 +1,4 @@
-"""``attribution`` command line: train, featurize, attribute, build-assets.
+"""``attribution`` command line: train, featurize, attribute, build-assets, doctor.
 
 Every long command shows a tqdm progress bar; bad input ends with a one-line
 ``error: ...`` on stderr and exit status 2.
@@ -18,15 +18,28 @@ from tqdm import tqdm
 from .config import FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig
 
 
-def _bar(desc: str) -> tuple[tqdm, Callable[[int, int], None]]:
-    bar = tqdm(desc=desc, unit="it", dynamic_ncols=True)
+class _LazyBar:
+    """A tqdm bar created at the first progress report, so errors before any work print no bar."""
 
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.bar: tqdm | None = None
 
-    return bar, update
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(desc=self.desc, unit="it", dynamic_ncols=True)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _bar(desc: str) -> tuple[_LazyBar, Callable[[int, int], None]]:
+    bar = _LazyBar(desc)
+    return bar, bar.update
 
 
 def _steps(spec: str, num_steps: int) -> list[int]:
@@ -186,6 +199,20 @@ def cmd_build_assets(args: argparse.Namespace) -> None:
         bar.close()
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import healthy, run_doctor
+
+    findings = run_doctor(args.store, args.model, args.data, record_checksums=args.record_checksums)
+    for f in findings:
+        if f.level != "ok" or args.verbose:
+            print(f.line())
+    errors = sum(f.level == "error" for f in findings)
+    warnings = sum(f.level == "warning" for f in findings)
+    print(f"{args.store}: " + ("healthy" if healthy(findings) else f"{errors} problem(s)") +
+          (f", {warnings} warning(s)" if warnings else ""))
+    return 0 if healthy(findings) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attribution", description="Step-by-step data attribution for diffusion models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -252,20 +279,35 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     b.add_argument("--verify", action="store_true", help="only check the files against MANIFEST.json")
     b.set_defaults(func=cmd_build_assets)
+    d = sub.add_parser("doctor", help="verify a store, its model directories and data; print what is wrong and the fix")
+    d.add_argument("--store", required=True, type=Path)
+    d.add_argument("--model", action="append", help="model directories (default: those recorded in the store)")
+    d.add_argument("--data", help="dataset spec to compare with the store's ('digits', a folder, an .npz)")
+    d.add_argument("--record-checksums", action="store_true",
+                   help="add row checksums to a store written without them (trusts its current contents)")
+    d.add_argument("-v", "--verbose", action="store_true", help="also print the checks that passed")
+    d.set_defaults(func=cmd_doctor)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        for bar in list(getattr(tqdm, "_instances", ())):  # end a half-drawn bar's line first
+            bar.close()
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (some library messages span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

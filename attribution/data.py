@@ -40,6 +40,8 @@ CAPTION_FILES = ("metadata.jsonl", "metadata.csv", "captions.csv")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 MAX_PIXELS = 40_000_000  # refuse larger images before decoding them
 MAX_FILE_BYTES = 50 * 1024 * 1024
+SIGNATURES = ((b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"), (b"RIFF", "WebP"))
+MAX_ASPECT_RATIO = 64  # scaling a 1 x 10^6 strip to the model's size would need gigabytes
 
 
 class ImageDecodeError(ValueError):
@@ -125,6 +127,11 @@ def decode_image(data: bytes | str | Path, image_shape: tuple[int, int, int]) ->
                 raise ImageDecodeError(
                     f"the image is {img.width}x{img.height} pixels, more than the limit of {MAX_PIXELS:,}; resize it first"
                 )
+            if min(img.width, img.height) < 1 or max(img.width, img.height) > MAX_ASPECT_RATIO * min(img.width, img.height):
+                raise ImageDecodeError(
+                    f"the image is {img.width}x{img.height} pixels: one side is more than {MAX_ASPECT_RATIO} times "
+                    "the other; crop it first"
+                )
             img.load()
             arr = pil_to_array(img, image_shape)
     except ImageDecodeError:
@@ -132,9 +139,14 @@ def decode_image(data: bytes | str | Path, image_shape: tuple[int, int, int]) ->
     except Image.DecompressionBombError:
         raise ImageDecodeError(f"the image declares more pixels than the limit of {MAX_PIXELS:,}; resize it first") from None
     except UnidentifiedImageError:
+        kind = next((name for magic, name in SIGNATURES if data.startswith(magic)), None)
+        if kind is not None:
+            raise ImageDecodeError(f"the image could not be decoded: the file starts like a {kind} but is truncated or corrupt") from None
         raise ImageDecodeError("the file is not an image Pillow can read (PNG, JPEG, WebP, BMP ...)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"the image could not be decoded: {e}") from None
+    except MemoryError:
+        raise ImageDecodeError("the image needs more memory to decode than is available; resize it first") from None
+    except Exception as e:  # Pillow's decoders raise many types on malformed input (found by fuzzing)
+        raise ImageDecodeError(f"the image could not be decoded: {' '.join(str(e).split()) or type(e).__name__}") from None
     return uint8_to_model(arr[None])[0]
 
 

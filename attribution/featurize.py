@@ -130,6 +130,8 @@ def featurize(
     spec = store_spec(models, dataset, config, store_dir)
     store = Store.create_or_open(store_dir, spec) if rank == 0 else Store.open(store_dir, spec, writable=True)
     output = get_output(config.output)
+    for m in range(len(models)):
+        recheck_done_rows(store, m, rank, world_size, log)
     pending = [store.pending(m, rank, world_size) for m in range(len(models))]
     total = sum(len(p) for p in pending)
     if total == 0:
@@ -167,6 +169,22 @@ def featurize(
     if finalize and rank == 0 and store.is_complete():
         store.finalize()
     return store
+
+
+def recheck_done_rows(store: Store, m: int, rank: int, world_size: int, log: Callable[[str], None]) -> int:
+    """Clear the done flags of this shard's rows that fail their checksum, so they are computed again.
+
+    Such rows were edited on disk or marked done without being written (e.g. a
+    done file copied from elsewhere). Returns how many were cleared.
+    """
+    if not store.has_checksums or not np.asarray(store.done(m)).any():
+        return 0
+    bad = store.verify_all(m)
+    bad = bad[bad % world_size == rank]
+    if len(bad):
+        log(f"checkpoint {m}: {len(bad)} row(s) marked done fail their checksum (e.g. row {int(bad[0])}); recomputing them")
+        store.unmark(m, bad)
+    return len(bad)
 
 
 def check_dataset(model: DiffusionModel, dataset: ImageDataset) -> None:

@@ -6,21 +6,40 @@ Layout of a store directory::
                          dataset fingerprint, shapes, dtypes, file sizes, kernel checksums
     features_{m}.npy     (N, d) train features Phi_m of checkpoint m (memory-mapped .npy)
     done_{m}.npy         (N,) uint8: 1 where row i of features_{m} is finished
+    rowcrc_{m}.npy       (N,) uint32: CRC-32 of the bytes of row i, recorded when it was written
     kernel_{m}.npy       (d, d) float64 Phi_m^T Phi_m, written by :meth:`Store.finalize`
 
-Crash safety: a row is written and flushed before its done flag is set and
-flushed, so a killed featurize never leaves a half-written row marked done;
+Crash safety: a row is written and flushed, then its checksum, then its done
+flag, so a killed featurize never leaves a half-written row marked done;
 rerunning resumes at the first row not marked. The manifest and kernels are
-written to a temporary file and renamed. The kernel (not A = Phi K^-1) is
+written to a temporary file and renamed (a failed write, e.g. a full disk,
+leaves the previous file in place). Array files are allocated in full when the
+store is created, so a full disk shows up then and not as a crash mid-run.
+
+Verification, cheap at open and complete where the data is read anyway:
+  * :meth:`Store.open`: the manifest parses, has this format version and the
+    expected keys; every array file exists with the recorded byte size, shape
+    and dtype; with a spec, settings, checkpoints and dataset match.
+  * every row read through :meth:`Store.read_rows` (scoring, finalize) is
+    checked once per open store against its recorded CRC-32: a done row whose
+    bytes were edited, or that was marked done but never written, raises
+    :class:`StoreError` before any score is computed from it.
+  * kernels are checked against their sha256 when loaded.
+  * featurize, on resuming, recomputes done rows that fail their checksum.
+  * ``attribution doctor`` (:mod:`attribution.doctor`) runs all of these at once.
+Stores written before row checksums existed (no ``rowcrc_*`` in the manifest)
+are read unverified; ``attribution doctor --record-checksums`` adds them. The kernel (not A = Phi K^-1) is
 cached: it does not depend on the ridge lambda, and scoring with
 ``Phi (K + lambda I)^-1 g`` costs the same as ``A g`` while halving the store.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +49,7 @@ import numpy as np
 from .config import FeaturizeConfig
 
 FORMAT_VERSION = 1
+MANIFEST_KEYS = ("settings", "checkpoints", "dataset", "num_params", "proj_dim", "arrays", "kernels")
 Progress = Callable[[int, int], None]
 
 
@@ -37,20 +57,104 @@ class StoreError(RuntimeError):
     """A store is missing, corrupt, unfinished or built for something else."""
 
 
+def _replace_from_tmp(path: Path, tmp: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` then rename ``tmp`` to ``path``; on any failure remove ``tmp``, keep ``path``."""
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _replace_from_tmp(path, path.with_name(f".{path.name}.tmp{os.getpid()}"), write)
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    """``np.save`` through a temporary file and a rename."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _replace_from_tmp(path, path.with_name(f".{path.name}.tmp{os.getpid()}.npy"), write)
+
+
+def _allocate_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Create a zero-filled .npy of ``shape`` whose blocks are all allocated (not sparse).
+
+    A sparse file would fail on a full disk only when a page is first written
+    through the memory map, and that kills the process with SIGBUS.
+    """
+
+    def write(tmp: Path) -> None:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        arr.flush()
+        del arr
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    _replace_from_tmp(path, path.with_name(f".{path.name}.tmp{os.getpid()}.npy"), write)
+
+
+def remove_stale_tmp(root: Path) -> list[Path]:
+    """Delete temporary files under ``root`` left by killed writers (their process id is gone)."""
+    removed = []
+    for tmp in root.glob(".*.tmp*"):
+        digits = tmp.name.rsplit(".tmp", 1)[1].split(".")[0]
+        if not digits.isdigit() or int(digits) == os.getpid():
+            continue
+        try:
+            os.kill(int(digits), 0)
+            continue  # its writer is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def row_checksums(rows: np.ndarray) -> np.ndarray:
+    """(B,) uint32 CRC-32 of the bytes of each row of a C-contiguous (B, d) array."""
+    rows = np.ascontiguousarray(rows)
+    return np.fromiter((zlib.crc32(r) for r in rows), dtype=np.uint32, count=len(rows))
+
+
+def _check_npy_header(path: Path, info: dict[str, Any]) -> None:
+    """Refuse a .npy whose header does not parse or disagrees with the manifest's shape and dtype."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)  # the header only (a literal, no pickle)
+    except (ValueError, OSError, SyntaxError) as e:
+        raise StoreError(f"{path} is not a valid .npy file ({e}); delete the store and featurize again") from e
+    if list(shape) != info["shape"] or dtype.str != info["dtype"]:
+        raise StoreError(
+            f"{path} holds {shape} {dtype.str}, the manifest records {tuple(info['shape'])} {info['dtype']}; "
+            "delete the store and featurize again"
+        )
 
 
 def sha256_file(path: Path) -> str:
@@ -120,6 +224,8 @@ class Store:
         self._features: dict[int, np.memmap] = {}
         self._done: dict[int, np.memmap] = {}
         self._kernels: dict[int, np.ndarray] = {}
+        self._checksums: dict[int, np.memmap] = {}
+        self._verified: dict[int, np.ndarray] = {}  # (N,) bool: rows whose checksum was checked
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -132,18 +238,19 @@ class Store:
         root = Path(root)
         if (root / "manifest.json").exists():
             store = cls.open(root, spec, writable=True)
+            remove_stale_tmp(root)
             return store
         root.mkdir(parents=True, exist_ok=True)
         n, d = spec.dataset["num_train"], spec.proj_dim
         dtype = np.dtype(spec.config.store_dtype)
         arrays: dict[str, Any] = {}
         for m in range(len(spec.checkpoints)):
-            for name, shape, dt in ((f"features_{m}.npy", (n, d), dtype), (f"done_{m}.npy", (n,), np.uint8)):
-                tmp = root / f".{name}.tmp{os.getpid()}.npy"
-                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dt, shape=shape)
-                arr.flush()
-                del arr
-                os.replace(tmp, root / name)
+            for name, shape, dt in (
+                (f"features_{m}.npy", (n, d), dtype),
+                (f"done_{m}.npy", (n,), np.uint8),
+                (f"rowcrc_{m}.npy", (n,), np.uint32),
+            ):
+                _allocate_npy(root / name, shape, np.dtype(dt))
                 arrays[name] = {"shape": list(shape), "dtype": np.dtype(dt).str, "bytes": (root / name).stat().st_size}
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -173,12 +280,15 @@ class Store:
             manifest = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StoreError(f"{path} is not valid JSON ({e}); delete the store and featurize again") from e
-        version = manifest.get("format_version")
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
         if version != FORMAT_VERSION:
             raise StoreError(
                 f"store {root} has format version {version}, this program reads version {FORMAT_VERSION}; "
                 "featurize again into a new directory"
             )
+        missing = [k for k in MANIFEST_KEYS if k not in manifest]
+        if missing:
+            raise StoreError(f"{path} lacks {', '.join(missing)}: it was edited or cut short; delete the store and featurize again")
         for name, info in manifest["arrays"].items():
             f = root / name
             if not f.exists():
@@ -188,6 +298,7 @@ class Store:
                     f"{f} has {f.stat().st_size} bytes, the manifest records {info['bytes']}: the file is "
                     "truncated or was replaced; delete the store and featurize again"
                 )
+            _check_npy_header(f, info)
         if spec is not None:
             why = spec.mismatch(manifest)
             if why is not None:
@@ -214,7 +325,10 @@ class Store:
     # ------------------------------------------------------------------ arrays
     def _memmap(self, name: str) -> np.memmap:
         info = self.manifest["arrays"][name]
-        arr = np.load(self.root / name, mmap_mode="r+" if self.writable else "r")
+        try:
+            arr = np.load(self.root / name, mmap_mode="r+" if self.writable else "r", allow_pickle=False)
+        except ValueError as e:
+            raise StoreError(f"{self.root / name} is not a valid .npy file ({e}); delete the store and featurize again") from e
         if list(arr.shape) != info["shape"] or arr.dtype.str != info["dtype"]:
             raise StoreError(f"{self.root / name} has shape {arr.shape} {arr.dtype}, manifest says {info}")
         return arr
@@ -231,13 +345,99 @@ class Store:
             self._done[m] = self._memmap(f"done_{m}.npy")
         return self._done[m]
 
+    @property
+    def has_checksums(self) -> bool:
+        """True when the store records a CRC-32 per row (stores from before checksums do not)."""
+        return "rowcrc_0.npy" in self.manifest["arrays"]
+
+    def checksums(self, m: int) -> np.memmap:
+        """(N,) uint32 recorded CRC-32 of each written row of checkpoint m."""
+        if m not in self._checksums:
+            self._checksums[m] = self._memmap(f"rowcrc_{m}.npy")
+        return self._checksums[m]
+
+    def bad_rows(self, m: int, start: int, rows: np.ndarray) -> np.ndarray:
+        """Indices (absolute) among rows [start, start + len(rows)) marked done whose bytes fail their checksum."""
+        stop = start + len(rows)
+        done = np.asarray(self.done(m)[start:stop]) == 1
+        got = row_checksums(rows)
+        want = np.asarray(self.checksums(m)[start:stop])
+        return start + np.flatnonzero(done & (got != want))
+
+    def _verify(self, m: int, start: int, rows: np.ndarray) -> None:
+        """Check rows [start, start + len(rows)) against their checksums, once per open store."""
+        if not self.has_checksums:
+            return
+        seen = self._verified.setdefault(m, np.zeros(self.num_train, dtype=bool))
+        stop = start + len(rows)
+        if seen[start:stop].all():
+            return
+        bad = self.bad_rows(m, start, rows)
+        if len(bad):
+            raise StoreError(
+                f"store {self.root}: {len(bad)} row(s) of features_{m}.npy marked done do not match their "
+                f"checksums (e.g. row {int(bad[0])}): the file was edited or rows were never written. "
+                f"Run `attribution featurize` with the same arguments to recompute them "
+                f"(or `attribution doctor --store {self.root}` for a full report)"
+            )
+        seen[start:stop] |= np.asarray(self.done(m)[start:stop]) == 1
+
+    def verify_all(self, m: int, chunk_rows: int = 8192) -> np.ndarray:
+        """Indices of every done row of checkpoint m that fails its checksum (reads the whole array)."""
+        if not self.has_checksums:
+            return np.zeros(0, dtype=np.int64)
+        bad = [self.bad_rows(m, s, self._read(m, s, s + chunk_rows)) for s in range(0, self.num_train, chunk_rows)]
+        return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+    def unmark(self, m: int, indices: np.ndarray) -> None:
+        """Clear the done flags of rows ``indices`` (so featurize computes them again)."""
+        if not self.writable:
+            raise StoreError("store opened read-only")
+        done = self.done(m)
+        done[indices] = 0
+        done.flush()
+        if m in self._verified:
+            self._verified[m][indices] = False
+
+    def record_checksums(self, force: bool = False, chunk_rows: int = 8192) -> None:
+        """Record the checksums of the rows as they are now (trusts the contents).
+
+        For stores written without checksums, or (``force``) by a tool that wrote
+        rows without :meth:`write_rows`.
+        """
+        if not self.writable:
+            raise StoreError("store opened read-only")
+        if self.has_checksums and not force:
+            return
+        self._checksums.clear()
+        self._verified.clear()
+        for m in range(self.num_checkpoints):
+            name = f"rowcrc_{m}.npy"
+            crc = np.concatenate(
+                [row_checksums(self._read(m, s, s + chunk_rows)) for s in range(0, self.num_train, chunk_rows)]
+            )
+            atomic_save_npy(self.root / name, crc)
+            self.manifest["arrays"][name] = {"shape": [self.num_train], "dtype": crc.dtype.str,
+                                             "bytes": (self.root / name).stat().st_size}
+        atomic_write_bytes(self.root / "manifest.json", json.dumps(self.manifest, indent=2).encode())
+
     def read_rows(self, m: int, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of features_{m} as a fresh (stop - start, d) array.
 
         Read with ``os.pread`` rather than through the memory map, so streaming a
         store larger than memory keeps the resident set at one chunk (pages touched
-        through a memmap stay mapped and count toward RSS).
+        through a memmap stay mapped and count toward RSS). Done rows are checked
+        against their recorded checksums the first time they are read.
+
+        Raises:
+            StoreError: a done row does not match its checksum, or the file is short.
         """
+        out = self._read(m, start, stop)
+        self._verify(m, start, out)
+        return out
+
+    def _read(self, m: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of features_{m}, unverified (see :meth:`read_rows`)."""
         feats = self.features(m)
         stop = min(stop, feats.shape[0])
         row_bytes = feats.dtype.itemsize * feats.shape[1]
@@ -261,12 +461,17 @@ class Store:
         return idx[idx % world_size == rank]
 
     def write_rows(self, m: int, indices: np.ndarray, rows: np.ndarray) -> None:
-        """Write finished rows, flush them, then mark them done and flush the flags."""
+        """Write finished rows, flush them, record their checksums, then mark them done and flush the flags."""
         if not self.writable:
             raise StoreError("store opened read-only")
         feats = self.features(m)
-        feats[indices] = rows.astype(feats.dtype, copy=False)
+        stored = np.ascontiguousarray(rows.astype(feats.dtype, copy=False))
+        feats[indices] = stored
         feats.flush()
+        if self.has_checksums:
+            crc = self.checksums(m)
+            crc[indices] = row_checksums(stored)
+            crc.flush()
         done = self.done(m)
         done[indices] = 1
         done.flush()
@@ -304,9 +509,11 @@ class Store:
         recorded = self.manifest["kernels"].get(name)
         path = self.root / name
         if recorded is not None:
+            if not self.is_complete(m):
+                raise StoreError(f"store {self.root} has a kernel but rows not marked done; run `attribution featurize` again")
             if not path.exists() or sha256_file(path) != recorded:
                 raise StoreError(f"{path} is missing or does not match its checksum; delete it and rerun featurize")
-            kernel = np.load(path)
+            kernel = np.load(path, allow_pickle=False)
         else:
             if not self.is_complete(m):
                 raise StoreError(f"store {self.root} is unfinished; run `attribution featurize` again to complete it")

@@ -7,11 +7,15 @@ state (weights, EMA weights, Adam moments) is saved in safetensors after every
 epoch under ``<out>.partial/``. A killed run restarts at the last finished epoch
 and ends with the same weights as an uninterrupted one. The result (the EMA
 weights) is written in ``DDPMPipeline`` layout to a temporary directory and
-renamed to ``out``, so ``out`` is either absent or complete.
+renamed to ``out``, so ``out`` is either absent or complete; a failed write (a
+full disk) removes the temporary files and keeps the saved state. Resuming with
+other settings or data is refused (the settings and a hash of the images are
+kept in ``train_config.json``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,6 +31,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig
+from .store import atomic_write_bytes
 
 Progress = Callable[[int, int], None]
 
@@ -60,8 +65,12 @@ def _save_state(partial: Path, epoch: int, unet, ema, opt: torch.optim.Adam) -> 
         for name, v in st.items():
             tensors[f"opt.{i}.{name}"] = torch.as_tensor(v).contiguous()
     tmp = partial / f".state.tmp{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={"epoch": str(epoch)})
-    os.replace(tmp, partial / "state.safetensors")
+    try:
+        save_file(tensors, str(tmp), metadata={"epoch": str(epoch)})
+        os.replace(tmp, partial / "state.safetensors")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _load_state(partial: Path, unet, ema, opt: torch.optim.Adam) -> int:
@@ -88,6 +97,22 @@ def _load_state(partial: Path, unet, ema, opt: torch.optim.Adam) -> int:
     return epoch
 
 
+def _check_partial_settings(partial: Path, settings: str) -> None:
+    """Refuse to resume a partial run that was started with other settings or data."""
+    path = partial / "train_config.json"
+    if not (partial / "state.safetensors").exists() or not path.exists():
+        return
+    try:
+        before = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        before = None
+    if before != json.loads(settings):
+        raise FileExistsError(
+            f"{partial} holds an interrupted run with other settings or data; rerun it with the same "
+            f"arguments to resume, or delete {partial} to start over"
+        )
+
+
 def train_ddpm(
     images: torch.Tensor,
     out_dir: str | Path,
@@ -100,7 +125,8 @@ def train_ddpm(
 
     Args:
         images: (N, C, H, W) float32 in [-1, 1].
-        out_dir: destination (DDPMPipeline layout); must not exist yet.
+        out_dir: destination (DDPMPipeline layout). If it exists, trained with the same
+            settings and data, training is skipped; with other ones, FileExistsError.
         subset: optional (N,) bool mask of the training examples to use.
         progress: called with (steps done, total steps).
 
@@ -108,8 +134,6 @@ def train_ddpm(
         ``out_dir``.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists already; choose another --out or delete it")
     if subset is not None:
         subset = np.asarray(subset, dtype=bool)
         if subset.shape != (len(images),):
@@ -119,8 +143,20 @@ def train_ddpm(
     if n == 0:
         raise ValueError("no training images")
     partial = out_dir.with_name(out_dir.name + ".partial")
+    data_hash = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    settings = json.dumps({**asdict(config), "num_images": n, "data_sha256": data_hash}, indent=2)
+    for stale in out_dir.parent.glob(f"{out_dir.name}.tmp*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    if out_dir.exists():
+        done = out_dir / "train_config.json"
+        if not done.exists() or json.loads(done.read_text()) != json.loads(settings):
+            raise FileExistsError(f"{out_dir} exists already (trained with other settings); choose another --out or delete it")
+        shutil.rmtree(partial, ignore_errors=True)  # killed after the final rename
+        log(f"found {out_dir} trained with these settings, skipping")
+        return out_dir
+    _check_partial_settings(partial, settings)
     partial.mkdir(parents=True, exist_ok=True)
-    (partial / "train_config.json").write_text(json.dumps({**asdict(config), "num_images": n}, indent=2))
+    atomic_write_bytes(partial / "train_config.json", settings.encode())
 
     torch.manual_seed(config.seed)
     unet = make_unet(tuple(images.shape[1:]), config)
@@ -170,6 +206,18 @@ def train_ddpm(
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        _save_pipeline(tmp, unet, sched, partial)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(partial)
+    return out_dir
+
+
+def _save_pipeline(tmp: Path, unet: UNet2DModel, sched: DDPMScheduler, partial: Path) -> None:
+    """Write the trained model in DDPMPipeline layout under ``tmp``."""
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     sched.save_pretrained(tmp / "scheduler")
     (tmp / "model_index.json").write_text(
@@ -184,6 +232,3 @@ def train_ddpm(
         )
     )
     shutil.copy(partial / "train_config.json", tmp / "train_config.json")
-    os.replace(tmp, out_dir)
-    shutil.rmtree(partial)
-    return out_dir

@@ -28,6 +28,7 @@ from .featurize import featurize
 from .likelihood import LikelihoodCurves, label_curves, likelihood_curves
 from .models import DiffusionModel, load_models, resolve_device
 from .outputs import METHODS, get_method
+from .paths import resolve_within
 from .scoring import Scorer, prepare_mask
 from .store import Store, StoreError
 from .trajectory import Trajectory, invert_image, sample_trajectory
@@ -81,6 +82,8 @@ class Bundle:
             see :func:`attribution.latent_models.load_lora`).
         clip_dir: a local CLIP model for text-label curves (and the embedding baseline
             when there is no classifier).
+        roots: directories the workspace may write in (stores it builds, cached
+            latents); empty: no restriction (library use). The app's bundles set them.
     """
 
     name: str
@@ -91,6 +94,7 @@ class Bundle:
     featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
     lora_dirs: tuple[Path, ...] = ()
     clip_dir: Path | None = None
+    roots: tuple[Path, ...] = ()
 
 
 def default_bundle() -> Bundle:
@@ -106,6 +110,7 @@ def default_bundle() -> Bundle:
         },
         classifier_dir=ASSETS_DIR / "classifier",
         featurize=cfg,
+        roots=(ASSETS_DIR, CACHE_DIR),
     )
 
 
@@ -143,6 +148,7 @@ def custom_bundle(
         featurize=cfg,
         lora_dirs=tuple(Path(d) for d in lora_dirs),
         clip_dir=Path(clip_dir) if clip_dir is not None else None,
+        roots=(store.parent, CACHE_DIR),
     )
 
 
@@ -273,16 +279,30 @@ class Workspace:
         except StoreError:
             return False
 
-    def build_store(self, output: str, progress: Progress | None = None) -> Path:
-        """Featurize the store of train output ``output`` (resumes if interrupted)."""
+    def writable_path(self, path: str | Path) -> Path:
+        """``path`` if it resolves inside the bundle's roots (any path when it has none).
+
+        Raises:
+            PathEscapeError: a link or ``..`` takes it outside the configured directories.
+        """
+        return resolve_within(path, self.bundle.roots) if self.bundle.roots else Path(path)
+
+    def store_path(self, output: str) -> Path:
+        """Where the store of train output ``output`` is built (checked by :meth:`writable_path`)."""
         path = self.bundle.stores.get(output)
         if path is None:
             raise StoreError(f"no store location configured for output {output!r}")
+        return self.writable_path(path)
+
+    def build_store(self, output: str, progress: Progress | None = None) -> Path:
+        """Featurize the store of train output ``output`` (resumes if interrupted)."""
+        path = self.store_path(output)
         from dataclasses import replace
 
         cfg = replace(self.bundle.featurize, output=output)
-        featurize(self.models, self.dataset, path, cfg, progress=progress, latent_cache_dir=CACHE_DIR / "latents")
-        return Path(path)
+        featurize(self.models, self.dataset, path, cfg, progress=progress,
+                  latent_cache_dir=self.writable_path(CACHE_DIR / "latents"))
+        return path
 
     def scorer(self, method: str) -> Scorer:
         with self._lock:
@@ -335,14 +355,17 @@ class Workspace:
             raise KeyError(f"unknown trajectory {key!r}; generate or upload it first")
         steps = [int(s) for s in steps]
         mk = mask_key(mask)
-        if any(self._scores.get((key, method, s, mk)) is None for s in steps):
+        # rows are kept locally: other callers may evict them from the bounded cache at any time
+        rows = {s: self._scores.get((key, method, s, mk)) for s in steps}
+        if any(r is None for r in rows.values()):
             with self._compute_lock:
-                self._compute_missing(traj, key, method, steps, mask, mk, progress)
-        return np.stack([self._scores.get((key, method, s, mk)) for s in steps])
+                rows.update(self._compute_missing(traj, key, method, [s for s, r in rows.items() if r is None], mask, mk, progress))
+        return np.stack([rows[s] for s in steps])
 
-    def _compute_missing(self, traj, key, method, steps, mask, mk, progress) -> None:
-        """Score the steps not in the cache yet and cache them (caller holds the compute lock)."""
-        missing = [s for s in steps if self._scores.get((key, method, s, mk)) is None]
+    def _compute_missing(self, traj, key, method, steps, mask, mk, progress) -> dict[int, np.ndarray]:
+        """Rows of ``steps``: from the cache, or scored and cached (caller holds the compute lock)."""
+        found = {s: self._scores.get((key, method, s, mk)) for s in steps}
+        missing = [s for s, r in found.items() if r is None]
         if missing:
             if method.startswith("baseline-"):
                 base = self.baseline(method.split("-", 1)[1])
@@ -355,6 +378,8 @@ class Workspace:
                 rows = self.scorer(method).score(traj, missing, mask, progress).scores
             for s, row in zip(missing, rows):
                 self._scores.put((key, method, s, mk), row)
+                found[s] = row
+        return found
 
     def prefetch(self, key: str, method: str, steps: Sequence[int], chunk: int = 5) -> None:
         """Compute the scores of ``steps`` in a background thread (no-op if already running)."""

@@ -112,6 +112,7 @@ def build_store(root: Path, rows: int, dim: int, seed: int = 0, base_rows: int =
     done = store.done(0)
     done[:] = 1
     done.flush()
+    store.record_checksums(force=True)  # rows were written directly, not through write_rows
     atomic_save_npy(root / "kernel_0.npy", kernel)
     store.manifest["kernels"]["kernel_0.npy"] = sha256_file(root / "kernel_0.npy")
     atomic_write_bytes(root / "manifest.json", json.dumps(store.manifest, indent=2).encode())
