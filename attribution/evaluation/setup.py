@@ -146,7 +146,7 @@ class BenchPaths:
 
     @property
     def queries(self) -> Path:
-        return self.root / "queries.pt"
+        return self.root / "queries.npz"
 
     @property
     def truth(self) -> Path:
