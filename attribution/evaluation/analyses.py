@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .lds import spearman
+from .lds import spearman, summarize
 from ..scoring import top_k
 
 
@@ -55,3 +55,20 @@ def step_correlation(scores: np.ndarray, steps: list[int]) -> dict:
     rho = [float(np.mean(by_dist[d])) for d in dists]
     se = [float(np.std(by_dist[d], ddof=1) / np.sqrt(len(by_dist[d]))) if len(by_dist[d]) > 1 else 0.0 for d in dists]
     return {"distance": dists, "rho": rho, "se": se}
+
+
+def paired_margins(results: dict, reference: str = "journey") -> dict:
+    """LDS of ``reference`` minus every other method on the same queries: per-step mean and s.e.
+
+    ``results[m]["per_query"]`` is (Q, S); pairing by query removes the shared query difficulty.
+    """
+    if reference not in results:
+        return {}
+    ref = np.asarray(results[reference]["per_query"], dtype=float)
+    out = {}
+    for name, r in results.items():
+        if name == reference:
+            continue
+        s = summarize(ref - np.asarray(r["per_query"], dtype=float))
+        out[name] = {"mean": s.mean.tolist(), "se": s.se.tolist(), "overall": s.overall, "overall_se": s.overall_se}
+    return out

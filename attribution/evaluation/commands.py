@@ -91,7 +91,7 @@ def cmd_lds(args: argparse.Namespace) -> None:
     if len(ids) < 8:
         raise RuntimeError(f"only {len(ids)} subset models are trained; the LDS needs at least 8")
     results, chosen = run.evaluate(args.methods, truth, ids)
-    from .analyses import step_correlation, top_k_overlap
+    from .analyses import paired_margins, step_correlation, top_k_overlap
 
     steps = list(run.spec.steps)
     col = steps.index(args.analysis_step) if args.analysis_step in steps else len(steps) // 2
@@ -111,11 +111,18 @@ def cmd_lds(args: argparse.Namespace) -> None:
         "bench": config.to_dict(),
         "methods": results,
         "analyses": analyses,
+        "paired": paired_margins(results, "journey"),
         "wall_seconds": time.perf_counter() - t0,
     }
     path = run.paths.root / "lds.json"
     path.write_text(json.dumps(out))
     print(f"wrote {path}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.work, args.out)}")
 
 
 def cmd_counterfactual(args: argparse.Namespace) -> None:
@@ -219,17 +226,21 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     l = common(bsub.add_parser("lds", help="LDS per step of every method (settings chosen on validation queries)"))
     l.add_argument("--methods", nargs="+", default=list(LDS_METHODS))
     add_query_args(l)
-    l.add_argument("--analysis-step", type=int, default=20, help="step of the top-k overlap analysis")
+    l.add_argument("--analysis-step", type=int, default=22, help="step of the top-k overlap analysis")
     l.add_argument("--warm-only", action="store_true", help="only build stores, query features and caches")
     l.set_defaults(func=cmd_lds)
 
     c = common(bsub.add_parser("counterfactual", help="retrain without top-k influencers and regenerate"))
     add_query_args(c)
     c.add_argument("--num-cf-queries", type=int, default=2, help="reported queries used (the first ones)")
-    c.add_argument("--step", type=int, default=20, help="step whose scores choose the removals")
+    c.add_argument("--step", type=int, default=22, help="step whose scores choose the removals")
     c.add_argument("--ks", type=int, nargs="+", default=[50, 25])
     c.add_argument("--kinds", nargs="+", default=["journey", "random", "pixel", "embedding"])
     c.add_argument("--cf-num-draws", type=int, default=16, help="journey-TRAK store used for the ranking")
     c.add_argument("--cf-ridge", type=float, default=0.1, help="relative ridge of the ranking")
     c.add_argument("--measure-only", action="store_true", help="measure the finished models, train nothing")
     c.set_defaults(func=cmd_counterfactual)
+
+    rp = common(bsub.add_parser("report", help="write report.json, report.md and HTML figures"))
+    rp.add_argument("--out", type=Path, default=Path("benchmarks/results/bench"))
+    rp.set_defaults(func=cmd_report)

@@ -48,7 +48,7 @@ class CounterfactualSpec:
     """
 
     query_rows: tuple[int, ...]
-    step: int = 20
+    step: int = 22
     ks: tuple[int, ...] = (50, 25)
     kinds: tuple[str, ...] = ("journey", "random", "pixel", "embedding")
     seed: int = 0

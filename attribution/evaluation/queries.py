@@ -40,10 +40,10 @@ class QuerySpec:
     """
 
     num_queries: int = 50
-    num_val_queries: int = 16
+    num_val_queries: int = 10
     num_inference_steps: int = 50
-    steps: tuple[int, ...] = (0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 49)
-    num_resamples: int = 20
+    steps: tuple[int, ...] = (0, 6, 11, 17, 22, 28, 33, 39, 44, 49)
+    num_resamples: int = 10
     noise_seed: int = 0
 
     @property
