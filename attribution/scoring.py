@@ -41,6 +41,10 @@ from .trajectory import Trajectory
 Progress = Callable[[int, int], None]
 
 
+#: Noise key of the final-sample ("destination") query; no real step index reaches it.
+FINAL_SAMPLE_KEY = 1_000_000
+
+
 def query_noises(steps: Sequence[int], num_resamples: int, noise_seed: int, image_shape: tuple[int, int, int]) -> torch.Tensor:
     """The K noises of each step: (S, K, C, H, W), drawn on the CPU from ``(noise_seed, step)``."""
     out = []
@@ -230,7 +234,7 @@ class Scorer:
         evenly spaced timesteps (k + 1/2) T / K; one row, repeated for each of ``num_steps``."""
         K = self.query.num_resamples
         shape = tuple(trajectory.sample.shape)
-        noises = query_noises([-1], K, self.query.noise_seed, shape)  # (1, K, C, H, W)
+        noises = query_noises([FINAL_SAMPLE_KEY], K, self.query.noise_seed, shape)  # (1, K, C, H, W)
         feats = []
         for m, model in enumerate(self.models):
             T = model.num_train_timesteps

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -22,7 +23,7 @@ def _config_from_args(args: argparse.Namespace) -> BenchConfig:
         image_size=args.image_size,
         num_subsets=args.num_subsets,
         checkpoint_seeds=tuple(range(args.num_checkpoints)),
-        train=__import__("dataclasses").replace(base.train, epochs=args.epochs),
+        train=replace(base.train, epochs=args.epochs, block_out_channels=tuple(args.block_out_channels)),
     )
 
 
@@ -214,6 +215,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-subsets", type=int, default=base.num_subsets)
     p.add_argument("--num-checkpoints", type=int, default=len(base.checkpoint_seeds))
     p.add_argument("--epochs", type=int, default=base.train.epochs)
+    p.add_argument("--block-out-channels", type=int, nargs="+", default=list(base.train.block_out_channels))
     p.set_defaults(func=cmd_prepare)
 
     r = common(bsub.add_parser("retrain", help="train full-data checkpoints and subset models (resumable)"))
