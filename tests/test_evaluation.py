@@ -138,20 +138,10 @@ def test_full_mask_retraining_reproduces_the_checkpoint(tmp_path):
 
 
 # ----------------------------------------------------------------------------- end to end
-def test_bench_pipeline_end_to_end(tmp_path):
-    """prepare -> retrain -> lds -> counterfactual -> report on 20 digits at 8x8 and 8 subsets."""
-    from attribution.cli import main
-
-    work, out = tmp_path / "work", tmp_path / "results"
-    w = ["--work", str(work)]
-    q = ["--num-queries", "3", "--num-val-queries", "2", "--num-resamples", "2", "--proj-dim", "32",
-         "--num-draws", "1", "2", "--ridges", "0.1", "1.0"]
-    assert main(["bench", "prepare", *w, "--num-train", "20", "--image-size", "8", "--num-subsets", "8",
-                 "--num-checkpoints", "1", "--epochs", "1", "--block-out-channels", "4", "8"]) == 0
-    assert main(["bench", "retrain", *w]) == 0
+def test_bench_pipeline_end_to_end(tiny_bench):
+    """prepare -> retrain -> lds -> counterfactual -> report on 20 digits at 8x8 and 8 subsets (conftest)."""
+    work, out, methods = tiny_bench["work"], tiny_bench["out"], tiny_bench["methods"]
     assert len(list((work / "models").glob("subset_*"))) == 8
-    methods = ["journey", "trak-final", "tracin", "retrac", "dtrak-square", "das", "das-leverage", "pixel", "embedding"]
-    assert main(["bench", "lds", *w, *q, "--methods", *methods]) == 0
     lds = json.loads((work / "lds.json").read_text())
     assert set(lds["methods"]) == set(methods) and lds["num_subsets"] == 8
     for name, r in lds["methods"].items():
@@ -162,14 +152,11 @@ def test_bench_pipeline_end_to_end(tmp_path):
         best = max(s["val_lds"] for s in r["selection"])
         chosen = [s for s in r["selection"] if s["num_draws"] == r["num_draws"] and s["ridge"] == r["ridge"] and s["sign"] == r["sign"]]
         assert chosen[0]["val_lds"] == best
-    assert main(["bench", "counterfactual", *w, *q, "--num-cf-queries", "1", "--ks", "2", "--kinds", "journey", "random",
-                 "--cf-num-draws", "1"]) == 0
     cf = json.loads((work / "counterfactual.json").read_text())
     assert cf["models_done"] == cf["models_expected"] == 2
     assert all(r["pixel_l2"] > 0 for r in cf["rows"])
     removals = json.loads((work / "removals.json").read_text())
     assert all(len(v) == 2 for v in removals.values())
-    assert main(["bench", "report", *w, "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     assert "| journey |" in md and "Retrain without top-k" in md
     assert (out / "lds_vs_step.html").exists() and (out / "counterfactual_pixel_l2.html").exists()

@@ -15,6 +15,39 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
 
+#: Where ``attribution bench report`` writes by default (relative to the repository root).
+DEFAULT_REPORT_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "bench"
+
+
+def load_report(directory: Path = DEFAULT_REPORT_DIR) -> dict | None:
+    """The report dict written by :func:`write_report`, or None when there is none."""
+    path = Path(directory) / REPORT_JSON
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def lds_rows(report: dict) -> list[dict]:
+    """The LDS table as rows for display: method, per-step "mean ± se", overall, chosen setting."""
+    lds = report["lds"]
+    rows = []
+    for name, r in sorted(lds["methods"].items(), key=lambda kv: -kv[1]["overall"]):
+        row = {"method": name, "mean LDS": _fmt(r["overall"], r["overall_se"])}
+        row.update({f"step {s}": _fmt(m, e, 2) for s, m, e in zip(lds["steps"], r["mean"], r["se"])})
+        row["draws / ridge / sign"] = f"{r['num_draws']} / {r['ridge']} / {r['sign']:+.0f}"
+        rows.append(row)
+    return rows
+
+
+def counterfactual_rows(report: dict) -> list[dict]:
+    """The counterfactual summary as display rows (empty when it was not run)."""
+    cf = report.get("counterfactual") or {}
+    return [
+        {"removal": r["kind"], "k": r["k"], "queries": r["n"], "pixel l2": _fmt(r["pixel_l2"], r["pixel_l2_se"], 2),
+         "feature distance": _fmt(r["feature_dist"], r["feature_dist_se"], 2),
+         "class changed": f"{r['class_changed']:.2f}", "Δf_t": _fmt(r["delta_f"], r["delta_f_se"], 4)}
+        for r in cf.get("summary", [])
+    ]
+
+
 def build_report(work: Path) -> dict:
     """Read ``lds.json`` and (if present) ``counterfactual.json`` from ``work`` into one report dict."""
     lds_path = work / "lds.json"
