@@ -120,6 +120,19 @@ def cmd_lds(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def cmd_truth(args: argparse.Namespace) -> None:
+    from .run import ground_truth
+
+    _threads(args)
+    config, run = _lds_run(args)
+    while True:
+        _, ids = ground_truth(run.paths, run.queries, run.spec, config.num_subsets, log=lambda s: None)
+        tqdm.write(f"ground truth of {len(ids)}/{config.num_subsets} subset models cached")
+        if not args.wait or len(ids) == config.num_subsets:
+            break
+        time.sleep(30)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from .report import write_report
 
@@ -242,6 +255,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--cf-ridge", type=float, default=0.1, help="relative ridge of the ranking")
     c.add_argument("--measure-only", action="store_true", help="measure the finished models, train nothing")
     c.set_defaults(func=cmd_counterfactual)
+
+    t = common(bsub.add_parser("truth", help="cache the LDS ground truth of the subset models trained so far"))
+    add_query_args(t)
+    t.add_argument("--wait", action="store_true", help="keep polling until every subset model is done")
+    t.set_defaults(func=cmd_truth)
 
     rp = common(bsub.add_parser("report", help="write report.json, report.md and HTML figures"))
     rp.add_argument("--out", type=Path, default=Path("benchmarks/results/bench"))
