@@ -88,7 +88,8 @@ def cmd_lds(args: argparse.Namespace) -> None:
             run.candidate_scores(method)
         print(f"caches warm ({time.perf_counter() - t0:.0f} s)")
         return
-    truth, ids = ground_truth(run.paths, run.queries, run.spec, config.num_subsets, log=tqdm.write)
+    truth, ids = ground_truth(run.paths, run.queries, run.spec, config.num_subsets, log=tqdm.write,
+                              compute=not args.cached_truth)
     if len(ids) < 8:
         raise RuntimeError(f"only {len(ids)} subset models are trained; the LDS needs at least 8")
     results, chosen = run.evaluate(args.methods, truth, ids)
@@ -126,7 +127,8 @@ def cmd_truth(args: argparse.Namespace) -> None:
     _threads(args)
     config, run = _lds_run(args)
     while True:
-        _, ids = ground_truth(run.paths, run.queries, run.spec, config.num_subsets, log=lambda s: None)
+        _, ids = ground_truth(run.paths, run.queries, run.spec, config.num_subsets, log=lambda s: None,
+                              reverse=args.reverse)
         tqdm.write(f"ground truth of {len(ids)}/{config.num_subsets} subset models cached")
         if not args.wait or len(ids) == config.num_subsets:
             break
@@ -242,6 +244,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     l.add_argument("--methods", nargs="+", default=list(LDS_METHODS))
     add_query_args(l)
     l.add_argument("--analysis-step", type=int, default=22, help="step of the top-k overlap analysis")
+    l.add_argument("--cached-truth", action="store_true", help="use only the cached ground truth (see `bench truth`)")
     l.add_argument("--warm-only", action="store_true", help="only build stores, query features and caches")
     l.set_defaults(func=cmd_lds)
 
@@ -259,6 +262,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     t = common(bsub.add_parser("truth", help="cache the LDS ground truth of the subset models trained so far"))
     add_query_args(t)
     t.add_argument("--wait", action="store_true", help="keep polling until every subset model is done")
+    t.add_argument("--reverse", action="store_true", help="visit models from the last (a second worker)")
     t.set_defaults(func=cmd_truth)
 
     rp = common(bsub.add_parser("report", help="write report.json, report.md and HTML figures"))

@@ -56,28 +56,32 @@ class SelectionGrid:
 
 
 def ground_truth(
-    paths: BenchPaths, queries: QuerySet, spec: QuerySpec, num_subsets: int, log: Log = print
+    paths: BenchPaths, queries: QuerySet, spec: QuerySpec, num_subsets: int, log: Log = print, reverse: bool = False,
+    compute: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """True outputs (m', Q, S) of the subset models trained so far, cached one file per model.
+
+    ``reverse``: visit the models from the last (a second process then meets the first halfway).
+    ``compute``: False uses only the cached truths (models without one are left out).
 
     Returns:
         (truth, subset indices it covers) -- only finished models are included.
     """
-    rows, done = [], []
-    for j in range(num_subsets):
+    found: dict[int, np.ndarray] = {}
+    for j in (reversed(range(num_subsets)) if reverse else range(num_subsets)):
         model_dir = paths.subset_model(j)
         cache = paths.root / "truth" / f"subset_{j:03d}.npy"
         if cache.exists():
-            rows.append(np.load(cache, allow_pickle=False))
-            done.append(j)
+            found[j] = np.load(cache, allow_pickle=False)
             continue
-        if not model_dir.exists():
+        if not model_dir.exists() or not compute:
             continue
         out = step_outputs(load_models([model_dir])[0], queries, spec)
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_npy(cache, out)
-        rows.append(out)
-        done.append(j)
+        found[j] = out
+    done = sorted(found)
+    rows = [found[j] for j in done]
     if done:
         log(f"ground truth of {len(done)} subset models")
     return (np.stack(rows) if rows else np.zeros((0, *queries.x0_hat.shape[:1], len(spec.steps)))), np.asarray(done, dtype=int)
