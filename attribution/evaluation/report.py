@@ -121,6 +121,19 @@ def overlap_table(report: dict) -> str:
     return "\n".join(rows)
 
 
+def _write_truth(work: Path, out_dir: Path) -> None:
+    """Bundle the cached ground truth into ``truth.npz``: truth (m, Q, S) float32, subset ids, masks (m, N)."""
+    import numpy as np
+
+    files = sorted((work / "truth").glob("subset_*.npy"))
+    if not files:
+        return
+    ids = np.array([int(f.stem.split("_")[1]) for f in files])
+    truth = np.stack([np.load(f, allow_pickle=False) for f in files]).astype(np.float32)
+    masks = np.load(work / "subsets.npy", allow_pickle=False)[ids]
+    np.savez_compressed(out_dir / "truth.npz", truth=truth, subset_ids=ids, subsets=masks)
+
+
 def write_report(work: Path, out_dir: Path) -> Path:
     """Write report.json, report.md and the HTML figures into ``out_dir``; returns the Markdown path."""
     report = build_report(work)
@@ -134,6 +147,7 @@ def write_report(work: Path, out_dir: Path) -> Path:
         figs["counterfactual_feature_dist.html"] = counterfactual_figure(report, "feature_dist")
     for name, fig in figs.items():
         fig.write_html(out_dir / name, include_plotlyjs="cdn")
+    _write_truth(work, out_dir)
     lds = report["lds"]
     b = lds["bench"]
     md = [
