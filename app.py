@@ -18,6 +18,7 @@ PAGES = [
     st.Page("pages/curves.py", title="Feature curves", icon=":material/show_chart:"),
     st.Page("pages/over_steps.py", title="Over the steps", icon=":material/timeline:"),
     st.Page("pages/compare.py", title="Compare methods", icon=":material/compare:"),
+    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/fact_check:"),
     st.Page("pages/about.py", title="About", icon=":material/info:"),
 ]
 

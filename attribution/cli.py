@@ -63,7 +63,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     subset = None
     if args.subset_mask:
         subset = np.load(args.subset_mask, allow_pickle=False)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, ema_decay=args.ema_decay,
+        block_out_channels=tuple(args.block_out_channels), layers_per_block=args.layers_per_block,
+    )
     bar, update = _bar("train")
     images = ds.images(np.arange(len(ds)))
     train_ddpm(images, args.out, cfg, subset=subset, progress=update, log=tqdm.write)
@@ -224,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     t.add_argument("--lr", type=float, default=TrainConfig.lr)
+    t.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
+    t.add_argument("--block-out-channels", type=int, nargs="+", default=list(TrainConfig.block_out_channels))
+    t.add_argument("--layers-per-block", type=int, default=TrainConfig.layers_per_block)
     t.add_argument("--subset-mask", type=Path, help=".npy bool mask (N,) of training examples to keep")
     t.add_argument("--size", type=int, default=32, help="image size for image folders")
     t.add_argument("--channels", type=int, default=3, help="channels for image folders")
@@ -287,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add row checksums to a store written without them (trusts its current contents)")
     d.add_argument("-v", "--verbose", action="store_true", help="also print the checks that passed")
     d.set_defaults(func=cmd_doctor)
+
+    from .evaluation.commands import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 

@@ -84,6 +84,14 @@ class Method:
             ``"tracin"`` -- Phi g, summed over checkpoints (Diffusion-TracIn);
             ``"retrac"`` -- rows of Phi and g normalized to unit norm first
             (Diffusion-ReTrac's fix of the timestep-induced gradient-norm bias).
+        query_target: ``"x0_hat"`` -- the query output is Eq. (3) at the step's x0_hat
+            (step-specific); ``"final"`` -- at the final sample, its K noises spread
+            evenly over the timesteps (plain TRAK, the "destination" baseline: the
+            same scores at every step).
+        row_weights: ``None``, or ``"das"`` / ``"das-leverage"``: every train row of
+            checkpoint m is weighted by its normalized residual error (DAS, arXiv
+            2410.18639), optionally with the leverage correction 1/(1 - h_i)^2;
+            see :mod:`attribution.das`.
     """
 
     name: str
@@ -91,6 +99,8 @@ class Method:
     query_output: str
     label: str
     combine: str = "trak"
+    query_target: str = "x0_hat"
+    row_weights: str | None = None
 
 
 #: Methods answered from a store (train features use ``train_output``).
@@ -102,6 +112,11 @@ METHODS: dict[str, Method] = {
     "dtrak-mean": Method("dtrak-mean", "mean", "mean", "D-TRAK, mean"),
     "tracin": Method("tracin", "loss", "loss", "Diffusion-TracIn", combine="tracin"),
     "retrac": Method("retrac", "loss", "loss", "Diffusion-ReTrac", combine="retrac"),
+    "das": Method("das", "square", "square", "DAS (residual-weighted D-TRAK)", row_weights="das"),
+    "das-leverage": Method(
+        "das-leverage", "square", "square", "DAS with leverage correction", row_weights="das-leverage"
+    ),
+    "trak-final": Method("trak-final", "loss", "loss", "TRAK on the final sample (destination)", query_target="final"),
 }
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import QueryConfig
+from .data import ImageDataset
 from .featurize import checkpoint_projector
 from .gradients import per_example_grads, select_params
 from .models import DiffusionModel
@@ -38,6 +39,10 @@ from .store import Store, StoreError
 from .trajectory import Trajectory
 
 Progress = Callable[[int, int], None]
+
+
+#: Noise key of the final-sample ("destination") query; no real step index reaches it.
+FINAL_SAMPLE_KEY = 1_000_000
 
 
 def query_noises(steps: Sequence[int], num_resamples: int, noise_seed: int, image_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -133,7 +138,9 @@ class Scorer:
         models: list[DiffusionModel],
         method: str | Method = "journey",
         query: QueryConfig = QueryConfig(),
+        dataset: ImageDataset | None = None,
     ):
+        """``dataset``: the store's training set, needed only by DAS methods (residual errors)."""
         self.store = store
         self.models = models
         self.method = get_method(method) if isinstance(method, str) else method
@@ -160,6 +167,25 @@ class Scorer:
                 self.chol.append(torch.linalg.cholesky(k))
         self._row_norms: list[np.ndarray] | None = None
         self.output = get_output(self.method.query_output)
+        self.row_weights = self._das_weights(dataset) if self.method.row_weights else None
+
+    def _das_weights(self, dataset: ImageDataset | None) -> list[np.ndarray]:
+        """Per-checkpoint DAS row weights (N,), see :mod:`attribution.das`."""
+        from .das import das_weights, leverages, store_residuals
+
+        if dataset is None:
+            raise ValueError(f"method {self.method.name!r} needs the training set (residual errors); pass dataset=")
+        residuals = store_residuals(self.store, self.models, dataset)
+        out = []
+        for m in range(self.store.num_checkpoints):
+            lev = None
+            if self.method.row_weights == "das-leverage":
+                lev = np.concatenate([
+                    leverages(torch.from_numpy(self.store.read_rows(m, s, s + 8192).astype(np.float32)), self.chol[m]).numpy()
+                    for s in range(0, self.store.num_train, 8192)
+                ])
+            out.append(das_weights(residuals[m], lev))
+        return out
 
     def query_features(
         self,
@@ -179,6 +205,8 @@ class Scorer:
             prompt = trajectory.prompt if trajectory.prompt is not None else ""
         K = self.query.num_resamples
         shape = tuple(trajectory.x0_hat.shape[1:])
+        if self.method.query_target == "final":
+            return self._final_sample_features(trajectory, len(steps), mask, prompt)
         noises = query_noises(steps, K, self.query.noise_seed, shape)
         x0 = trajectory.x0_hat[steps]
         ts = trajectory.timesteps[steps][:, None].expand(-1, K)
@@ -197,6 +225,23 @@ class Scorer:
                 if progress:
                     progress(m * len(steps) + min(c + self.query.chunk_size, len(steps)), total)
             feats.append(torch.cat(rows))
+        return feats
+
+    def _final_sample_features(
+        self, trajectory: Trajectory, num_steps: int, mask: torch.Tensor | None, prompt: str
+    ) -> list[torch.Tensor]:
+        """Plain TRAK of the final sample: Eq. (3) at x0 = sample with the K noises at the
+        evenly spaced timesteps (k + 1/2) T / K; one row, repeated for each of ``num_steps``."""
+        K = self.query.num_resamples
+        shape = tuple(trajectory.sample.shape)
+        noises = query_noises([FINAL_SAMPLE_KEY], K, self.query.noise_seed, shape)  # (1, K, C, H, W)
+        feats = []
+        for m, model in enumerate(self.models):
+            T = model.num_train_timesteps
+            ts = ((torch.arange(K) + 0.5) * T / K).long().clamp_(0, T - 1)[None]  # (1, K)
+            cond = model.encode_prompts([prompt]) if model.is_conditional else None
+            g = per_example_grads(model, self.params[m], self.output, trajectory.sample[None], ts, noises, mask, cond=cond)
+            feats.append(self.projectors[m].project(g).cpu().expand(num_steps, -1).contiguous())
         return feats
 
     def row_norms(self, chunk_rows: int = 65536) -> list[np.ndarray]:
@@ -232,6 +277,8 @@ class Scorer:
                 part = (block @ w).T.numpy()
                 if norms is not None:
                     part = part / norms[m][start : start + chunk_rows]
+                if self.row_weights is not None:
+                    part = part * self.row_weights[m][start : start + chunk_rows]
                 out[:, start : start + chunk_rows] += part
         if combine == "trak":
             out /= len(feats)

@@ -317,7 +317,7 @@ class Workspace:
 
                 spec = store_spec(self.models, self.dataset, Store.open(path).config)
                 store = Store.open(path, spec)
-                self._scorers[method] = Scorer(store, self.models, m, self.query)
+                self._scorers[method] = Scorer(store, self.models, m, self.query, dataset=self.dataset)
             return self._scorers[method]
 
     def baseline(self, name: str) -> SimilarityBaseline:

@@ -85,3 +85,31 @@ def caption_folder(tmp_path_factory) -> Path:
     from latent_builders import write_caption_folder
 
     return write_caption_folder(tmp_path_factory.mktemp("captioned"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bench(tmp_path_factory) -> dict:
+    """The whole ``attribution bench`` pipeline on 20 digits at 8x8, 8 subsets, 1-epoch models (~30 s).
+
+    Returns {"work": work dir, "out": report dir, "methods": methods evaluated}.
+    """
+    from attribution.cli import main
+
+    root = tmp_path_factory.mktemp("bench")
+    work, out = root / "work", root / "results"
+    w = ["--work", str(work)]
+    q = ["--num-queries", "3", "--num-val-queries", "2", "--num-resamples", "2", "--proj-dim", "32",
+         "--num-draws", "1", "2", "--ridges", "0.1", "1.0"]
+    methods = ["journey", "trak-final", "tracin", "retrac", "dtrak-square", "das", "das-leverage", "pixel", "embedding"]
+    steps = [
+        ["bench", "prepare", *w, "--num-train", "20", "--image-size", "8", "--num-subsets", "8",
+         "--num-checkpoints", "1", "--epochs", "1", "--block-out-channels", "4", "8"],
+        ["bench", "retrain", *w],
+        ["bench", "lds", *w, *q, "--methods", *methods],
+        ["bench", "counterfactual", *w, *q, "--num-cf-queries", "1", "--ks", "2", "--kinds", "journey", "random",
+         "--cf-num-draws", "1"],
+        ["bench", "report", *w, "--out", str(out)],
+    ]
+    for argv in steps:
+        assert main(argv) == 0, argv
+    return {"work": work, "out": out, "methods": methods}

@@ -464,3 +464,23 @@ def test_every_page_without_a_sample_autogenerates_seed_0(app_bundle, ws):
     for page in ("patch", "compare", "about", "curves"):
         at = make_app(page, curve_samples=2)
         assert at.session_state["sample"] == {"kind": "seed", "seed": 0}, page
+
+
+# ---------------------------------------------------------------------------- Evaluate
+def test_evaluate_shows_the_report(app_bundle, ws, tiny_bench, monkeypatch):
+    monkeypatch.setenv("ATTRIBUTION_BENCH_REPORT", str(tiny_bench["out"]))
+    at = make_app("evaluate")
+    report = json.loads((tiny_bench["out"] / "report.json").read_text())
+    tables = [df.value for df in at.dataframe]
+    assert len(tables) == 2  # LDS and counterfactual
+    assert set(tables[0]["method"]) == set(report["lds"]["methods"])
+    assert set(tables[1]["removal"]) == {"journey", "random"}
+    specs = plotly_specs(at)
+    assert any("LDS per step" in s for s in specs) and any("Retrain without top-k" in s for s in specs)
+    assert f"{report['lds']['num_subsets']} retrained 50 % subsets" in texts(at)
+
+
+def test_evaluate_without_a_report(app_bundle, ws, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTRIBUTION_BENCH_REPORT", str(tmp_path))
+    at = make_app("evaluate")
+    assert "No benchmark report" in texts(at) and not at.dataframe

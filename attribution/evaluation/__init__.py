@@ -1,0 +1,1 @@
+"""Counterfactual evaluation: LDS per step, retrain-without-top-k, reports (``attribution bench``)."""

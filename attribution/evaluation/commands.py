@@ -1,0 +1,270 @@
+"""``attribution bench`` subcommands: prepare, retrain, truth, score, counterfactual, report, all.
+
+Each stage is resumable and skips what is on disk, so ``attribution bench all --work DIR``
+can be rerun after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .setup import BenchConfig, load_prepared, prepare
+
+
+def _config_from_args(args: argparse.Namespace) -> BenchConfig:
+    base = BenchConfig()
+    return BenchConfig(
+        num_train=args.num_train,
+        image_size=args.image_size,
+        num_subsets=args.num_subsets,
+        checkpoint_seeds=tuple(range(args.num_checkpoints)),
+        train=replace(base.train, epochs=args.epochs, block_out_channels=tuple(args.block_out_channels)),
+    )
+
+
+def _threads(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    paths, dataset, subsets = prepare(args.work, _config_from_args(args))
+    print(f"benchmark under {paths.root}: {len(dataset)} training images {dataset.image_shape}, {len(subsets)} subsets")
+
+
+def cmd_retrain(args: argparse.Namespace) -> None:
+    from .retrain import lds_jobs, train_jobs
+
+    _threads(args)
+    config, paths, dataset, subsets = load_prepared(args.work)
+    t0 = time.perf_counter()
+    jobs = lds_jobs(paths, config, subsets, args.limit)
+    shard, num_shards = (int(x) for x in args.shard.split("/"))
+    if not 0 <= shard < num_shards:
+        raise ValueError("--shard must be i/n with 0 <= i < n")
+    spent = train_jobs(jobs[shard::num_shards], dataset, config.train, log=tqdm.write)
+    print(f"retraining done: {spent:.0f} s training, {time.perf_counter() - t0:.0f} s wall")
+
+
+def _featurize_config(args: argparse.Namespace):
+    from ..config import FeaturizeConfig
+
+    return FeaturizeConfig(
+        proj_dim=args.proj_dim, proj_kind=args.projection, timestep_sampling=args.timestep_sampling, store_dtype="float32"
+    )
+
+
+def _lds_run(args: argparse.Namespace):
+    from .queries import QuerySpec
+    from .run import LdsRun, SelectionGrid
+
+    config, paths, dataset, subsets = load_prepared(args.work)
+    missing = [s for s in config.checkpoint_seeds if not paths.checkpoint(s).exists()]
+    if missing:
+        raise FileNotFoundError(f"full-data checkpoints {missing} are not trained yet; run `attribution bench retrain` first")
+    spec = QuerySpec(num_queries=args.num_queries, num_val_queries=args.num_val_queries, num_resamples=args.num_resamples)
+    grid = SelectionGrid(ridges=tuple(args.ridges), num_draws=tuple(args.num_draws))
+    run = LdsRun.open(paths, [paths.checkpoint(s) for s in config.checkpoint_seeds], dataset, subsets, spec,
+                      _featurize_config(args), grid, log=tqdm.write)
+    return config, run
+
+
+def cmd_lds(args: argparse.Namespace) -> None:
+    import json
+
+    from .run import ground_truth
+
+    _threads(args)
+    t0 = time.perf_counter()
+    config, run = _lds_run(args)
+    if args.warm_only:
+        for method in args.methods:
+            run.candidate_scores(method)
+        print(f"caches warm ({time.perf_counter() - t0:.0f} s)")
+        return
+    truth, ids = ground_truth(run.paths, run.queries, run.spec, config.num_subsets, log=tqdm.write,
+                              compute=not args.cached_truth)
+    if len(ids) < 8:
+        raise RuntimeError(f"only {len(ids)} subset models are trained; the LDS needs at least 8")
+    results, chosen = run.evaluate(args.methods, truth, ids)
+    from .analyses import paired_margins, step_correlation, top_k_overlap
+
+    steps = list(run.spec.steps)
+    col = steps.index(args.analysis_step) if args.analysis_step in steps else len(steps) // 2
+    analyses = {
+        "step": steps[col],
+        "top_k_overlap": {m: top_k_overlap(chosen[m][:, col]) for m in chosen},
+        "step_correlation": {m: step_correlation(chosen[m], steps) for m in chosen if m not in ("trak-final",)},
+    }
+    out = {
+        "steps": list(run.spec.steps),
+        "timesteps": run.queries.timesteps[list(run.spec.steps)].tolist(),
+        "num_subsets": int(len(ids)),
+        "num_queries": run.spec.num_queries,
+        "num_val_queries": run.spec.num_val_queries,
+        "num_resamples": run.spec.num_resamples,
+        "featurize": run.base.to_dict(),
+        "bench": config.to_dict(),
+        "methods": results,
+        "analyses": analyses,
+        "paired": paired_margins(results, "journey"),
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    path = run.paths.root / "lds.json"
+    path.write_text(json.dumps(out))
+    print(f"wrote {path}")
+
+
+def cmd_truth(args: argparse.Namespace) -> None:
+    from .run import ground_truth
+
+    _threads(args)
+    config, run = _lds_run(args)
+    while True:
+        _, ids = ground_truth(run.paths, run.queries, run.spec, config.num_subsets, log=lambda s: None,
+                              reverse=args.reverse)
+        tqdm.write(f"ground truth of {len(ids)}/{config.num_subsets} subset models cached")
+        if not args.wait or len(ids) == config.num_subsets:
+            break
+        time.sleep(30)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.work, args.out)}")
+
+
+def cmd_counterfactual(args: argparse.Namespace) -> None:
+    from ..classifier import load_classifier
+    from ..outputs import get_method
+    from .counterfactual import CounterfactualSpec, measure, removal_sets, retrain_removals, save_json, summarize_rows
+    from .queries import step_outputs
+    from .scores import SIMILARITY, classifier_embed, gradient_scores, query_feature_cache, similarity_scores
+
+    _threads(args)
+    t0 = time.perf_counter()
+    config, run = _lds_run(args)
+    _, rep = run.spec.split()
+    if args.step not in run.spec.steps:
+        raise ValueError(f"--step must be one of the evaluated steps {list(run.spec.steps)}")
+    spec = CounterfactualSpec(query_rows=tuple(int(q) for q in rep[: args.num_cf_queries]), step=args.step,
+                              ks=tuple(args.ks), kinds=tuple(args.kinds))
+    col = list(run.spec.steps).index(spec.step)
+    scores = {}
+    for kind in spec.kinds:
+        if kind == "random":
+            continue
+        if kind in SIMILARITY:
+            scores[kind] = similarity_scores(kind, run.dataset, run.queries, run.spec)[:, col]
+            continue
+        m = get_method(kind)
+        store = run.store(m.train_output, args.cf_num_draws)
+        feats = query_feature_cache(run.paths.root, store, run.models, kind, run.queries, run.spec, tqdm.write)
+        scores[kind] = gradient_scores(store, run.models, kind, feats, args.cf_ridge, run.dataset)[:, col]
+    removals = removal_sets(scores, spec, len(run.dataset))
+    models_dir = run.paths.root / "models"
+    save_json(run.paths.root / "removals.json", removals)
+    spent = 0.0 if args.measure_only else retrain_removals(
+        models_dir, removals, run.dataset, config.train, config.checkpoint_seeds[0], log=tqdm.write)
+    clf = load_classifier()
+    embed = classifier_embed()
+
+    def classify(x):
+        import torch.nn.functional as F
+
+        return clf(F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)).argmax(1)
+
+    from dataclasses import replace
+
+    base_f = step_outputs(run.models[0], run.queries, replace(run.spec, steps=(spec.step,)))[:, 0]
+    rows = measure(models_dir, removals, run.queries, run.spec, spec, embed, classify, base_f)
+    out = {
+        "step": spec.step, "timestep": int(run.queries.timesteps[spec.step]), "ks": list(spec.ks), "kinds": list(spec.kinds),
+        "query_rows": list(spec.query_rows), "query_seeds": [int(run.queries.seeds[q]) for q in spec.query_rows],
+        "journey_setting": {"num_draws": args.cf_num_draws, "ridge": args.cf_ridge},
+        "rows": rows, "summary": summarize_rows(rows), "models_expected": len(removals), "models_done": len(rows),
+        "train_seconds": spent, "wall_seconds": time.perf_counter() - t0,
+    }
+    save_json(run.paths.root / "counterfactual.json", out)
+    print(f"wrote {run.paths.root / 'counterfactual.json'}: {len(rows)}/{len(removals)} removal models measured")
+
+
+def add_query_args(p: argparse.ArgumentParser) -> None:
+    """Options of the query set, the featurize base config and the selection grid."""
+    from ..config import FeaturizeConfig
+    from .queries import QuerySpec
+    from .run import SelectionGrid
+
+    grid, spec, fc = SelectionGrid(), QuerySpec(), FeaturizeConfig()
+    p.add_argument("--num-queries", type=int, default=spec.num_queries)
+    p.add_argument("--num-val-queries", type=int, default=spec.num_val_queries)
+    p.add_argument("--num-resamples", type=int, default=spec.num_resamples, help="K of Eq. (3)")
+    p.add_argument("--ridges", type=float, nargs="+", default=list(grid.ridges))
+    p.add_argument("--num-draws", type=int, nargs="+", default=list(grid.num_draws))
+    p.add_argument("--proj-dim", type=int, default=fc.proj_dim)
+    p.add_argument("--projection", default=fc.proj_kind, choices=["sjlt", "gaussian", "identity"])
+    p.add_argument("--timestep-sampling", default=fc.timestep_sampling, choices=["stratified", "uniform", "even"])
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``attribution bench ...`` on the main parser's subparsers."""
+    b = sub.add_parser("bench", help="counterfactual benchmark: LDS per step, retrain without top-k, report")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--work", type=Path, default=Path("benchmarks/work"), help="benchmark work directory")
+        p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+        return p
+
+    base = BenchConfig()
+    p = common(bsub.add_parser("prepare", help="write the training set and subset masks"))
+    p.add_argument("--num-train", type=int, default=base.num_train)
+    p.add_argument("--image-size", type=int, default=base.image_size)
+    p.add_argument("--num-subsets", type=int, default=base.num_subsets)
+    p.add_argument("--num-checkpoints", type=int, default=len(base.checkpoint_seeds))
+    p.add_argument("--epochs", type=int, default=base.train.epochs)
+    p.add_argument("--block-out-channels", type=int, nargs="+", default=list(base.train.block_out_channels))
+    p.set_defaults(func=cmd_prepare)
+
+    r = common(bsub.add_parser("retrain", help="train full-data checkpoints and subset models (resumable)"))
+    r.add_argument("--limit", type=int, help="train only the first LIMIT models of the job list")
+    r.add_argument("--shard", default="0/1", help="i/n: train every n-th job from the i-th (parallel workers)")
+    r.set_defaults(func=cmd_retrain)
+
+    from .run import LDS_METHODS
+
+    l = common(bsub.add_parser("lds", help="LDS per step of every method (settings chosen on validation queries)"))
+    l.add_argument("--methods", nargs="+", default=list(LDS_METHODS))
+    add_query_args(l)
+    l.add_argument("--analysis-step", type=int, default=22, help="step of the top-k overlap analysis")
+    l.add_argument("--cached-truth", action="store_true", help="use only the cached ground truth (see `bench truth`)")
+    l.add_argument("--warm-only", action="store_true", help="only build stores, query features and caches")
+    l.set_defaults(func=cmd_lds)
+
+    c = common(bsub.add_parser("counterfactual", help="retrain without top-k influencers and regenerate"))
+    add_query_args(c)
+    c.add_argument("--num-cf-queries", type=int, default=2, help="reported queries used (the first ones)")
+    c.add_argument("--step", type=int, default=22, help="step whose scores choose the removals")
+    c.add_argument("--ks", type=int, nargs="+", default=[50, 25])
+    c.add_argument("--kinds", nargs="+", default=["journey", "random", "pixel", "embedding"])
+    c.add_argument("--cf-num-draws", type=int, default=16, help="journey-TRAK store used for the ranking")
+    c.add_argument("--cf-ridge", type=float, default=0.1, help="relative ridge of the ranking")
+    c.add_argument("--measure-only", action="store_true", help="measure the finished models, train nothing")
+    c.set_defaults(func=cmd_counterfactual)
+
+    t = common(bsub.add_parser("truth", help="cache the LDS ground truth of the subset models trained so far"))
+    add_query_args(t)
+    t.add_argument("--wait", action="store_true", help="keep polling until every subset model is done")
+    t.add_argument("--reverse", action="store_true", help="visit models from the last (a second worker)")
+    t.set_defaults(func=cmd_truth)
+
+    rp = common(bsub.add_parser("report", help="write report.json, report.md and HTML figures"))
+    rp.add_argument("--out", type=Path, default=Path("benchmarks/results/bench"))
+    rp.set_defaults(func=cmd_report)

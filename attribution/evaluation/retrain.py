@@ -1,0 +1,52 @@
+"""Resumable retraining of the benchmark's models (full-data checkpoints and subset models).
+
+Each model is trained by :func:`attribution.training.train_ddpm` (what ``attribution
+train --subset-mask`` runs); a finished model directory is skipped and a killed run
+resumes at its last finished epoch, so the driver can be rerun at will.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..config import TrainConfig
+from ..data import ArrayDataset
+from ..training import train_ddpm
+
+Log = Callable[[str], None]
+
+
+def train_jobs(
+    jobs: list[tuple[Path, np.ndarray | None, int]],
+    dataset: ArrayDataset,
+    train: TrainConfig,
+    log: Log = print,
+) -> float:
+    """Train every (out_dir, subset mask or None, seed) job whose ``out_dir`` does not exist yet.
+
+    Returns:
+        Seconds spent training in this call.
+    """
+    images = dataset.images(np.arange(len(dataset)))
+    spent = 0.0
+    todo = [j for j in jobs if not j[0].exists()]
+    if len(todo) < len(jobs):
+        log(f"found {len(jobs) - len(todo)} finished models, skipping them")
+    for n, (out, mask, seed) in enumerate(todo):
+        t0 = time.perf_counter()
+        train_ddpm(images, out, replace(train, seed=seed), subset=mask)
+        spent += time.perf_counter() - t0
+        log(f"[{n + 1}/{len(todo)}] trained {out.name} in {time.perf_counter() - t0:.1f} s")
+    return spent
+
+
+def lds_jobs(paths, config, subsets: np.ndarray, limit: int | None = None) -> list[tuple[Path, np.ndarray | None, int]]:
+    """Full-data checkpoints first (they are needed for attribution), then subset models."""
+    jobs: list[tuple[Path, np.ndarray | None, int]] = [(paths.checkpoint(s), None, s) for s in config.checkpoint_seeds]
+    jobs += [(paths.subset_model(j), subsets[j], config.subset_train_seed) for j in range(len(subsets))]
+    return jobs if limit is None else jobs[:limit]

@@ -1,0 +1,170 @@
+"""The LDS stages of the benchmark: queries, ground truth, stores, scores, LDS with settings
+chosen on the validation split.
+
+Results are plain dicts (JSON-ready); see :mod:`.report` for the tables and figures.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..config import FeaturizeConfig
+from ..data import ArrayDataset
+from ..models import DiffusionModel, load_models
+from ..outputs import get_method
+from ..store import atomic_save_npy
+from .lds import lds, summarize
+from .queries import QuerySet, QuerySpec, load_or_generate_queries, step_outputs
+from .scores import (
+    SIMILARITY,
+    build_store,
+    gradient_scores,
+    query_feature_cache,
+    similarity_scores,
+    store_name,
+)
+from .setup import BenchPaths
+
+Log = Callable[[str], None]
+
+#: Methods compared in the LDS table (store methods by name, then similarity baselines).
+LDS_METHODS = (
+    "journey", "trak-final", "tracin", "retrac",
+    "dtrak-square", "dtrak-l1", "dtrak-l2", "dtrak-mean", "das", "das-leverage",
+    "pixel", "embedding",
+)
+
+
+@dataclass(frozen=True)
+class SelectionGrid:
+    """Settings tried on the validation queries (the best mean validation LDS is reported).
+
+    Attributes:
+        ridges: relative ridges (TRAK-type methods).
+        num_draws: (timestep, noise) draws per train example (store variants).
+        signs: orientation of the datamodel (+1 = the documented convention).
+    """
+
+    ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+    num_draws: tuple[int, ...] = (4, 16)
+    signs: tuple[float, ...] = (1.0, -1.0)
+
+
+def ground_truth(
+    paths: BenchPaths, queries: QuerySet, spec: QuerySpec, num_subsets: int, log: Log = print, reverse: bool = False,
+    compute: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """True outputs (m', Q, S) of the subset models trained so far, cached one file per model.
+
+    ``reverse``: visit the models from the last (a second process then meets the first halfway).
+    ``compute``: False uses only the cached truths (models without one are left out).
+
+    Returns:
+        (truth, subset indices it covers) -- only finished models are included.
+    """
+    found: dict[int, np.ndarray] = {}
+    for j in (reversed(range(num_subsets)) if reverse else range(num_subsets)):
+        model_dir = paths.subset_model(j)
+        cache = paths.root / "truth" / f"subset_{j:03d}.npy"
+        if cache.exists():
+            found[j] = np.load(cache, allow_pickle=False)
+            continue
+        if not model_dir.exists() or not compute:
+            continue
+        out = step_outputs(load_models([model_dir])[0], queries, spec)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(cache, out)
+        found[j] = out
+    done = sorted(found)
+    rows = [found[j] for j in done]
+    if done:
+        log(f"ground truth of {len(done)} subset models")
+    return (np.stack(rows) if rows else np.zeros((0, *queries.x0_hat.shape[:1], len(spec.steps)))), np.asarray(done, dtype=int)
+
+
+@dataclass
+class LdsRun:
+    """Inputs of the LDS evaluation, loaded once."""
+
+    paths: BenchPaths
+    models: list[DiffusionModel]
+    dataset: ArrayDataset
+    subsets: np.ndarray
+    spec: QuerySpec
+    queries: QuerySet
+    base: FeaturizeConfig
+    grid: SelectionGrid = field(default_factory=SelectionGrid)
+    log: Log = print
+
+    @classmethod
+    def open(cls, paths: BenchPaths, checkpoint_dirs: Sequence[Path], dataset: ArrayDataset, subsets: np.ndarray,
+             spec: QuerySpec, base: FeaturizeConfig, grid: SelectionGrid = SelectionGrid(), log: Log = print) -> "LdsRun":
+        models = load_models(list(checkpoint_dirs))
+        queries = load_or_generate_queries(paths.queries, models[0], spec)
+        return cls(paths, models, dataset, subsets, spec, queries, base, grid, log)
+
+    def store(self, output: str, num_draws: int):
+        from dataclasses import replace
+
+        cfg = replace(self.base, output=output, num_draws=num_draws)
+        t0 = time.perf_counter()
+        st = build_store(self.paths.root, self.models, self.dataset, cfg, log=self.log)
+        self.log(f"store {store_name(cfg)} ready ({time.perf_counter() - t0:.0f} s)")
+        return st
+
+    def candidate_scores(self, method: str) -> dict[tuple, np.ndarray]:
+        """{(num_draws, ridge): scores (Q, S, N)} for every setting of the grid that applies to ``method``."""
+        if method in SIMILARITY:
+            return {(None, None): similarity_scores(method, self.dataset, self.queries, self.spec)}
+        m = get_method(method)
+        out = {}
+        for d in self.grid.num_draws:
+            store = self.store(m.train_output, d)
+            feats = query_feature_cache(self.paths.root, store, self.models, method, self.queries, self.spec, self.log)
+            ridges = self.grid.ridges if m.combine == "trak" else (None,)
+            for r in ridges:
+                out[(d, r)] = gradient_scores(store, self.models, method, feats, r if r is not None else 0.0, self.dataset)
+        return out
+
+    def evaluate(self, methods: Sequence[str], truth: np.ndarray, subset_ids: np.ndarray) -> tuple[dict, dict]:
+        """LDS per step and method on the reported queries, settings chosen on the validation ones.
+
+        Returns:
+            (results by method (JSON-ready), {method: scores (Q_rep, S, N) of the chosen setting}).
+        """
+        val, rep = self.spec.split()
+        masks = self.subsets[subset_ids]
+        results, chosen = {}, {}
+        for method in methods:
+            t0 = time.perf_counter()
+            cands = self.candidate_scores(method)
+            best = None
+            selection = []
+            for (d, r), scores in cands.items():
+                for sign in self.grid.signs:
+                    v = summarize(lds(scores[val], masks, truth[:, val], sign)).overall
+                    selection.append({"num_draws": d, "ridge": r, "sign": sign, "val_lds": v})
+                    if best is None or v > best[0]:
+                        best = (v, d, r, sign)
+            _, d, r, sign = best
+            values = lds(cands[(d, r)][rep], masks, truth[:, rep], sign)
+            s = summarize(values)
+            # the documented sign (+1) too, so a flipped convention is visible
+            fixed = summarize(lds(cands[(d, r)][rep], masks, truth[:, rep], 1.0))
+            chosen[method] = cands[(d, r)][rep]
+            results[method] = {
+                "label": get_method(method).label if method not in SIMILARITY else f"{method} similarity",
+                "num_draws": d, "ridge": r, "sign": sign,
+                "mean": s.mean.tolist(), "se": s.se.tolist(), "overall": s.overall, "overall_se": s.overall_se,
+                "overall_sign_plus": fixed.overall,
+                "per_query": values.tolist(),
+                "selection": selection,
+                "seconds": time.perf_counter() - t0,
+            }
+            self.log(f"LDS {method}: {s.overall:.3f} ± {s.overall_se:.3f} (draws {d}, ridge {r}, sign {sign:+.0f})")
+        return results, chosen

@@ -1,0 +1,59 @@
+"""Evaluate: the latest counterfactual benchmark (LDS per step, retrain without top-k)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+import app_support as ui
+from attribution.evaluation.figures import counterfactual_figure, lds_figure, step_correlation_figure
+from attribution.evaluation.report import DEFAULT_REPORT_DIR, counterfactual_rows, lds_rows, load_report
+
+ui.page_header(
+    "Evaluate",
+    "How well each method predicts what happens when the training set changes: LDS at every step, "
+    "and how far a sample moves when its top influencers are removed and the model is retrained.",
+)
+
+directory = Path(os.environ.get("ATTRIBUTION_BENCH_REPORT", DEFAULT_REPORT_DIR))
+report = load_report(directory)
+if report is None:
+    st.info(
+        f"No benchmark report in `{directory}` yet. Run `attribution bench prepare`, `retrain`, `lds`, "
+        "`counterfactual` and `report` (see the README) to make one."
+    )
+    st.stop()
+
+lds = report["lds"]
+bench = lds["bench"]
+st.markdown(
+    f"**Set-up.** {bench['num_train']} training digits at {bench['image_size']}×{bench['image_size']}, "
+    f"{len(bench['checkpoint_seeds'])} checkpoints, **{lds['num_subsets']} retrained 50 % subsets**, "
+    f"{lds['num_queries']} reported query samples (settings chosen on {lds['num_val_queries']} other ones), "
+    f"K = {lds['num_resamples']} noises. The LDS is Spearman's ρ between predicted and true step outputs "
+    "across the subsets; 1 means the scores rank the retrained models perfectly, 0 means no better than chance."
+)
+st.plotly_chart(lds_figure(report), use_container_width=True)
+st.markdown("#### LDS per step (mean ± standard error over query samples)")
+st.dataframe(lds_rows(report), hide_index=True, use_container_width=True)
+
+cf_rows = counterfactual_rows(report)
+st.markdown("#### Retrain without the top-k influencers")
+if cf_rows:
+    cf = report["counterfactual"]
+    st.caption(
+        f"Removals chosen at step {cf['step']} (timestep {cf['timestep']}); {cf['models_done']} of "
+        f"{cf['models_expected']} retrained models measured. Larger distances mean the removed images mattered more."
+    )
+    st.dataframe(cf_rows, hide_index=True, use_container_width=True)
+    left, right = st.columns(2)
+    left.plotly_chart(counterfactual_figure(report, "pixel_l2"), use_container_width=True)
+    right.plotly_chart(counterfactual_figure(report, "feature_dist"), use_container_width=True)
+else:
+    st.caption("Not run yet.")
+
+if lds.get("analyses", {}).get("step_correlation"):
+    st.markdown("#### Are the scores of one sample similar at different steps?")
+    st.plotly_chart(step_correlation_figure(report), use_container_width=True)

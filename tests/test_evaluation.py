@@ -1,0 +1,162 @@
+"""LDS, Spearman, DAS and destination methods, and the benchmark pipeline end to end on tiny data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from attribution.evaluation.lds import lds, predicted_outputs, rankdata, spearman, summarize
+
+
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, size=(4, 30)).astype(float)
+    b = rng.normal(size=(4, 30))
+    ours = spearman(a, b)
+    ref = [stats.spearmanr(a[i], b[i]).statistic for i in range(4)]
+    np.testing.assert_allclose(ours, ref, atol=1e-12)
+    np.testing.assert_allclose(rankdata([3.0, 1.0, 3.0]), [2.5, 1.0, 2.5])
+
+
+def _linear_benchmark(rng, q=20, s=3, n=60, m=64, noise=0.0):
+    scores = rng.normal(size=(q, s, n))
+    subsets = rng.random((m, n)) < 0.5
+    # a linear datamodel with the sign convention: including a positive example lowers f
+    truth = np.moveaxis(-(scores @ subsets.T.astype(float)), -1, 0) + noise * rng.normal(size=(m, q, s))
+    return scores, subsets, truth
+
+
+def test_linear_datamodel_gives_lds_one():
+    rng = np.random.default_rng(1)
+    scores, subsets, truth = _linear_benchmark(rng)
+    values = lds(scores, subsets, truth)
+    np.testing.assert_allclose(values, 1.0, atol=1e-12)
+    assert np.all(lds(scores, subsets, truth, sign=-1.0) < -0.99)
+
+
+def test_shuffled_scores_give_lds_near_zero():
+    rng = np.random.default_rng(2)
+    scores, subsets, truth = _linear_benchmark(rng, q=40, noise=0.5)
+    shuffled = rng.permuted(scores, axis=-1)
+    s = summarize(lds(shuffled, subsets, truth))
+    assert abs(s.overall) < 3 * s.overall_se + 0.05
+    good = summarize(lds(scores, subsets, truth))
+    assert good.overall > 0.9
+
+
+def test_summary_standard_error():
+    values = np.array([[0.1, 0.5], [0.3, np.nan], [0.5, 0.7]])
+    s = summarize(values)
+    np.testing.assert_allclose(s.mean, [0.3, 0.6])
+    np.testing.assert_allclose(s.se[0], np.std([0.1, 0.3, 0.5], ddof=1) / np.sqrt(3))
+    with pytest.raises(ValueError):
+        lds(np.zeros((2, 3, 4)), np.zeros((5, 4), bool), np.zeros((5, 2, 2)))
+
+
+def test_predicted_outputs_sum_over_subset():
+    scores = np.array([[1.0, 2.0, 4.0]])
+    subsets = np.array([[True, False, True], [False, True, False]])
+    np.testing.assert_allclose(predicted_outputs(scores, subsets), [[-5.0, -2.0]])
+
+
+# ----------------------------------------------------------------------------- methods
+import json  # noqa: E402
+
+import torch  # noqa: E402
+
+from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig  # noqa: E402
+from attribution.featurize import draw_timesteps_and_noise, featurize  # noqa: E402
+from attribution.outputs import METHODS  # noqa: E402
+from attribution.scoring import Scorer  # noqa: E402
+from attribution.trajectory import sample_trajectory  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def square_store(tiny_models, tiny_dataset, tmp_path_factory):
+    cfg = FeaturizeConfig(output="square", proj_dim=48, num_draws=2, store_dtype="float32")
+    return featurize(tiny_models[:1], tiny_dataset, tmp_path_factory.mktemp("sq") / "store", cfg)
+
+
+def test_das_is_residual_weighted_dtrak(tiny_models, tiny_dataset, square_store):
+    model = tiny_models[0]
+    traj = sample_trajectory(model, SamplingConfig(num_inference_steps=4, seed=3))
+    q = QueryConfig(num_resamples=3, ridge=0.1)
+    base = Scorer(square_store, tiny_models[:1], "dtrak-square", q).score(traj, [1, 3]).scores
+    das = Scorer(square_store, tiny_models[:1], "das", q, dataset=tiny_dataset).score(traj, [1, 3]).scores
+    lev = Scorer(square_store, tiny_models[:1], "das-leverage", q, dataset=tiny_dataset).score(traj, [1, 3]).scores
+    # residuals by an explicit loop over examples and draws
+    n = len(tiny_dataset)
+    ts, noises = draw_timesteps_and_noise(np.arange(n), square_store.config, model.num_train_timesteps, model.image_shape)
+    x0 = tiny_dataset.images(np.arange(n))
+    abar = model.alphas_cumprod
+    r = np.zeros(n)
+    with torch.no_grad():
+        for i in range(n):
+            losses = []
+            for d in range(ts.shape[1]):
+                a = abar[ts[i, d]]
+                x_t = a.sqrt() * x0[i] + (1 - a).sqrt() * noises[i, d]
+                eps = model.unet(x_t[None], ts[i, d].reshape(1)).sample[0]
+                losses.append(float(((eps - noises[i, d]) ** 2).mean()))
+            r[i] = np.sqrt(np.mean(losses))
+    w = r / r.mean()
+    np.testing.assert_allclose(das, base * w, rtol=2e-4, atol=1e-6)
+    # leverage h_i = phi_i^T (Phi^T Phi + lambda I)^-1 phi_i, explicit solve
+    phi = torch.from_numpy(square_store.read_rows(0, 0, n).astype(np.float64))
+    k = phi.T @ phi
+    lam = 0.1 * torch.trace(k) / k.shape[0]
+    h = (phi * torch.linalg.solve(k + lam * torch.eye(k.shape[0], dtype=k.dtype), phi.T).T).sum(1).numpy()
+    assert np.all((h >= 0) & (h < 1))
+    np.testing.assert_allclose(lev, base * w / (1 - h) ** 2, rtol=2e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="training set"):
+        Scorer(square_store, tiny_models[:1], "das", q)
+
+
+def test_destination_method_is_the_same_at_every_step(tiny_models, tiny_dataset, tmp_path):
+    store = featurize(tiny_models, tiny_dataset, tmp_path / "loss", FeaturizeConfig(proj_dim=32, num_draws=1, store_dtype="float32"))
+    traj = sample_trajectory(tiny_models[0], SamplingConfig(num_inference_steps=5, seed=1))
+    q = QueryConfig(num_resamples=2)
+    final = Scorer(store, tiny_models, "trak-final", q).score(traj, [0, 2, 4]).scores
+    journey = Scorer(store, tiny_models, "journey", q).score(traj, [0, 2, 4]).scores
+    np.testing.assert_array_equal(final[0], final[2])
+    assert np.abs(final).max() > 0
+    assert not np.allclose(journey[0], journey[2])
+    assert {"das", "das-leverage", "trak-final"} <= set(METHODS)
+
+
+def test_full_mask_retraining_reproduces_the_checkpoint(tmp_path):
+    """The counterfactual's zero reference: training is deterministic from its seed."""
+    from attribution.training import train_ddpm
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.uniform(-1, 1, size=(12, 1, 8, 8)).astype(np.float32))
+    cfg = TrainConfig(epochs=1, batch_size=4, block_out_channels=(4, 8))
+    a = train_ddpm(images, tmp_path / "a", cfg)
+    b = train_ddpm(images, tmp_path / "b", cfg, subset=np.ones(12, bool))
+    assert (a / "unet/diffusion_pytorch_model.safetensors").read_bytes() == (b / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_bench_pipeline_end_to_end(tiny_bench):
+    """prepare -> retrain -> lds -> counterfactual -> report on 20 digits at 8x8 and 8 subsets (conftest)."""
+    work, out, methods = tiny_bench["work"], tiny_bench["out"], tiny_bench["methods"]
+    assert len(list((work / "models").glob("subset_*"))) == 8
+    lds = json.loads((work / "lds.json").read_text())
+    assert set(lds["methods"]) == set(methods) and lds["num_subsets"] == 8
+    for name, r in lds["methods"].items():
+        assert len(r["mean"]) == len(lds["steps"]) == 10
+        vals = np.asarray(r["per_query"])
+        assert vals.shape == (3, 10) and np.all(np.abs(vals[~np.isnan(vals)]) <= 1 + 1e-9), name
+        # the chosen setting is the best on the validation split
+        best = max(s["val_lds"] for s in r["selection"])
+        chosen = [s for s in r["selection"] if s["num_draws"] == r["num_draws"] and s["ridge"] == r["ridge"] and s["sign"] == r["sign"]]
+        assert chosen[0]["val_lds"] == best
+    cf = json.loads((work / "counterfactual.json").read_text())
+    assert cf["models_done"] == cf["models_expected"] == 2
+    assert all(r["pixel_l2"] > 0 for r in cf["rows"])
+    removals = json.loads((work / "removals.json").read_text())
+    assert all(len(v) == 2 for v in removals.values())
+    md = (out / "report.md").read_text()
+    assert "| journey |" in md and "Retrain without top-k" in md
+    assert (out / "lds_vs_step.html").exists() and (out / "counterfactual_pixel_l2.html").exists()
