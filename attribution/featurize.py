@@ -102,7 +102,7 @@ def featurize(
     config: FeaturizeConfig = FeaturizeConfig(),
     *,
     batch_size: int = 64,
-    chunk_size: int = 16,
+    chunk_size: int = 32,
     rank: int = 0,
     world_size: int = 1,
     finalize: bool = True,

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 from .config import QueryConfig
 from .featurize import checkpoint_projector
-from .gradients import per_example_grads, select_params
+from .gradients import per_step_grads, select_params
 from .models import DiffusionModel
 from .outputs import Method, get_method, get_output
-from .store import Store, StoreError
+from .store import STREAM_CHUNK_ROWS, Store, StoreError
 from .trajectory import Trajectory
 
 Progress = Callable[[int, int], None]
@@ -189,36 +189,38 @@ class Scorer:
             rows = []
             for c in range(0, len(steps), self.query.chunk_size):
                 sl = slice(c, c + self.query.chunk_size)
-                g = per_example_grads(
-                    model, self.params[m], self.output, x0[sl], ts[sl], noises[sl], mask,
-                    chunk_size=self.query.chunk_size, cond=cond,
-                )
+                # One plain backward per step over its K noises (faster than vmap over steps).
+                g = per_step_grads(model, self.params[m], self.output, x0[sl], ts[sl], noises[sl], mask, cond=cond)
                 rows.append(self.projectors[m].project(g).cpu())
                 if progress:
                     progress(m * len(steps) + min(c + self.query.chunk_size, len(steps)), total)
             feats.append(torch.cat(rows))
         return feats
 
-    def row_norms(self, chunk_rows: int = 65536) -> list[np.ndarray]:
+    def row_norms(self, chunk_rows: int = STREAM_CHUNK_ROWS) -> list[np.ndarray]:
         """(N,) norms of the train features of each checkpoint (ReTrac), computed once."""
         if self._row_norms is None:
             self._row_norms = []
             for m in range(self.store.num_checkpoints):
-                norms = [np.linalg.norm(self.store.read_rows(m, s, s + chunk_rows).astype(np.float32), axis=1)
-                         for s in range(0, self.store.num_train, chunk_rows)]
-                self._row_norms.append(np.maximum(np.concatenate(norms), 1e-12))
+                norms = np.empty(self.store.num_train, dtype=np.float32)
+                for start, block in self.store.iter_chunks(m, chunk_rows):
+                    norms[start : start + block.shape[0]] = torch.linalg.vector_norm(block, dim=1).numpy()
+                self._row_norms.append(np.maximum(norms, 1e-12))
         return self._row_norms
 
-    def scores_from_features(self, feats: list[torch.Tensor], chunk_rows: int = 65536) -> np.ndarray:
+    def scores_from_features(self, feats: list[torch.Tensor], chunk_rows: int = STREAM_CHUNK_ROWS) -> np.ndarray:
         """Combine query features with the store, streaming Phi in row chunks: (S, N) float32.
 
         trak:   tau = (1/M) sum_m Phi_m (K_m + lambda I)^-1 g_m
         tracin: tau = sum_m Phi_m g_m
         retrac: tau = sum_m (Phi_m / |rows|) (g_m / |g_m|)
+
+        Memory: the (S, N) scores plus two reused chunk buffers (:meth:`Store.iter_chunks`).
         """
         n = self.store.num_train
         combine = self.method.combine
-        out = np.zeros((feats[0].shape[0], n), dtype=np.float32)
+        out = torch.zeros((feats[0].shape[0], n), dtype=torch.float32)
+        part = torch.empty((min(chunk_rows, n), feats[0].shape[0]), dtype=torch.float32)
         norms = self.row_norms() if combine == "retrac" else None
         for m, g in enumerate(feats):
             if combine == "trak":
@@ -227,15 +229,15 @@ class Scorer:
                 w = (g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
             else:
                 w = g.T
-            for start in range(0, n, chunk_rows):
-                block = torch.from_numpy(self.store.read_rows(m, start, start + chunk_rows).astype(np.float32))
-                part = (block @ w).T.numpy()
+            for start, block in self.store.iter_chunks(m, chunk_rows):
+                rows = block.shape[0]
+                p = torch.mm(block, w, out=part[:rows])  # (rows, S)
                 if norms is not None:
-                    part = part / norms[m][start : start + chunk_rows]
-                out[:, start : start + chunk_rows] += part
+                    p.div_(torch.from_numpy(norms[m][start : start + rows])[:, None])
+                out[:, start : start + rows].add_(p.T)
         if combine == "trak":
             out /= len(feats)
-        return out
+        return out.numpy()
 
     def score(
         self,
