@@ -12,6 +12,8 @@ gives the same matrix on every machine and device.
   in blocks of ``block_rows`` input coordinates; blocks are kept in memory up to
   ``cache_bytes`` and regenerated otherwise, so the full matrix never has to fit.
 * :class:`IdentityProjector` (``"identity"``): no projection (d = p), for exact tests.
+* ``"factorized"``: per-layer Kronecker Gaussian projection computed from one batched
+  backward without per-example gradients (:mod:`attribution.factorized`).
 """
 
 from __future__ import annotations
@@ -145,9 +147,25 @@ class GaussianProjector:
 
 
 def make_projector(
-    kind: str, dim_in: int, dim_out: int, seed: int, nnz: int = 4, device: str | torch.device = "cpu"
+    kind: str,
+    dim_in: int,
+    dim_out: int,
+    seed: int,
+    nnz: int = 4,
+    device: str | torch.device = "cpu",
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> Projector:
-    """Build the projector named ``kind`` ("sjlt", "gaussian" or "identity")."""
+    """Build the projector named ``kind`` ("sjlt", "gaussian", "identity" or "factorized").
+
+    ``shapes`` (name -> shape of each selected parameter, in gradient order) is
+    needed by "factorized" (:class:`attribution.factorized.FactorizedProjector`).
+    """
+    if kind == "factorized":
+        from .factorized import FactorizedProjector  # imports the model code; only when asked for
+
+        if shapes is None or sum(int(np.prod(s)) for s in shapes.values()) != dim_in:
+            raise ValueError("the factorized projection needs the shapes of the selected parameters")
+        return FactorizedProjector(shapes, dim_out, seed, device=device)
     if kind == "identity":
         return IdentityProjector(dim_in)
     if kind == "sjlt":

@@ -150,7 +150,8 @@ class Scorer:
             if model.checkpoint_hash != store.manifest["checkpoints"][m]["hash"]:
                 raise StoreError(f"model {model.path} is not checkpoint {m} of store {store.root} (weights differ)")
         self.params = [select_params(model, cfg.param_filter) for model in models]
-        self.projectors = [checkpoint_projector(cfg, store.manifest["num_params"], m, model.device) for m, model in enumerate(models)]
+        self.projectors = [checkpoint_projector(cfg, store.manifest["num_params"], m, model.device, self.params[m])
+                           for m, model in enumerate(models)]
         self.chol = []
         if self.method.combine == "trak":
             for m in range(len(models)):
