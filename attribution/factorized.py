@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .gradients import _alpha_bar_terms, _check_cond, per_example_grads
+from .gradients import _alpha_bar_terms, _check_cond, per_example_grads, per_step_grads
 from .models import DiffusionModel
 from .outputs import OutputFn
 from .projection import _block_generator
@@ -333,3 +333,26 @@ def projected_example_grads(
             rows.append(projector.project_examples(model, params, output, x0[sl], timesteps[sl], noises[sl], cond=c))
         return torch.cat(rows)
     return projector.project(per_example_grads(model, params, output, x0, timesteps, noises, chunk_size=chunk_size, cond=cond))
+
+
+def projected_step_grads(
+    projector,
+    model: DiffusionModel,
+    params: dict[str, torch.Tensor],
+    output: OutputFn,
+    x0_hat: torch.Tensor,
+    timesteps: torch.Tensor,
+    noises: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    cond: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Projected Eq. (3) gradients of S steps (S, d) float32 (query features).
+
+    x0_hat (S, C, H, W), timesteps (S, K), noises (S, K, C, H, W), mask (1|C, H, W),
+    cond (1|S, L, D). A :class:`FactorizedProjector` gets them from one batched
+    backward over the S * K rows; any other projector projects
+    :func:`~attribution.gradients.per_step_grads` (one plain backward per step).
+    """
+    if isinstance(projector, FactorizedProjector):
+        return projector.project_examples(model, params, output, x0_hat, timesteps, noises, mask, cond)
+    return projector.project(per_step_grads(model, params, output, x0_hat, timesteps, noises, mask, cond))

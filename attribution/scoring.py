@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from .config import QueryConfig
 from .featurize import checkpoint_projector
-from .gradients import per_step_grads, select_params
+from .factorized import projected_step_grads
+from .gradients import select_params
 from .models import DiffusionModel
 from .outputs import Method, get_method, get_output
 from .store import STREAM_CHUNK_ROWS, Store, StoreError
@@ -190,9 +191,10 @@ class Scorer:
             rows = []
             for c in range(0, len(steps), self.query.chunk_size):
                 sl = slice(c, c + self.query.chunk_size)
-                # One plain backward per step over its K noises (faster than vmap over steps).
-                g = per_step_grads(model, self.params[m], self.output, x0[sl], ts[sl], noises[sl], mask, cond=cond)
-                rows.append(self.projectors[m].project(g).cpu())
+                # Plain backward passes (per step, or batched for the factorized projection), not vmap.
+                g = projected_step_grads(self.projectors[m], model, self.params[m], self.output, x0[sl], ts[sl],
+                                         noises[sl], mask, cond)
+                rows.append(g.cpu())
                 if progress:
                     progress(m * len(steps) + min(c + self.query.chunk_size, len(steps)), total)
             feats.append(torch.cat(rows))

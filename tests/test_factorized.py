@@ -11,10 +11,10 @@ from diffusers import DDPMScheduler, UNet2DModel
 from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig
 from attribution.factorized import FactorizedProjector, projected_example_grads
 from attribution.featurize import draw_timesteps_and_noise, featurize
-from attribution.gradients import per_example_grads, select_params
+from attribution.gradients import per_example_grads, per_step_grads, select_params
 from attribution.models import load_models
 from attribution.outputs import get_output
-from attribution.scoring import Scorer
+from attribution.scoring import Scorer, query_noises
 from attribution.trajectory import sample_trajectory
 
 
@@ -118,5 +118,12 @@ def test_factorized_store_features_and_scores(tiny_models, tiny_dataset, tmp_pat
     want = scorer.projectors[1].project(per_example_grads(model, params, get_output("loss"), tiny_dataset.images(idx), ts, noises))
     np.testing.assert_allclose(np.asarray(store.features(1))[idx], want.numpy(), rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     traj = sample_trajectory(tiny_models[0], SamplingConfig(num_inference_steps=3, seed=0))
+    mask = torch.zeros(1, 8, 8)
+    mask[:, 3:7] = 1
+    feats = scorer.query_features(traj, [0, 2], mask)  # one batched backward per chunk of steps
+    qn = query_noises([0, 2], 2, 0, (1, 8, 8))
+    qt = traj.timesteps[[0, 2]][:, None].expand(-1, 2)
+    want = scorer.projectors[1].project(per_step_grads(model, params, get_output("loss"), traj.x0_hat[[0, 2]], qt, qn, mask))
+    torch.testing.assert_close(feats[1], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     scores = scorer.score(traj, [0, 2]).scores
     assert scores.shape == (2, len(tiny_dataset)) and np.isfinite(scores).all() and np.abs(scores).max() > 0
