@@ -492,6 +492,8 @@ def run_model(name: str, cfg: dict[str, Any], work: Path, args, log) -> dict[str
         cfg["ours_projections"] = [k for k in cfg["ours_projections"] if k in args.projections]
     if args.trak_variants:
         cfg["trak_variants"] = [v for v in cfg["trak_variants"] if v[0] in args.trak_variants]
+    if args.no_query:
+        cfg |= {"query": False, "query_projections": [], "trak_query_variants": [], "exact": False}
     base = {
         "model_dirs": [str(p) for p in cfg["model_dirs"]],
         "data": cfg["data"],
@@ -648,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait-quiet", type=float, default=0,
                    help="before each method wait up to this many seconds for other processes to go idle")
     p.add_argument("--projections", nargs="+", help="run only these of ours (sjlt, factorized, gaussian)")
+    p.add_argument("--no-query", action="store_true", help="featurize only (no query timings, no score agreement)")
     p.add_argument("--trak-variants", nargs="+", help="run only these traker variants (default, tuned, ours_matrix, tuned_batch)")
     p.add_argument("--out", type=Path, default=common.RESULTS / "bench_traker.json")
     p.add_argument("--work", type=Path, help="scratch directory (default: a fresh one under /tmp)")
