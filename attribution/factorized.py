@@ -27,7 +27,7 @@ gradient vectors (queries, tests).
 
 Dimension budget: d_s = min(p_small, d / 16) for the small block (more if the layer
 blocks leave dimensions over), the rest split over layers in proportion to
-sqrt(numel), each as r_out x r_in with r_out / r_in ~ C_out / n_in.
+sqrt(numel), each as r_out x r_in with r_out ~ r_in (r_out <= C_out).
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ def _allocate(shapes: dict[str, tuple[int, ...]], dim_out: int) -> tuple[list[La
     for k, s in weights.items():
         c_out, n_in = s[0], math.prod(s[1:])
         target = max(1.0, budget * root[k] / total)
-        r_out = min(c_out, max(1, round(math.sqrt(target * c_out / n_in))))
+        # Square-ish factors (as LoGra): the hooks' cost grows with r_in (a convolution of the
+        # layer's input with r_in filters), so r_in must stay well below c_out.
+        r_out = min(c_out, max(1, round(math.sqrt(target))))
         r_in = min(n_in, max(1, int(target // r_out)))
         blocks.append(LayerBlock(k, c_out, n_in, r_out, r_in, offset))
         offset += r_out * r_in

@@ -492,6 +492,7 @@ def run_model(name: str, cfg: dict[str, Any], work: Path, args, log) -> dict[str
         cfg["ours_projections"] = [k for k in cfg["ours_projections"] if k in args.projections]
     if args.trak_variants:
         cfg["trak_variants"] = [v for v in cfg["trak_variants"] if v[0] in args.trak_variants]
+        cfg["trak_query_variants"] = [v for v in cfg.get("trak_query_variants", ()) if v in args.trak_variants]
     if args.no_query:
         cfg |= {"query": False, "query_projections": [], "trak_query_variants": [], "exact": False}
     base = {
