@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", default="digits")
     f.add_argument("--store", required=True, type=Path)
     f.add_argument("--proj-dim", type=int, default=FeaturizeConfig.proj_dim)
-    f.add_argument("--projection", choices=["sjlt", "gaussian", "identity"], default=FeaturizeConfig.proj_kind)
+    f.add_argument("--projection", choices=["sjlt", "gaussian", "identity", "factorized"], default=FeaturizeConfig.proj_kind)
     f.add_argument("--proj-seed", type=int, default=0)
     f.add_argument("--num-draws", type=int, default=FeaturizeConfig.num_draws, help="(timestep, noise) draws per example")
     f.add_argument("--timestep-sampling", choices=["even", "stratified", "uniform"], default=FeaturizeConfig.timestep_sampling,

@@ -30,7 +30,9 @@ class FeaturizeConfig:
         proj_dim: projection dimension d.
         proj_kind: ``"sjlt"`` (sparse sign sketch, default: never materializes a
             dense matrix), ``"gaussian"`` (dense N(0, 1/d), generated blockwise) or
-            ``"identity"`` (no projection; d = number of parameters; for exact tests).
+            ``"identity"`` (no projection; d = number of parameters; for exact tests)
+            or ``"factorized"`` (per-layer Kronecker Gaussian computed without
+            per-example gradients, :mod:`attribution.factorized`).
         proj_seed: seed of the projection of checkpoint 0; checkpoint m uses
             ``proj_seed + m`` (a fresh matrix per checkpoint, Algorithm 1 line 6).
         sjlt_nnz: non-zeros per input coordinate of the sparse sketch.
@@ -61,8 +63,8 @@ class FeaturizeConfig:
     def __post_init__(self) -> None:
         if self.output not in TRAIN_OUTPUTS:
             raise ValueError(f"unknown output {self.output!r}; choose one of {TRAIN_OUTPUTS}")
-        if self.proj_kind not in ("sjlt", "gaussian", "identity"):
-            raise ValueError(f"unknown proj_kind {self.proj_kind!r}; choose sjlt, gaussian or identity")
+        if self.proj_kind not in ("sjlt", "gaussian", "identity", "factorized"):
+            raise ValueError(f"unknown proj_kind {self.proj_kind!r}; choose sjlt, gaussian, identity or factorized")
         if self.timestep_sampling not in ("stratified", "uniform", "even"):
             raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}")
         if self.store_dtype not in ("float32", "float16"):

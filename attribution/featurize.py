@@ -25,7 +25,8 @@ import torch
 
 from .config import FeaturizeConfig
 from .data import ImageDataset
-from .gradients import num_params, per_example_grads, select_params
+from .factorized import projected_example_grads
+from .gradients import num_params, select_params
 from .latents import LatentDataset, dataset_fingerprint, model_space_dataset
 from .models import DiffusionModel
 from .outputs import get_output
@@ -90,9 +91,13 @@ def store_spec(
     )
 
 
-def checkpoint_projector(config: FeaturizeConfig, dim_in: int, m: int, device: torch.device | str) -> Projector:
-    """The projection P_m of checkpoint m (seed ``proj_seed + m``)."""
-    return make_projector(config.proj_kind, dim_in, config.proj_dim, config.proj_seed + m, config.sjlt_nnz, device)
+def checkpoint_projector(
+    config: FeaturizeConfig, dim_in: int, m: int, device: torch.device | str, params: dict[str, torch.Tensor] | None = None
+) -> Projector:
+    """The projection P_m of checkpoint m (seed ``proj_seed + m``); ``params``: the selected
+    parameters (their shapes define the "factorized" projection)."""
+    shapes = {k: tuple(v.shape) for k, v in params.items()} if params is not None else None
+    return make_projector(config.proj_kind, dim_in, config.proj_dim, config.proj_seed + m, config.sjlt_nnz, device, shapes)
 
 
 def featurize(
@@ -102,7 +107,7 @@ def featurize(
     config: FeaturizeConfig = FeaturizeConfig(),
     *,
     batch_size: int = 64,
-    chunk_size: int = 16,
+    chunk_size: int = 32,
     rank: int = 0,
     world_size: int = 1,
     finalize: bool = True,
@@ -149,7 +154,7 @@ def featurize(
         if model.is_conditional and dataset.captions is None:
             log("the dataset has no captions: train examples are conditioned on the empty prompt")
         params = select_params(model, config.param_filter)
-        projector = checkpoint_projector(config, spec.num_params, m, model.device)
+        projector = checkpoint_projector(config, spec.num_params, m, model.device, params)
         skipped = len(dataset) // world_size - len(pending[m])
         if skipped > 0:
             log(f"checkpoint {m}: found {skipped} finished rows, resuming")
@@ -158,8 +163,8 @@ def featurize(
             x0 = data.images(idx)
             ts, noises = draw_timesteps_and_noise(idx, config, model.num_train_timesteps, model.image_shape)
             cond = caption_embeddings(model, dataset, idx)
-            grads = per_example_grads(model, params, output, x0, ts, noises, chunk_size=chunk_size, cond=cond)
-            rows = projector.project(grads).cpu().numpy()
+            grads = projected_example_grads(projector, model, params, output, x0, ts, noises, chunk_size, cond)
+            rows = grads.cpu().numpy()
             store.write_rows(m, idx, rows)
             done_rows += len(idx)
             if progress:

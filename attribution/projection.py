@@ -12,6 +12,8 @@ gives the same matrix on every machine and device.
   in blocks of ``block_rows`` input coordinates; blocks are kept in memory up to
   ``cache_bytes`` and regenerated otherwise, so the full matrix never has to fit.
 * :class:`IdentityProjector` (``"identity"``): no projection (d = p), for exact tests.
+* ``"factorized"``: per-layer Kronecker Gaussian projection computed from one batched
+  backward without per-example gradients (:mod:`attribution.factorized`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,32 @@ class IdentityProjector:
         return grads.float()
 
 
+def sjlt_csr(index: torch.Tensor, sign: torch.Tensor, dim_out: int) -> torch.Tensor:
+    """The (dim_out, p) CSR matrix with ``sign[h, j]`` at (``index[h, j]``, j); index, sign (nnz, p).
+
+    ``sign`` holds +-c for one constant c (the sketch's +-1/sqrt(nnz)).
+
+    Built by one stable sort of the row indices instead of COO ``coalesce`` (about
+    2x faster at 10 M parameters). No two entries share a position (hash h writes
+    only into its own block of rows), and within a row all entries come from one
+    hash, whose columns increase, so a stable sort by row yields sorted columns:
+    exactly the matrix ``coalesce().to_sparse_csr()`` gives.
+    """
+    nnz, p = index.shape
+    rows = index.reshape(-1)  # entry k = h * p + j sits in column j = k % p
+    narrow = torch.int16 if dim_out <= torch.iinfo(torch.int16).max else torch.int32  # a faster sort key
+    order = torch.sort(rows.to(narrow), stable=True).indices
+    cols = order % p
+    # Gathering int8 signs moves 4x fewer bytes than float32 (the gather is cache-miss bound).
+    values = sign.reshape(-1).sign().to(torch.int8)[order].to(sign.dtype).mul_(sign.abs().max())
+    crow = torch.zeros(dim_out + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(rows, minlength=dim_out), 0, out=crow[1:])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        # Stored as CSR: a sparse-dense matmul is ~3x faster than index_add_.
+        return torch.sparse_csr_tensor(crow, cols, values, (dim_out, p), check_invariants=False)
+
+
 class SparseSignProjector:
     """Sparse sign sketch with ``nnz`` non-zeros per input coordinate (see module doc)."""
 
@@ -67,14 +95,7 @@ class SparseSignProjector:
             sgn.append(torch.randint(0, 2, (nnz, n), generator=g).float().mul_(2).sub_(1))
         index = torch.cat(idx, 1)  # (nnz, p): output coordinate of each (hash, input)
         sign = torch.cat(sgn, 1) / nnz**0.5  # (nnz, p)
-        # Stored as a (d, p) CSR matrix: a sparse-dense matmul is ~3x faster than index_add_.
-        cols = torch.arange(dim_in).repeat(nnz)
-        coo = torch.sparse_coo_tensor(
-            torch.stack([index.reshape(-1), cols]), sign.reshape(-1), (dim_out, dim_in), check_invariants=False
-        )
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            self.matrix_t = coo.coalesce().to_sparse_csr().to(device)
+        self.matrix_t = sjlt_csr(index, sign, dim_out).to(device)
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         return (self.matrix_t @ grads.float().T).T.contiguous()
@@ -126,9 +147,25 @@ class GaussianProjector:
 
 
 def make_projector(
-    kind: str, dim_in: int, dim_out: int, seed: int, nnz: int = 4, device: str | torch.device = "cpu"
+    kind: str,
+    dim_in: int,
+    dim_out: int,
+    seed: int,
+    nnz: int = 4,
+    device: str | torch.device = "cpu",
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> Projector:
-    """Build the projector named ``kind`` ("sjlt", "gaussian" or "identity")."""
+    """Build the projector named ``kind`` ("sjlt", "gaussian", "identity" or "factorized").
+
+    ``shapes`` (name -> shape of each selected parameter, in gradient order) is
+    needed by "factorized" (:class:`attribution.factorized.FactorizedProjector`).
+    """
+    if kind == "factorized":
+        from .factorized import FactorizedProjector  # imports the model code; only when asked for
+
+        if shapes is None or sum(int(np.prod(s)) for s in shapes.values()) != dim_in:
+            raise ValueError("the factorized projection needs the shapes of the selected parameters")
+        return FactorizedProjector(shapes, dim_out, seed, device=device)
     if kind == "identity":
         return IdentityProjector(dim_in)
     if kind == "sjlt":

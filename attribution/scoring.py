@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from .config import QueryConfig
 from .data import ImageDataset
 from .featurize import checkpoint_projector
-from .gradients import per_example_grads, select_params
+from .factorized import projected_step_grads
+from .gradients import select_params
 from .models import DiffusionModel
 from .outputs import Method, get_method, get_output
-from .store import Store, StoreError
+from .store import STREAM_CHUNK_ROWS, Store, StoreError
 from .trajectory import Trajectory
 
 Progress = Callable[[int, int], None]
@@ -157,7 +158,8 @@ class Scorer:
             if model.checkpoint_hash != store.manifest["checkpoints"][m]["hash"]:
                 raise StoreError(f"model {model.path} is not checkpoint {m} of store {store.root} (weights differ)")
         self.params = [select_params(model, cfg.param_filter) for model in models]
-        self.projectors = [checkpoint_projector(cfg, store.manifest["num_params"], m, model.device) for m, model in enumerate(models)]
+        self.projectors = [checkpoint_projector(cfg, store.manifest["num_params"], m, model.device, self.params[m])
+                           for m, model in enumerate(models)]
         self.chol = []
         if self.method.combine == "trak":
             for m in range(len(models)):
@@ -217,11 +219,10 @@ class Scorer:
             rows = []
             for c in range(0, len(steps), self.query.chunk_size):
                 sl = slice(c, c + self.query.chunk_size)
-                g = per_example_grads(
-                    model, self.params[m], self.output, x0[sl], ts[sl], noises[sl], mask,
-                    chunk_size=self.query.chunk_size, cond=cond,
-                )
-                rows.append(self.projectors[m].project(g).cpu())
+                # Plain backward passes (per step, or batched for the factorized projection), not vmap.
+                g = projected_step_grads(self.projectors[m], model, self.params[m], self.output, x0[sl], ts[sl],
+                                         noises[sl], mask, cond)
+                rows.append(g.cpu())
                 if progress:
                     progress(m * len(steps) + min(c + self.query.chunk_size, len(steps)), total)
             feats.append(torch.cat(rows))
@@ -240,30 +241,35 @@ class Scorer:
             T = model.num_train_timesteps
             ts = ((torch.arange(K) + 0.5) * T / K).long().clamp_(0, T - 1)[None]  # (1, K)
             cond = model.encode_prompts([prompt]) if model.is_conditional else None
-            g = per_example_grads(model, self.params[m], self.output, trajectory.sample[None], ts, noises, mask, cond=cond)
-            feats.append(self.projectors[m].project(g).cpu().expand(num_steps, -1).contiguous())
+            g = projected_step_grads(self.projectors[m], model, self.params[m], self.output, trajectory.sample[None],
+                                     ts, noises, mask, cond)
+            feats.append(g.cpu().expand(num_steps, -1).contiguous())
         return feats
 
-    def row_norms(self, chunk_rows: int = 65536) -> list[np.ndarray]:
+    def row_norms(self, chunk_rows: int = STREAM_CHUNK_ROWS) -> list[np.ndarray]:
         """(N,) norms of the train features of each checkpoint (ReTrac), computed once."""
         if self._row_norms is None:
             self._row_norms = []
             for m in range(self.store.num_checkpoints):
-                norms = [np.linalg.norm(self.store.read_rows(m, s, s + chunk_rows).astype(np.float32), axis=1)
-                         for s in range(0, self.store.num_train, chunk_rows)]
-                self._row_norms.append(np.maximum(np.concatenate(norms), 1e-12))
+                norms = np.empty(self.store.num_train, dtype=np.float32)
+                for start, block in self.store.iter_chunks(m, chunk_rows):
+                    norms[start : start + block.shape[0]] = torch.linalg.vector_norm(block, dim=1).numpy()
+                self._row_norms.append(np.maximum(norms, 1e-12))
         return self._row_norms
 
-    def scores_from_features(self, feats: list[torch.Tensor], chunk_rows: int = 65536) -> np.ndarray:
+    def scores_from_features(self, feats: list[torch.Tensor], chunk_rows: int = STREAM_CHUNK_ROWS) -> np.ndarray:
         """Combine query features with the store, streaming Phi in row chunks: (S, N) float32.
 
         trak:   tau = (1/M) sum_m Phi_m (K_m + lambda I)^-1 g_m
         tracin: tau = sum_m Phi_m g_m
         retrac: tau = sum_m (Phi_m / |rows|) (g_m / |g_m|)
+
+        Memory: the (S, N) scores plus two reused chunk buffers (:meth:`Store.iter_chunks`).
         """
         n = self.store.num_train
         combine = self.method.combine
-        out = np.zeros((feats[0].shape[0], n), dtype=np.float32)
+        out = torch.zeros((feats[0].shape[0], n), dtype=torch.float32)
+        part = torch.empty((min(chunk_rows, n), feats[0].shape[0]), dtype=torch.float32)
         norms = self.row_norms() if combine == "retrac" else None
         for m, g in enumerate(feats):
             if combine == "trak":
@@ -272,17 +278,17 @@ class Scorer:
                 w = (g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
             else:
                 w = g.T
-            for start in range(0, n, chunk_rows):
-                block = torch.from_numpy(self.store.read_rows(m, start, start + chunk_rows).astype(np.float32))
-                part = (block @ w).T.numpy()
+            for start, block in self.store.iter_chunks(m, chunk_rows):
+                rows = block.shape[0]
+                p = torch.mm(block, w, out=part[:rows])  # (rows, S)
                 if norms is not None:
-                    part = part / norms[m][start : start + chunk_rows]
+                    p.div_(torch.from_numpy(norms[m][start : start + rows])[:, None])
                 if self.row_weights is not None:
-                    part = part * self.row_weights[m][start : start + chunk_rows]
-                out[:, start : start + chunk_rows] += part
+                    p.mul_(torch.from_numpy(self.row_weights[m][start : start + rows]).float()[:, None])
+                out[:, start : start + rows].add_(p.T)
         if combine == "trak":
             out /= len(feats)
-        return out
+        return out.numpy()
 
     def score(
         self,

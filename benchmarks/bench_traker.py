@@ -4,8 +4,8 @@ Everything is measured in one run, on the same model, the same data, the same
 (timestep, noise) draws (``attribution.featurize.draw_timesteps_and_noise``), the
 same projection dimension d and the same number of checkpoints M:
 
-* train examples/s featurized -- ours (``featurize`` with ``proj_kind="sjlt"`` and
-  ``"gaussian"``, one draw per example, float32 store) vs ``trak.TRAKer`` (a custom
+* train examples/s featurized -- ours (``featurize`` with ``proj_kind="sjlt"``,
+  ``"factorized"`` and ``"gaussian"``, one draw per example, float32 store) vs ``trak.TRAKer`` (a custom
   ``AbstractModelOutput`` with the DDPM loss, ``use_half_precision=False``, CPU
   ``BasicProjector``) at its default settings (blocks of 100 projection columns,
   regenerated at every call) and tuned (the whole matrix in one block, generated
@@ -488,6 +488,13 @@ def run_model(name: str, cfg: dict[str, Any], work: Path, args, log) -> dict[str
     """All methods on one model configuration; returns the raw worker results and derived ratios."""
     import numpy as np
 
+    if args.projections:
+        cfg["ours_projections"] = [k for k in cfg["ours_projections"] if k in args.projections]
+    if args.trak_variants:
+        cfg["trak_variants"] = [v for v in cfg["trak_variants"] if v[0] in args.trak_variants]
+        cfg["trak_query_variants"] = [v for v in cfg.get("trak_query_variants", ()) if v in args.trak_variants]
+    if args.no_query:
+        cfg |= {"query": False, "query_projections": [], "trak_query_variants": [], "exact": False}
     base = {
         "model_dirs": [str(p) for p in cfg["model_dirs"]],
         "data": cfg["data"],
@@ -643,6 +650,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="runs of every default-model method; the fastest counts (the large model runs once)")
     p.add_argument("--wait-quiet", type=float, default=0,
                    help="before each method wait up to this many seconds for other processes to go idle")
+    p.add_argument("--projections", nargs="+", help="run only these of ours (sjlt, factorized, gaussian)")
+    p.add_argument("--no-query", action="store_true", help="featurize only (no query timings, no score agreement)")
+    p.add_argument("--trak-variants", nargs="+", help="run only these traker variants (default, tuned, ours_matrix, tuned_batch)")
     p.add_argument("--out", type=Path, default=common.RESULTS / "bench_traker.json")
     p.add_argument("--work", type=Path, help="scratch directory (default: a fresh one under /tmp)")
     args = p.parse_args(argv)
@@ -691,8 +701,8 @@ def main(argv: list[str] | None = None) -> int:
             "data": "digits",
             "n": n,
             "batch_size": 64,
-            "chunk_size": 16,
-            "ours_projections": ["sjlt", "gaussian"],
+            "chunk_size": 32,
+            "ours_projections": ["sjlt", "factorized", "gaussian"],
             # (variant, featurize batch, N override)
             "trak_variants": [("default", 64, None), ("tuned", 128, None), ("ours_matrix", 128, None)],
             "trak_query_variants": ["default", "tuned", "ours_matrix"],
@@ -715,8 +725,8 @@ def main(argv: list[str] | None = None) -> int:
             "data": "digits",
             "n": args.n,
             "batch_size": 64,
-            "chunk_size": 16,
-            "ours_projections": ["sjlt"],
+            "chunk_size": 32,
+            "ours_projections": ["sjlt", "factorized"],
             "trak_variants": [],
             "exact": False,
         }
@@ -734,14 +744,14 @@ def main(argv: list[str] | None = None) -> int:
             "n": n,
             "batch_size": n,
             "chunk_size": 16,
-            "ours_projections": ["sjlt", "gaussian"],
+            "ours_projections": ["sjlt", "factorized", "gaussian"],
             # traker default: batches of 32 (one call, the matrix regenerated per call; timed on 32 examples);
             # tuned: the whole N in one call (one matrix generation). A single-block matrix (p x d fp32,
             # ~85 GB here) does not fit in memory, so the block size stays at traker's default.
             "trak_variants": [("default", 32, min(32, n)), ("tuned_batch", n, None)],
             "trak_query_variants": [],
             # ours with the dense Gaussian regenerates the ~85 GB matrix at every call: query sjlt only
-            "query_projections": ["sjlt"],
+            "query_projections": ["sjlt", "factorized"],
             "exact": False,
         }
         results["models"]["large"] = run_model("large", cfg, work, args, log)

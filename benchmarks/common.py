@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # this checkout's attribution package, not an installed copy
+    sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 RESULT_MARK = "@@RESULT@@"
 
@@ -131,7 +133,9 @@ def run_worker(script: Path, spec: dict[str, Any], timeout: float = 3600) -> dic
     cmd = [sys.executable, str(script), "--worker", json.dumps(spec)]
     busy0, child0 = cpu_busy_s(), children_cpu_s()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    # This checkout's attribution package, not whichever copy is installed in the environment.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     wall = time.perf_counter() - t0
     others = ((cpu_busy_s() - busy0) - (children_cpu_s() - child0)) / wall
     for line in proc.stdout.splitlines()[::-1]:

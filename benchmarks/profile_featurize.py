@@ -9,7 +9,7 @@ the rows per projection call (``--sweep``).
 
 Usage::
 
-    python benchmarks/profile_featurize.py                       # n = 512, sjlt and gaussian, d = 2048
+    python benchmarks/profile_featurize.py                       # n = 512, sjlt, factorized, gaussian, d = 2048
     python benchmarks/profile_featurize.py --n 128 --torch-profiler --sweep
 
 Writes ``benchmarks/results/profile_featurize.json`` (``--out``).
@@ -45,12 +45,14 @@ def _timer(acc: dict[str, float], key: str, fn):
 
 def profile_once(models, ds, proj_kind: str, proj_dim: int, batch_size: int, chunk_size: int, work: Path,
                  torch_profiler: bool = False) -> dict[str, Any]:
+    import attribution.factorized as FZ
     import attribution.featurize as F
     from attribution.config import FeaturizeConfig
     from attribution.store import Store
 
     acc: dict[str, float] = defaultdict(float)
-    saved = {name: getattr(F, name) for name in ("per_example_grads", "draw_timesteps_and_noise", "checkpoint_projector")}
+    saved = {name: getattr(F, name) for name in ("draw_timesteps_and_noise", "checkpoint_projector")}
+    saved_grads = FZ.per_example_grads
     saved_write, saved_finalize = Store.write_rows, Store.finalize
     saved_images = type(ds).images
 
@@ -59,9 +61,12 @@ def profile_once(models, ds, proj_kind: str, proj_dim: int, batch_size: int, chu
         proj = saved["checkpoint_projector"](*a, **k)
         acc["projector build"] += time.perf_counter() - t0
         proj.project = _timer(acc, "projection", proj.project)
+        if hasattr(proj, "project_examples"):
+            proj.project_examples = _timer(acc, "factorized: batched forward+backward with projecting hooks",
+                                           proj.project_examples)
         return proj
 
-    F.per_example_grads = _timer(acc, "per-example gradients (vmap)", saved["per_example_grads"])
+    FZ.per_example_grads = _timer(acc, "per-example gradients (vmap)", saved_grads)
     F.draw_timesteps_and_noise = _timer(acc, "draws (timesteps, noise)", saved["draw_timesteps_and_noise"])
     F.checkpoint_projector = make_projector
     Store.write_rows = _timer(acc, "store writes (+flush)", saved_write)
@@ -89,6 +94,7 @@ def profile_once(models, ds, proj_kind: str, proj_dim: int, batch_size: int, chu
             prof.__exit__(None, None, None)
         for name, fn in saved.items():
             setattr(F, name, fn)
+        FZ.per_example_grads = saved_grads
         Store.write_rows, Store.finalize = saved_write, saved_finalize
         type(ds).images = saved_images
         shutil.rmtree(store_dir, ignore_errors=True)
@@ -125,6 +131,14 @@ def sweep(models, ds, proj_dim: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         per_example_grads(model, params, get_output("loss"), x0, ts, noises, chunk_size=chunk)
         out["grad_examples_per_s_by_chunk"][chunk] = n / (time.perf_counter() - t0)
+    from attribution.factorized import projected_example_grads
+
+    fact = checkpoint_projector(FeaturizeConfig(proj_kind="factorized", proj_dim=proj_dim), p, 0, "cpu", params)
+    out["factorized_examples_per_s_by_chunk"] = {}
+    for chunk in (16, 32, 64):
+        t0 = time.perf_counter()
+        projected_example_grads(fact, model, params, get_output("loss"), x0, ts, noises, chunk_size=chunk)
+        out["factorized_examples_per_s_by_chunk"][chunk] = n / (time.perf_counter() - t0)
     # the Eq. (3) query: 50 steps x K = 20 rows, steps per vmapped call (QueryConfig.chunk_size, default 10)
     from attribution.config import SamplingConfig
     from attribution.scoring import query_noises
@@ -141,11 +155,11 @@ def sweep(models, ds, proj_dim: int) -> dict[str, Any]:
             per_example_grads(model, params, get_output("loss"), traj.x0_hat[s : s + chunk], qt[s : s + chunk],
                               qn[s : s + chunk], chunk_size=chunk)
         out["query_50_steps_s_by_chunk"][chunk] = time.perf_counter() - t0
-    # the same 50 gradients with plain autograd, one step (K rows in one batch) at a time
-    from attribution.gradients import looped_grads
+    # the same 50 gradients with plain autograd, one step (K rows in one batch) at a time (what queries use)
+    from attribution.gradients import per_step_grads
 
     t0 = time.perf_counter()
-    looped = looped_grads(model, params, get_output("loss"), traj.x0_hat, qt, qn)
+    looped = per_step_grads(model, params, get_output("loss"), traj.x0_hat, qt, qn)
     out["query_50_steps_s_looped_autograd"] = time.perf_counter() - t0
     vm = per_example_grads(model, params, get_output("loss"), traj.x0_hat[:10], qt[:10], qn[:10], chunk_size=10)
     out["query_looped_vs_vmap_max_rel_diff"] = float((looped[:10] - vm).abs().max() / vm.abs().max())
@@ -179,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--proj-dim", type=int, default=2048)
-    p.add_argument("--projections", nargs="+", default=["sjlt", "gaussian"])
+    p.add_argument("--projections", nargs="+", default=["sjlt", "factorized", "gaussian"])
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--chunk-size", type=int, default=32)
     p.add_argument("--model-dir", type=Path, help="a default-model checkpoint (default: random weights)")
     p.add_argument("--torch-profiler", action="store_true")
     p.add_argument("--sweep", action="store_true")

@@ -1,0 +1,360 @@
+"""Factorized per-layer projection (LoGra-style): projected per-example gradients from one backward.
+
+The projection P (``proj_kind="factorized"``) is block diagonal over parameters:
+
+* the weight W_l of every Conv2d / Linear layer, viewed as a (C_out, n_in) matrix
+  (n_in = C_in * kh * kw for a convolution, in PyTorch's weight order), is mapped
+  to ``P_out,l G P_in,l^T`` (r_out,l x r_in,l), i.e. by the Kronecker product
+  ``P_out,l (x) P_in,l`` with Gaussian factors of variance 1/r_out,l and 1/r_in,l;
+* every other selected parameter (biases, norm scales/shifts: few) is collected
+  into one vector and projected by a dense Gaussian matrix (variance 1/d_s).
+
+Each block preserves inner products in expectation (E[P^T P] = I), like a dense
+Gaussian projection, but it never needs the full per-example gradient. The
+per-example gradient of a layer is a sum over positions of output-gradient x input
+outer products, ``G_b = sum_pos g_pos a_pos^T``, so
+
+    P_out G_b P_in^T = sum_pos (P_out g_pos) (P_in a_pos)^T,
+
+where ``P_in a_pos`` over all positions is a convolution of the layer's input with
+P_in reshaped as a (r_in, C_in, kh, kw) kernel. :meth:`FactorizedProjector.project_examples`
+runs one batched forward and backward of the (mask-weighted, draw-averaged) outputs
+with hooks that project each layer's input and output gradient and contract them
+per example; parameters do not require gradients, so no weight gradient is formed.
+Biases and norm parameters get their exact per-example gradients from the same
+hooks. :meth:`FactorizedProjector.project` applies the same linear map to full
+gradient vectors (queries, tests).
+
+Dimension budget: d_s = min(p_small, d / 16) for the small block (more if the layer
+blocks leave dimensions over), the rest split over layers in proportion to
+sqrt(numel), each as r_out x r_in with r_out ~ r_in (r_out <= C_out).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .gradients import _alpha_bar_terms, _check_cond, per_example_grads, per_step_grads
+from .models import DiffusionModel
+from .outputs import OutputFn
+from .projection import _block_generator
+
+
+@dataclass(frozen=True)
+class LayerBlock:
+    """Where layer weight ``name`` (viewed as (c_out, n_in)) goes: features [offset, offset + r_out * r_in)."""
+
+    name: str
+    c_out: int
+    n_in: int
+    r_out: int
+    r_in: int
+    offset: int
+
+
+def _allocate(shapes: dict[str, tuple[int, ...]], dim_out: int) -> tuple[list[LayerBlock], list[str], int]:
+    """Split ``dim_out`` into per-layer r_out x r_in blocks and a small-parameter block (see module doc).
+
+    Returns (layer blocks, names of the small parameters in order, d_s).
+    """
+    weights = {k: s for k, s in shapes.items() if len(s) in (2, 4)}
+    small = [k for k, s in shapes.items() if len(s) not in (2, 4)]
+    p_small = sum(math.prod(shapes[k]) for k in small)
+    d_small = min(p_small, max(1, dim_out // 16)) if small else 0
+    if len(weights) + (1 if small else 0) > dim_out:
+        raise ValueError(f"proj_dim {dim_out} is too small for a factorized projection of {len(weights)} layers")
+    budget = dim_out - d_small
+    root = {k: math.sqrt(math.prod(s)) for k, s in weights.items()}
+    total = sum(root.values()) or 1.0
+    blocks, offset = [], 0
+    for k, s in weights.items():
+        c_out, n_in = s[0], math.prod(s[1:])
+        target = max(1.0, budget * root[k] / total)
+        # Square-ish factors (as LoGra): the hooks' cost grows with r_in (a convolution of the
+        # layer's input with r_in filters), so r_in must stay well below c_out.
+        r_out = min(c_out, max(1, round(math.sqrt(target))))
+        r_in = min(n_in, max(1, int(target // r_out)))
+        blocks.append(LayerBlock(k, c_out, n_in, r_out, r_in, offset))
+        offset += r_out * r_in
+    if offset > dim_out - (1 if small else 0):  # rounding up to 1 x 1 blocks overspent the budget
+        raise ValueError(f"proj_dim {dim_out} is too small for a factorized projection of {len(weights)} layers")
+    return blocks, small, dim_out - offset
+
+
+class FactorizedProjector:
+    """Per-layer Kronecker Gaussian projection of the selected parameters (see module doc).
+
+    Args:
+        shapes: name -> shape of every selected parameter, in the order gradients are flattened.
+        dim_out: d. With ``exact=True`` d is ignored: every factor is the identity and
+            the small block is the identity (d = p, features are a permutation of
+            the gradient; for tests).
+    """
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        dim_out: int,
+        seed: int,
+        device: str | torch.device = "cpu",
+        exact: bool = False,
+    ):
+        self.shapes = {k: tuple(s) for k, s in shapes.items()}
+        self.dim_in = sum(math.prod(s) for s in self.shapes.values())
+        self.device = torch.device(device)
+        if exact:
+            self.blocks, off = [], 0
+            for k, s in self.shapes.items():
+                if len(s) in (2, 4):
+                    n_in = math.prod(s[1:])
+                    self.blocks.append(LayerBlock(k, s[0], n_in, s[0], n_in, off))
+                    off += s[0] * n_in
+            self.small = [k for k, s in self.shapes.items() if len(s) not in (2, 4)]
+            self.d_small = self.dim_in - off
+            dim_out = self.dim_in
+        else:
+            self.blocks, self.small, self.d_small = _allocate(self.shapes, dim_out)
+        self.dim_out = dim_out
+        self.p_small = sum(math.prod(self.shapes[k]) for k in self.small)
+        self.p_out: dict[str, torch.Tensor] = {}
+        self.p_in: dict[str, torch.Tensor] = {}
+        for i, b in enumerate(self.blocks):
+            self.p_out[b.name] = self._factor(exact, seed, 2 * i, b.r_out, b.c_out)
+            self.p_in[b.name] = self._factor(exact, seed, 2 * i + 1, b.r_in, b.n_in)
+        self.p_small_t = self._factor(exact, seed, 2 * len(self.blocks), self.d_small, self.p_small).T.contiguous()
+
+    def _factor(self, exact: bool, seed: int, block: int, rows: int, cols: int) -> torch.Tensor:
+        """A (rows, cols) Gaussian factor with N(0, 1/rows) entries (identity if exact)."""
+        if exact:
+            return torch.eye(rows, device=self.device)
+        m = torch.randn(rows, cols, generator=_block_generator(seed, block)) / math.sqrt(max(rows, 1))
+        return m.to(self.device)
+
+    # ------------------------------------------------------------------ full gradients
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        """(B, p) full gradients, flattened in ``shapes`` order -> (B, d) float32."""
+        grads = grads.float()
+        out = torch.empty(grads.shape[0], self.dim_out, device=grads.device)
+        views, off = {}, 0
+        for k, s in self.shapes.items():
+            views[k] = grads[:, off : off + math.prod(s)]
+            off += math.prod(s)
+        for b in self.blocks:
+            g = views[b.name].reshape(-1, b.c_out, b.n_in)
+            out[:, b.offset : b.offset + b.r_out * b.r_in] = (self.p_out[b.name] @ g @ self.p_in[b.name].T).flatten(1)
+        self._write_small(out, torch.cat([views[k] for k in self.small], 1) if self.small else None)
+        return out
+
+    def _write_small(self, out: torch.Tensor, small: torch.Tensor | None) -> None:
+        """Project the (B, p_small) small-parameter gradients into the last d_s columns."""
+        tail = out[:, self.dim_out - self.d_small :]
+        if small is None:
+            tail.zero_()
+        else:
+            tail.copy_(small @ self.p_small_t)
+
+    # ------------------------------------------------------------------ from one backward
+    def project_examples(
+        self,
+        model: DiffusionModel,
+        params: dict[str, torch.Tensor],
+        output: OutputFn,
+        x0: torch.Tensor,
+        timesteps: torch.Tensor,
+        noises: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Projected gradients of the draw-averaged output, one row per example, without per-example gradients.
+
+        Same arguments and meaning as :func:`attribution.gradients.per_example_grads`
+        (x0 (B, C, H, W), timesteps (B, D), noises (B, D, C, H, W), mask (1|C, H, W),
+        cond (B|1, L, D)); equals ``self.project(per_example_grads(...))`` up to rounding.
+
+        Returns:
+            (B, d) float32.
+        """
+        if tuple(params) != tuple(self.shapes):
+            raise ValueError("params differ from those the factorized projection was built for")
+        device = model.device
+        B, D = timesteps.shape
+        cond = _check_cond(model, cond, B)
+        sqrt_ab, sqrt_1mab = _alpha_bar_terms(model, timesteps)
+        x0, eps = x0.to(device), noises.to(device).flatten(0, 1)  # eps (B*D, C, H, W)
+        x_t = sqrt_ab.reshape(-1, 1, 1, 1) * x0.repeat_interleave(D, 0) + sqrt_1mab.reshape(-1, 1, 1, 1) * eps
+        c = None if cond is None else cond.repeat_interleave(D, 0)
+        m = None if mask is None else mask.to(device=device, dtype=torch.float32)[None]
+        out = torch.zeros(B, self.dim_out, device=device)
+        small: dict[str, torch.Tensor] = {k: torch.zeros(B, math.prod(self.shapes[k]), device=device) for k in self.small}
+        # Nothing requires gradients but the hooks' zero leaves: no weight gradient is formed.
+        frozen = {k: v.detach() for k, v in model.unet.named_parameters()}
+        hooks = _LayerHooks(self, model.unet, out, small, B, D)
+        try:
+            eps_pred = functional_call(model.unet, frozen, (x_t, timesteps.to(device).reshape(-1)), model.unet_kwargs(c)).sample
+            if not hooks.leaves:
+                raise ValueError("no selected layer was reached by the forward pass")
+            value = output(eps_pred, eps, m).sum() / D
+            torch.autograd.grad(value, hooks.leaves, allow_unused=True)
+        finally:
+            hooks.remove()
+        self._write_small(out, torch.cat([small[k] for k in self.small], 1) if self.small else None)
+        return out
+
+
+class _LayerHooks:
+    """Forward hooks on the modules owning the selected parameters (see :meth:`FactorizedProjector.project_examples`).
+
+    Each forward call of a hooked module records what its parameters' gradients need
+    (projected input for a weight, normalized input for a norm scale), makes sure the
+    output takes part in the backward (adding a zero leaf when nothing upstream
+    requires gradients) and registers a tensor hook that, given the output gradient,
+    adds the per-example projected / exact gradients into ``out`` and ``small``.
+    """
+
+    def __init__(self, proj: FactorizedProjector, unet: nn.Module, out: torch.Tensor,
+                 small: dict[str, torch.Tensor], batch: int, draws: int):
+        self.proj, self.out, self.small, self.B, self.D = proj, out, small, batch, draws
+        self.leaves: list[torch.Tensor] = []
+        self.handles = []
+        blocks = {b.name: b for b in proj.blocks}
+        owners: dict[str, dict[str, str]] = {}  # module name -> {"weight"/"bias": parameter name}
+        for name in proj.shapes:
+            mod_name, _, attr = name.rpartition(".")
+            owners.setdefault(mod_name, {})[attr] = name
+        for mod_name, attrs in owners.items():
+            module = unet.get_submodule(mod_name)
+            _check_supported(module, mod_name, attrs, blocks)
+            self.handles.append(module.register_forward_hook(self._forward_hook(module, attrs, blocks)))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _per_example(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B*D, ...) -> (B, ...): sum each example's D draws (the 1/D is in the objective)."""
+        return rows.reshape(self.B, self.D, *rows.shape[1:]).sum(1)
+
+    def _forward_hook(self, module: nn.Module, attrs: dict[str, str], blocks: dict[str, LayerBlock]) -> Callable:
+        weight = attrs.get("weight")
+        block = blocks.get(weight) if weight else None
+        conv = isinstance(module, nn.Conv2d)
+        norm = isinstance(module, (nn.GroupNorm, nn.LayerNorm))
+        channels_first = isinstance(module, (nn.Conv2d, nn.GroupNorm))  # else channels last (Linear, LayerNorm)
+
+        def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = inputs[0].detach()
+            if block is not None:  # P_in a_pos at every position: (N, r_in, H', W') or (N, ..., r_in)
+                p_in = self.proj.p_in[weight]
+                if conv:
+                    a = F.conv2d(x, p_in.view(block.r_in, *mod.weight.shape[1:]), None, mod.stride, mod.padding, mod.dilation)
+                    a = a.flatten(2)  # (N, r_in, P)
+                else:
+                    a = (x @ p_in.T).reshape(x.shape[0], -1, block.r_in).transpose(1, 2)  # (N, r_in, P)
+            x_hat = None
+            if norm and weight is not None:
+                x_hat = (F.group_norm(x, mod.num_groups, eps=mod.eps) if isinstance(mod, nn.GroupNorm)
+                         else F.layer_norm(x, mod.normalized_shape, eps=mod.eps))
+            if not output.requires_grad:
+                leaf = torch.zeros((), device=output.device, requires_grad=True)
+                self.leaves.append(leaf)
+                output = output + leaf
+
+            def grad_hook(g: torch.Tensor) -> None:
+                g = g.detach()
+                if channels_first:
+                    g_pos = g.flatten(2)  # (N, C, P)
+                else:
+                    g_pos = g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)  # (N, C, P)
+                if block is not None:
+                    gp = torch.matmul(self.proj.p_out[weight], g_pos)  # (N, r_out, P)
+                    feat = torch.bmm(gp, a.transpose(1, 2))  # (N, r_out, r_in)
+                    sl = slice(block.offset, block.offset + block.r_out * block.r_in)
+                    self.out[:, sl] += self._per_example(feat.flatten(1))
+                elif x_hat is not None:
+                    xh = x_hat.flatten(2) if channels_first else x_hat.reshape(x_hat.shape[0], -1, x_hat.shape[-1]).transpose(1, 2)
+                    self.small[weight] += self._per_example((g_pos * xh).sum(2))
+                if "bias" in attrs:
+                    self.small[attrs["bias"]] += self._per_example(g_pos.sum(2))
+
+            output.register_hook(grad_hook)
+            return output
+
+        return hook
+
+
+def _check_supported(module: nn.Module, name: str, attrs: dict[str, str], blocks: dict[str, LayerBlock]) -> None:
+    """Refuse parameters whose per-example gradient the hooks cannot form."""
+    ok = set(attrs) <= {"weight", "bias"}
+    if isinstance(module, nn.Conv2d):
+        ok = ok and module.groups == 1 and module.padding_mode == "zeros" and ("weight" not in attrs or attrs["weight"] in blocks)
+    elif isinstance(module, nn.Linear):
+        ok = ok and ("weight" not in attrs or attrs["weight"] in blocks)
+    elif isinstance(module, nn.GroupNorm):
+        ok = ok and all(attrs.get(a) not in blocks for a in ("weight", "bias"))
+    elif isinstance(module, nn.LayerNorm):
+        ok = ok and len(module.normalized_shape) == 1 and all(attrs.get(a) not in blocks for a in ("weight", "bias"))
+    else:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"proj_kind 'factorized' supports weights and biases of Conv2d (groups=1), Linear, GroupNorm and "
+            f"LayerNorm; {name} ({type(module).__name__}: {sorted(attrs)}) is not; choose another proj_kind "
+            "or a param_filter without it"
+        )
+
+
+def projected_example_grads(
+    projector,
+    model: DiffusionModel,
+    params: dict[str, torch.Tensor],
+    output: OutputFn,
+    x0: torch.Tensor,
+    timesteps: torch.Tensor,
+    noises: torch.Tensor,
+    chunk_size: int = 32,
+    cond: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Projected per-example gradients (B, d) float32 with any projector (train features).
+
+    A :class:`FactorizedProjector` computes them from batched passes of ``chunk_size``
+    examples; any other projector projects :func:`~attribution.gradients.per_example_grads`.
+    Arguments as in :func:`~attribution.gradients.per_example_grads`.
+    """
+    if isinstance(projector, FactorizedProjector):
+        rows = []
+        for s in range(0, x0.shape[0], chunk_size):
+            sl = slice(s, s + chunk_size)
+            c = cond[sl] if cond is not None and cond.shape[0] > 1 else cond
+            rows.append(projector.project_examples(model, params, output, x0[sl], timesteps[sl], noises[sl], cond=c))
+        return torch.cat(rows)
+    return projector.project(per_example_grads(model, params, output, x0, timesteps, noises, chunk_size=chunk_size, cond=cond))
+
+
+def projected_step_grads(
+    projector,
+    model: DiffusionModel,
+    params: dict[str, torch.Tensor],
+    output: OutputFn,
+    x0_hat: torch.Tensor,
+    timesteps: torch.Tensor,
+    noises: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    cond: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Projected Eq. (3) gradients of S steps (S, d) float32 (query features).
+
+    x0_hat (S, C, H, W), timesteps (S, K), noises (S, K, C, H, W), mask (1|C, H, W),
+    cond (1|S, L, D). A :class:`FactorizedProjector` gets them from one batched
+    backward over the S * K rows; any other projector projects
+    :func:`~attribution.gradients.per_step_grads` (one plain backward per step).
+    """
+    if isinstance(projector, FactorizedProjector):
+        return projector.project_examples(model, params, output, x0_hat, timesteps, noises, mask, cond)
+    return projector.project(per_step_grads(model, params, output, x0_hat, timesteps, noises, mask, cond))

@@ -1,0 +1,129 @@
+"""The factorized (LoGra-style) projection: exact with identity factors, the same linear map on both paths,
+inner products preserved in expectation, and usable as a store's proj_kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig
+from attribution.factorized import FactorizedProjector, projected_example_grads
+from attribution.featurize import draw_timesteps_and_noise, featurize
+from attribution.gradients import per_example_grads, per_step_grads, select_params
+from attribution.models import load_models
+from attribution.outputs import get_output
+from attribution.scoring import Scorer, query_noises
+from attribution.trajectory import sample_trajectory
+
+
+def _shapes(params):
+    return {k: tuple(v.shape) for k, v in params.items()}
+
+
+def _inputs(model, n=4, draws=3):
+    x0 = torch.rand(n, *model.image_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ts, noises = draw_timesteps_and_noise(np.arange(n), FeaturizeConfig(num_draws=draws), model.num_train_timesteps,
+                                          model.image_shape)
+    return x0, ts, noises
+
+
+@pytest.fixture(scope="module")
+def attn_model(tmp_path_factory):
+    """A tiny UNet with a mid-block attention (Linear layers over a sequence, GroupNorm in attention)."""
+    d = tmp_path_factory.mktemp("attn")
+    torch.manual_seed(3)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=4, add_attention=True)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_pretrained(d / "unet")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(d / "scheduler")
+    (d / "model_index.json").write_text('{"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"], '
+                                        '"scheduler": ["diffusers", "DDPMScheduler"]}')
+    return load_models([d])[0]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_identity_factors_give_exact_per_example_gradients(tiny_models, masked):
+    model = tiny_models[0]
+    params = select_params(model)
+    x0, ts, noises = _inputs(model)
+    mask = None
+    if masked:
+        mask = torch.zeros(1, 8, 8)
+        mask[:, 2:6, 1:5] = 1
+    exact = per_example_grads(model, params, get_output("loss"), x0, ts, noises, mask)
+    proj = FactorizedProjector(_shapes(params), 0, seed=0, exact=True)
+    got = proj.project_examples(model, params, get_output("loss"), x0, ts, noises, mask)
+    assert got.shape == exact.shape and exact.abs().max() > 0
+    tol = dict(rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
+    # the layout: weight blocks (c_out x n_in) first, then the small parameters in order
+    offsets = dict(zip(params, np.cumsum([0] + [v.numel() for v in params.values()])))
+    block = next(b for b in proj.blocks if b.name == "conv_in.weight")
+    torch.testing.assert_close(got[:, block.offset : block.offset + block.c_out * block.n_in],
+                               exact[:, offsets["conv_in.weight"] : offsets["conv_in.weight"] + block.c_out * block.n_in], **tol)
+    small = torch.cat([exact[:, offsets[k] : offsets[k] + params[k].numel()] for k in proj.small], 1)
+    torch.testing.assert_close(got[:, -proj.d_small :], small, **tol)
+    torch.testing.assert_close(got.sort(1).values, exact.sort(1).values, **tol)  # a permutation of the gradient
+
+
+@pytest.mark.parametrize("which", ["tiny", "attention"])
+def test_one_backward_equals_projecting_full_gradients(tiny_models, attn_model, which):
+    model = tiny_models[1] if which == "tiny" else attn_model
+    params = select_params(model)
+    x0, ts, noises = _inputs(model, n=5)
+    proj = FactorizedProjector(_shapes(params), 96, seed=4)
+    for output in ("loss", "square"):
+        full = proj.project(per_example_grads(model, params, get_output(output), x0, ts, noises))
+        fast = projected_example_grads(proj, model, params, get_output(output), x0, ts, noises, chunk_size=2)
+        assert fast.shape == (5, 96) and full.abs().max() > 0
+        torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5 * float(full.abs().max()))
+
+
+def test_inner_products_are_preserved_in_expectation(tiny_models):
+    params = select_params(tiny_models[0])
+    shapes = _shapes(params)
+    p = sum(v.numel() for v in params.values())
+    a, b = torch.randn(2, p, generator=torch.Generator().manual_seed(1))
+    b = 0.6 * a + 0.8 * b  # correlated: <a, b> is far from 0
+    est = np.array([float(FactorizedProjector(shapes, 128, seed=s).project(torch.stack([a, b])).prod(0).sum())
+                    for s in range(60)])
+    exact = float(a @ b)
+    assert abs(est.mean() - exact) < 4 * est.std() / np.sqrt(len(est)), (est.mean(), exact, est.std())
+    assert est.std() < exact  # and each estimate is informative
+
+
+def test_refuses_mismatched_params_and_tiny_dims(tiny_models):
+    model = tiny_models[0]
+    params = select_params(model)
+    with pytest.raises(ValueError, match="too small"):
+        FactorizedProjector(_shapes(params), 8, seed=0)
+    proj = FactorizedProjector(_shapes(params), 64, seed=0)
+    x0, ts, noises = _inputs(model, n=1)
+    with pytest.raises(ValueError, match="params differ"):
+        proj.project_examples(model, select_params(model, ("conv_in",)), get_output("loss"), x0, ts, noises)
+
+
+def test_factorized_store_features_and_scores(tiny_models, tiny_dataset, tmp_path):
+    cfg = FeaturizeConfig(proj_dim=64, num_draws=2, proj_kind="factorized", store_dtype="float32")
+    store = featurize(tiny_models, tiny_dataset, tmp_path / "s", cfg)
+    scorer = Scorer(store, tiny_models, "journey", QueryConfig(num_resamples=2))
+    model, params = tiny_models[1], scorer.params[1]
+    idx = np.arange(5)
+    ts, noises = draw_timesteps_and_noise(idx, cfg, model.num_train_timesteps, model.image_shape)
+    want = scorer.projectors[1].project(per_example_grads(model, params, get_output("loss"), tiny_dataset.images(idx), ts, noises))
+    np.testing.assert_allclose(np.asarray(store.features(1))[idx], want.numpy(), rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    traj = sample_trajectory(tiny_models[0], SamplingConfig(num_inference_steps=3, seed=0))
+    mask = torch.zeros(1, 8, 8)
+    mask[:, 3:7] = 1
+    feats = scorer.query_features(traj, [0, 2], mask)  # one batched backward per chunk of steps
+    qn = query_noises([0, 2], 2, 0, (1, 8, 8))
+    qt = traj.timesteps[[0, 2]][:, None].expand(-1, 2)
+    want = scorer.projectors[1].project(per_step_grads(model, params, get_output("loss"), traj.x0_hat[[0, 2]], qt, qn, mask))
+    torch.testing.assert_close(feats[1], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    scores = scorer.score(traj, [0, 2]).scores
+    assert scores.shape == (2, len(tiny_dataset)) and np.isfinite(scores).all() and np.abs(scores).max() > 0
