@@ -147,6 +147,7 @@ def stream_scorer(store, ridge: float = RIDGE):
     sc.method = get_method("journey")
     sc.query = QueryConfig(ridge=ridge)
     sc._row_norms = None
+    sc.row_weights = None  # no DAS weighting
     sc.chol = []
     for m in range(store.num_checkpoints):
         k = torch.from_numpy(store.kernel(m))
