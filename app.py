@@ -1,7 +1,7 @@
 """Diffusion attribution explorer: the Streamlit entry point (run ``streamlit run app.py``).
 
 Sets the page layout, loads the shared workspace once, shows what is loaded in
-the sidebar and routes to the views in ``pages/``.
+the sidebar and routes to the views in ``views/``.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import app_support as ui
 st.set_page_config(page_title="Diffusion attribution explorer", page_icon=":material/blur_on:", layout="wide")
 
 PAGES = [
-    st.Page("pages/explore.py", title="Explore", icon=":material/explore:", default=True),
-    st.Page("pages/patch.py", title="Patch", icon=":material/brush:"),
-    st.Page("pages/curves.py", title="Feature curves", icon=":material/show_chart:"),
-    st.Page("pages/over_steps.py", title="Over the steps", icon=":material/timeline:"),
-    st.Page("pages/compare.py", title="Compare methods", icon=":material/compare:"),
-    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/fact_check:"),
-    st.Page("pages/about.py", title="About", icon=":material/info:"),
+    st.Page("views/explore.py", title="Explore", icon=":material/explore:", default=True),
+    st.Page("views/patch.py", title="Patch", icon=":material/brush:"),
+    st.Page("views/curves.py", title="Feature curves", icon=":material/show_chart:"),
+    st.Page("views/over_steps.py", title="Over the steps", icon=":material/timeline:"),
+    st.Page("views/compare.py", title="Compare methods", icon=":material/compare:"),
+    st.Page("views/evaluate.py", title="Evaluate", icon=":material/fact_check:"),
+    st.Page("views/about.py", title="About", icon=":material/info:"),
 ]
 
 page = st.navigation(PAGES)

@@ -140,7 +140,7 @@ def make_app(page: str | None = None, **state):
         at.session_state[k] = v
     at.run()
     if page:
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"views/{page}.py")
         at.run()
     assert not at.exception, [e.message for e in at.exception]
     return at

@@ -94,7 +94,7 @@ def test_upload_names_cannot_inject_or_escape(app_bundle, ws, tmp_path):
     from attribution.workspace import ASSETS_DIR, CACHE_DIR
 
     evil = "../../../../tmp/x/![t](http:tracker.example)<b>.png"
-    watched = [ASSETS_DIR, CACHE_DIR, REPO / "attribution", REPO / "pages"] + ([Path(app_bundle)] if app_bundle else [])
+    watched = [ASSETS_DIR, CACHE_DIR, REPO / "attribution", REPO / "views"] + ([Path(app_bundle)] if app_bundle else [])
     at = make_app()
     before = _tree(*watched)
     at.file_uploader[0].set_value((evil, b"not an image", "image/png")).run()

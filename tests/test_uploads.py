@@ -173,7 +173,7 @@ def test_explore_page_uploads(app_bundle, ws):
     """Each bad file: an st.error naming it, the sample unchanged; each odd one: inverted. Nothing written."""
     from attribution.workspace import ASSETS_DIR, CACHE_DIR
 
-    watched = [ASSETS_DIR, CACHE_DIR, REPO / "attribution", REPO / "pages"] + ([Path(app_bundle)] if app_bundle else [])
+    watched = [ASSETS_DIR, CACHE_DIR, REPO / "attribution", REPO / "views"] + ([Path(app_bundle)] if app_bundle else [])
     at = make_app()
     before = _tree(*watched)
     for name in APP_BAD:
