@@ -299,3 +299,20 @@ def test_other_pages_render(page, server, title, shot, ready):
     assert page.locator('[data-testid="stException"]').count() == 0
     screenshot(page, shot)
     assert not page.errors, page.errors
+
+
+def test_deep_link_opens_the_page_inside_the_app(page, server):
+    """A bookmarked page URL in a fresh browser session runs through app.py: its navigation and
+    bundle panel appear, not a bare page listed by file name (what a ``pages/`` folder would give)."""
+    context = page.context.browser.new_context(viewport={"width": 1440, "height": 1000})
+    try:
+        fresh = context.new_page()
+        fresh.goto(server.rstrip("/") + "/about")
+        fresh.wait_for_selector('h1:has-text("About")', timeout=SLOW)
+        nav = fresh.locator('[data-testid="stSidebarNav"] a')
+        nav.first.wait_for(timeout=SLOW)
+        labels = [t.strip().splitlines()[-1].strip() for t in nav.all_inner_texts()]  # icon name, then title
+        assert "Explore" in labels and "Compare methods" in labels, labels
+        assert fresh.locator("text=Diffusion attribution explorer").count() >= 1
+    finally:
+        context.close()
