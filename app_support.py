@@ -404,6 +404,15 @@ def sample_caption() -> None:
     st.caption(f"Current sample: **{sample_label()}** · change it on the Explore page.")
 
 
+def sample_page(ws: Workspace, title: str, explanation: str) -> tuple[str, Trajectory]:
+    """The header of a page that works on the current sample: title, explanation, the sample
+    (seed 0 if none yet) and the reminder of which one it is; returns its key and trajectory."""
+    page_header(title, explanation)
+    key, traj = current_sample(ws)
+    sample_caption()
+    return key, traj
+
+
 # ---------------------------------------------------------------------------- widgets
 def method_selector(ws: Workspace, container=None, baselines: bool = True) -> str:
     """Sidebar select box of the available methods (default journey-TRAK), kept across pages."""

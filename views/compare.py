@@ -7,13 +7,12 @@ import streamlit as st
 import app_support as ui
 
 ws = ui.get_workspace()
-ui.page_header(
+key, traj = ui.sample_page(
+    ws,
     "Compare methods",
     "The same sample and step scored by every attribution method, one row each, and how much their full "
     "rankings of the training set agree.",
 )
-key, traj = ui.current_sample(ws)
-ui.sample_caption()
 step = ui.step_slider(traj)
 k = st.sidebar.slider("Influencers per method", 3, 8, 5, key="compare_k", persist_state="session")
 

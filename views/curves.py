@@ -10,7 +10,8 @@ import app_support as ui
 
 ws = ui.get_workspace()
 text_labels = ws.bundle.clip_dir is not None  # a local CLIP model scores free-text labels
-ui.page_header(
+key, traj = ui.sample_page(
+    ws,
     "Feature curves",
     "How likely each of your text labels is, at each step, for the image the model will end up drawing: from "
     "every step we finish the generation several times at random and let CLIP compare the results with the labels."
@@ -18,8 +19,6 @@ ui.page_header(
     "How sure the model is, at each step, about which digit it will end up drawing: from every step we finish "
     "the generation several times at random and let a digit classifier vote.",
 )
-key, traj = ui.current_sample(ws)
-ui.sample_caption()
 
 if not text_labels and ws.classifier is None:
     st.warning("This bundle has no classifier and no CLIP model, so there is no feature to track. "

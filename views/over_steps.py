@@ -7,13 +7,12 @@ import streamlit as st
 import app_support as ui
 
 ws = ui.get_workspace()
-ui.page_header(
+key, traj = ui.sample_page(
+    ws,
     "Over the steps",
     "Follow one training image's influence through the whole generation, and see which training images "
     "matter at which steps — some help early and hurt late.",
 )
-key, traj = ui.current_sample(ws)
-ui.sample_caption()
 method = ui.method_selector(ws)
 step = ui.step_slider(traj, label="Reference step (for the picks below and the dotted line)")
 

@@ -10,13 +10,12 @@ import app_support as ui
 CANVAS_SIZE = 288  # 9 canvas pixels per model pixel
 
 ws = ui.get_workspace()
-ui.page_header(
+key, traj = ui.sample_page(
+    ws,
     "Patch",
     "Paint over part of the sample to ask which training images shaped just that region at the chosen step, "
     "compared with the influencers of the whole image.",
 )
-key, traj = ui.current_sample(ws)
-ui.sample_caption()
 
 method = ui.method_selector(ws)
 k = st.sidebar.slider("Influencers shown", 4, 16, 8, key="top_k", persist_state="session")
