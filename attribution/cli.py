@@ -107,6 +107,7 @@ def cmd_featurize(args: argparse.Namespace) -> None:
         proj_seed=args.proj_seed,
         num_draws=args.num_draws,
         timestep_sampling=args.timestep_sampling,
+        timestep_range=tuple(args.timestep_range) if args.timestep_range else None,
         store_dtype="float16" if args.half else "float32",
         param_filter=tuple(args.params) if args.params else (("re:lora_",) if args.lora else None),
     )
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--num-draws", type=int, default=FeaturizeConfig.num_draws, help="(timestep, noise) draws per example")
     f.add_argument("--timestep-sampling", choices=["even", "stratified", "uniform"], default=FeaturizeConfig.timestep_sampling,
                    help="how the draws' timesteps are chosen (even: 0, T/D, 2T/D, ... as D-TRAK)")
+    f.add_argument("--timestep-range", type=int, nargs=2, metavar=("LO", "HI"),
+                   help="draw timesteps from [LO, HI) only (default: all T); LO LO+1 matches one sampling step")
     f.add_argument("--output", default="loss", help="model output: loss (journey-TRAK) or square/l1/l2/mean (D-TRAK)")
     f.add_argument("--params", nargs="*", help="parameter-name prefixes to differentiate (default: all; with --lora: re:lora_)")
     f.add_argument("--lora", action="append", help="trained LoRA weights (peft dir or pytorch_lora_weights.safetensors); one, or one per --model")

@@ -40,6 +40,10 @@ class FeaturizeConfig:
         timestep_sampling: ``"stratified"`` (one uniform draw in each of
             ``num_draws`` equal strata of [0, T)), ``"uniform"`` or ``"even"``
             (D-TRAK's ``range(0, T, T // num_draws)``).
+        timestep_range: ``(lo, hi)``: take the draws from ``[lo, hi)`` instead of
+            ``[0, T)`` (strata, even grid or uniform draws within it). ``(t, t + 1)``
+            puts every draw at timestep t: train features matched to one sampling
+            step (the timestep ablation of the evaluation benchmark).
         draw_seed: seed of the draws; example i always gets the same draws,
             whatever the chunking, sharding or device.
         param_filter: parameters to differentiate (``None``: all): name prefixes, or
@@ -56,6 +60,7 @@ class FeaturizeConfig:
     sjlt_nnz: int = 4
     num_draws: int = 4
     timestep_sampling: str = "stratified"
+    timestep_range: tuple[int, int] | None = None
     draw_seed: int = 0
     param_filter: tuple[str, ...] | None = None
     store_dtype: str = "float16"
@@ -73,10 +78,16 @@ class FeaturizeConfig:
             raise ValueError("num_draws, proj_dim and sjlt_nnz must be positive")
         if self.param_filter is not None:
             object.__setattr__(self, "param_filter", tuple(self.param_filter))
+        if self.timestep_range is not None:
+            lo, hi = (int(v) for v in self.timestep_range)
+            if not 0 <= lo < hi:
+                raise ValueError(f"timestep_range must be (lo, hi) with 0 <= lo < hi, not {self.timestep_range!r}")
+            object.__setattr__(self, "timestep_range", (lo, hi))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["param_filter"] = list(self.param_filter) if self.param_filter is not None else None
+        d["timestep_range"] = list(self.timestep_range) if self.timestep_range is not None else None
         return d
 
     @classmethod
@@ -88,6 +99,8 @@ class FeaturizeConfig:
         d = dict(d)
         if d.get("param_filter") is not None:
             d["param_filter"] = tuple(d["param_filter"])
+        if d.get("timestep_range") is not None:
+            d["timestep_range"] = tuple(d["timestep_range"])
         return cls(**d)
 
 
@@ -99,7 +112,9 @@ class QueryConfig:
         num_resamples: K, fresh noises averaged in Eq. (3) (paper: 20).
         noise_seed: seed of the K noises; step s uses ``(noise_seed, s)``.
         ridge: relative ridge; lambda_m = ridge * trace(K_m) / d.
-        chunk_size: steps differentiated per vectorized call.
+        chunk_size: steps per call of the query-gradient routine (plain autograd: one
+            backward of K rows per step; factorized stores: one batched backward of
+            ``chunk_size * K`` rows); bounds the memory of a query, not its result.
     """
 
     num_resamples: int = 20

@@ -46,6 +46,11 @@ from .models import DiffusionModel
 from .outputs import OutputFn
 from .projection import _block_generator
 
+#: Version of the factor shapes and draw order; recorded in factorized stores (``projection_layout``)
+#: so that a store built by another layout is refused instead of scored with a different map.
+#: 2: square-ish factors (r_out ~ r_in).
+LAYOUT_VERSION = 2
+
 
 @dataclass(frozen=True)
 class LayerBlock:

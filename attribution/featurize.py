@@ -25,6 +25,7 @@ import torch
 
 from .config import FeaturizeConfig
 from .data import ImageDataset
+from .factorized import LAYOUT_VERSION as FACTORIZED_LAYOUT
 from .factorized import projected_example_grads
 from .gradients import num_params, select_params
 from .latents import LatentDataset, dataset_fingerprint, model_space_dataset
@@ -47,18 +48,25 @@ def draw_timesteps_and_noise(
     num_train_timesteps: int,
     image_shape: tuple[int, int, int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (timestep, noise) draws of examples ``indices``: ((B, D) int64, (B, D, C, H, W) float32), on CPU."""
-    d, T = config.num_draws, num_train_timesteps
+    """The (timestep, noise) draws of examples ``indices``: ((B, D) int64, (B, D, C, H, W) float32), on CPU.
+
+    Timesteps come from ``config.timestep_range`` (default ``[0, T)``).
+    """
+    d = config.num_draws
+    lo, hi = config.timestep_range or (0, num_train_timesteps)
+    if hi > num_train_timesteps:
+        raise ValueError(f"timestep_range {config.timestep_range} exceeds the model's {num_train_timesteps} timesteps")
     ts, noises = [], []
     for i in indices:
         g = _example_generator(config.draw_seed, int(i))
         if config.timestep_sampling == "even":
-            t = torch.arange(0, T, max(1, T // d))[:d]
+            grid = torch.arange(lo, hi, max(1, (hi - lo) // d))
+            t = grid.repeat(-(-d // len(grid)))[:d]  # a range narrower than d repeats its grid
         elif config.timestep_sampling == "uniform":
-            t = torch.randint(0, T, (d,), generator=g)
+            t = torch.randint(lo, hi, (d,), generator=g)
         else:  # stratified: one uniform draw in each of d equal strata
-            edges = torch.linspace(0, T, d + 1)
-            t = (edges[:-1] + torch.rand(d, generator=g) * (edges[1:] - edges[:-1])).long().clamp_(0, T - 1)
+            edges = torch.linspace(lo, hi, d + 1)
+            t = (edges[:-1] + torch.rand(d, generator=g) * (edges[1:] - edges[:-1])).long().clamp_(lo, hi - 1)
         ts.append(t)
         noises.append(torch.randn((d, *image_shape), generator=g))
     return torch.stack(ts), torch.stack(noises)
@@ -88,6 +96,7 @@ def store_spec(
             "image_shape": list(shape),
         },
         num_params=num_params(params),
+        projection_layout=FACTORIZED_LAYOUT if config.proj_kind == "factorized" else None,
     )
 
 

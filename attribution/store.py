@@ -176,12 +176,15 @@ class StoreSpec:
         checkpoints: one ``{"path": ..., "hash": ...}`` per checkpoint, in order.
         dataset: ``{"name", "fingerprint", "num_train", "image_shape"}``.
         num_params: number of differentiated parameters p.
+        projection_layout: version of a structured projection's layout (factorized:
+            :data:`attribution.factorized.LAYOUT_VERSION`), None for the others.
     """
 
     config: FeaturizeConfig
     checkpoints: tuple[dict[str, str], ...]
     dataset: dict[str, Any]
     num_params: int
+    projection_layout: int | None = None
 
     @property
     def proj_dim(self) -> int:
@@ -213,6 +216,11 @@ class StoreSpec:
             )
         if manifest["num_params"] != self.num_params:
             return f"the number of parameters differs: {manifest['num_params']} in the store, {self.num_params} now"
+        if manifest.get("projection_layout") != self.projection_layout:
+            return (
+                f"the {self.config.proj_kind} projection layout differs: the store was built with layout "
+                f"{manifest.get('projection_layout')}, this program uses {self.projection_layout}; rebuild the store"
+            )
         return None
 
 
@@ -264,6 +272,8 @@ class Store:
             "arrays": arrays,
             "kernels": {},
         }
+        if spec.projection_layout is not None:
+            manifest["projection_layout"] = spec.projection_layout
         atomic_write_bytes(root / "manifest.json", json.dumps(manifest, indent=2).encode())
         return cls(root, manifest, writable=True)
 

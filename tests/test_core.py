@@ -71,6 +71,27 @@ def test_draws_do_not_depend_on_chunking(tiny_models):
     assert all(((t_all[:, k] >= 25 * k) & (t_all[:, k] < 25 * (k + 1))).all() for k in range(4))
 
 
+
+@pytest.mark.parametrize("sampling", ["stratified", "uniform", "even"])
+def test_timestep_range_confines_the_draws(tiny_models, sampling):
+    shape = tiny_models[0].image_shape
+    t, _ = draw_timesteps_and_noise(np.arange(8), FeaturizeConfig(num_draws=4, timestep_sampling=sampling,
+                                                                   timestep_range=(40, 60)), 100, shape)
+    assert ((t >= 40) & (t < 60)).all() and t.shape == (8, 4)
+    one, _ = draw_timesteps_and_noise(np.arange(3), FeaturizeConfig(num_draws=4, timestep_sampling=sampling,
+                                                                     timestep_range=(7, 8)), 100, shape)
+    assert (one == 7).all()
+    # the whole range spelled out draws exactly what the default does
+    full = FeaturizeConfig(num_draws=4, timestep_sampling=sampling, timestep_range=(0, 100))
+    a, na = draw_timesteps_and_noise(np.arange(5), full, 100, shape)
+    b, nb = draw_timesteps_and_noise(np.arange(5), FeaturizeConfig(num_draws=4, timestep_sampling=sampling), 100, shape)
+    assert torch.equal(a, b) and torch.equal(na, nb)
+    with pytest.raises(ValueError, match="exceeds"):
+        draw_timesteps_and_noise(np.arange(1), FeaturizeConfig(timestep_range=(90, 120)), 100, shape)
+    with pytest.raises(ValueError, match="lo < hi"):
+        FeaturizeConfig(timestep_range=(5, 5))
+    assert FeaturizeConfig.from_dict(FeaturizeConfig(timestep_range=(3, 9)).to_dict()).timestep_range == (3, 9)
+
 def test_projections_are_seeded_and_blockwise():
     g = torch.randn(3, 5000)
     a = SparseSignProjector(5000, 64, seed=3, nnz=4)

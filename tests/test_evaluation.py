@@ -160,3 +160,30 @@ def test_bench_pipeline_end_to_end(tiny_bench):
     md = (out / "report.md").read_text()
     assert "| journey |" in md and "Retrain without top-k" in md
     assert (out / "lds_vs_step.html").exists() and (out / "counterfactual_pixel_l2.html").exists()
+
+
+def test_bench_timestep_ablation(tiny_bench):
+    """`bench ablation`: one store per step with every draw at the step's timestep, scored on the report's truth."""
+    from attribution.cli import main
+
+    work, out = tiny_bench["work"], tiny_bench["out"]
+    q = ["--num-queries", "3", "--num-val-queries", "2", "--num-resamples", "2", "--proj-dim", "32",
+         "--num-draws", "1", "--ridges", "0.1", "1.0"]
+    assert main(["bench", "ablation", "--work", str(work), *q, "--matched-draws", "1", "--half-widths", "0",
+                 "--truth", str(out / "truth.npz")]) == 0
+    res = json.loads((work / "ablation.json").read_text())
+    assert set(res["variants"]) == {"journey all timesteps", "journey matched exactly"}
+    assert all(len(r["mean"]) == len(res["steps"]) == 10 for r in res["variants"].values())
+    for t in res["timesteps"]:
+        manifest = json.loads(next((work / "stores").glob(f"loss-d1-stratified-t{t}_{t + 1}-*/manifest.json")).read_text())
+        assert manifest["settings"]["timestep_range"] == [t, t + 1]
+    report_dir = out.parent / "results_with_ablation"
+    assert main(["bench", "report", "--work", str(work), "--out", str(report_dir)]) == 0
+    md = (report_dir / "report.md").read_text()
+    assert "## Timestep ablation" in md and "| journey matched exactly |" in md
+    # a truth file of other subsets is refused
+    bad = out / "bad_truth.npz"
+    z = np.load(out / "truth.npz")
+    np.savez(bad, truth=z["truth"], subset_ids=z["subset_ids"], subsets=~z["subsets"])
+    assert main(["bench", "ablation", "--work", str(work), *q, "--matched-draws", "1", "--half-widths", "0",
+                 "--truth", str(bad)]) == 2

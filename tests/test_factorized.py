@@ -127,3 +127,20 @@ def test_factorized_store_features_and_scores(tiny_models, tiny_dataset, tmp_pat
     torch.testing.assert_close(feats[1], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     scores = scorer.score(traj, [0, 2]).scores
     assert scores.shape == (2, len(tiny_dataset)) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+
+
+def test_store_of_another_factorized_layout_is_refused(tiny_models, tiny_dataset, tmp_path):
+    import json
+
+    from attribution.factorized import LAYOUT_VERSION
+    from attribution.store import StoreError
+
+    cfg = FeaturizeConfig(proj_dim=64, num_draws=1, proj_kind="factorized", store_dtype="float32")
+    featurize(tiny_models[:1], tiny_dataset, tmp_path / "s", cfg)
+    path = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["projection_layout"] == LAYOUT_VERSION
+    del manifest["projection_layout"]  # as written before layouts were versioned
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="layout differs"):
+        featurize(tiny_models[:1], tiny_dataset, tmp_path / "s", cfg)

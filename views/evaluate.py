@@ -9,7 +9,7 @@ import streamlit as st
 
 import app_support as ui
 from attribution.evaluation.figures import counterfactual_figure, lds_figure, step_correlation_figure
-from attribution.evaluation.report import DEFAULT_REPORT_DIR, counterfactual_rows, lds_rows, load_report
+from attribution.evaluation.report import DEFAULT_REPORT_DIR, ablation_rows, counterfactual_rows, lds_rows, load_report
 
 ui.page_header(
     "Evaluate",
@@ -57,3 +57,13 @@ else:
 if lds.get("analyses", {}).get("step_correlation"):
     st.markdown("#### Are the scores of one sample similar at different steps?")
     st.plotly_chart(step_correlation_figure(report), use_container_width=True)
+
+ab_rows = ablation_rows(report)
+if ab_rows:
+    st.markdown("#### Do train features need to be drawn at the step's own timestep?")
+    st.caption(
+        "Each train example's gradient is averaged over (timestep, noise) draws. \"All timesteps\" draws them over the "
+        "whole schedule (the method as published); \"matched\" scores step s against features drawn only around "
+        "that step's timestep (one store per step)."
+    )
+    st.dataframe(ab_rows, hide_index=True, use_container_width=True)

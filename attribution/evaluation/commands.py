@@ -88,8 +88,11 @@ def cmd_lds(args: argparse.Namespace) -> None:
             run.candidate_scores(method)
         print(f"caches warm ({time.perf_counter() - t0:.0f} s)")
         return
-    truth, ids = ground_truth(run.paths, run.queries, run.spec, config.num_subsets, log=tqdm.write,
-                              compute=not args.cached_truth)
+    if args.truth is not None:
+        truth, ids = _load_truth(args, run)
+    else:
+        truth, ids = ground_truth(run.paths, run.queries, run.spec, config.num_subsets, log=tqdm.write,
+                                  compute=not args.cached_truth)
     if len(ids) < 8:
         raise RuntimeError(f"only {len(ids)} subset models are trained; the LDS needs at least 8")
     results, chosen = run.evaluate(args.methods, truth, ids)
@@ -196,6 +199,68 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     print(f"wrote {run.paths.root / 'counterfactual.json'}: {len(rows)}/{len(removals)} removal models measured")
 
 
+def _load_truth(args: argparse.Namespace, run) -> tuple:
+    """Ground truth (m', Q, S) and subset ids: from ``--truth`` (a report's truth.npz) or the work dir's cache."""
+    import numpy as np
+
+    from .run import ground_truth
+
+    if args.truth is None:
+        return ground_truth(run.paths, run.queries, run.spec, len(run.subsets), log=tqdm.write, compute=False)
+    z = np.load(args.truth, allow_pickle=False)
+    truth, ids = z["truth"], z["subset_ids"]
+    if not np.array_equal(z["subsets"], run.subsets[ids]):
+        raise ValueError(f"{args.truth} was computed for other subsets than {run.paths.root}")
+    if truth.shape[1:] != (run.queries.x0_hat.shape[0], len(run.spec.steps)):
+        raise ValueError(f"{args.truth} holds {truth.shape[1:]} (queries, steps), the run has "
+                         f"{(run.queries.x0_hat.shape[0], len(run.spec.steps))}")
+    return truth, ids
+
+
+def cmd_ablation(args: argparse.Namespace) -> None:
+    """LDS of train features drawn over all timesteps vs matched to each step (``ablation.json``)."""
+    import json
+
+    from ..outputs import get_method
+    from .ablation import matched_candidates
+
+    _threads(args)
+    t0 = time.perf_counter()
+    config, run = _lds_run(args)
+    truth, ids = _load_truth(args, run)
+    results = {}
+    for method in args.methods:
+        label = get_method(method).label
+        variants = {f"{method} all timesteps": ("all", run.candidate_scores(method))}
+        for hw in args.half_widths:
+            name = f"{method} matched ±{hw}" if hw else f"{method} matched exactly"
+            variants[name] = (hw, matched_candidates(run, method, args.matched_draws, hw, run.grid.ridges))
+        for name, (hw, cands) in variants.items():
+            results[name], _ = run.select(name, label, cands, truth, ids)
+            results[name]["half_width"] = hw
+    steps = list(run.spec.steps)
+    out = {
+        "steps": steps, "timesteps": run.queries.timesteps[steps].tolist(), "num_subsets": int(len(ids)),
+        "num_queries": run.spec.num_queries, "num_val_queries": run.spec.num_val_queries,
+        "featurize": run.base.to_dict(), "bench": config.to_dict(), "variants": results,
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    path = run.paths.root / "ablation.json"
+    if path.exists():  # keep the variants of earlier runs (other methods) on the same steps
+        old = json.loads(path.read_text())
+        if old.get("timesteps") == out["timesteps"] and old.get("num_subsets") == out["num_subsets"]:
+            out["variants"] = {**old["variants"], **results}
+            out["wall_seconds"] += old.get("wall_seconds", 0.0)
+    path.write_text(json.dumps(out))
+    head = " | ".join(f"t={t}" for t in out["timesteps"])
+    print(f"| variant | {head} | mean | setting |\n|---|" + "---|" * (len(steps) + 2))
+    for name, r in results.items():
+        cells = " | ".join(f"{m:.3f} ± {e:.3f}" for m, e in zip(r["mean"], r["se"]))
+        print(f"| {name} | {cells} | **{r['overall']:.3f} ± {r['overall_se']:.3f}** | "
+              f"draws {r['num_draws']}, ridge {r['ridge']}, sign {r['sign']:+.0f} |")
+    print(f"wrote {path} ({out['wall_seconds']:.0f} s)")
+
+
 def add_query_args(p: argparse.ArgumentParser) -> None:
     """Options of the query set, the featurize base config and the selection grid."""
     from ..config import FeaturizeConfig
@@ -246,6 +311,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     l.add_argument("--analysis-step", type=int, default=22, help="step of the top-k overlap analysis")
     l.add_argument("--cached-truth", action="store_true", help="use only the cached ground truth (see `bench truth`)")
     l.add_argument("--warm-only", action="store_true", help="only build stores, query features and caches")
+    l.add_argument("--truth", type=Path, help="ground truth from a report's truth.npz instead of the work dir's cache")
     l.set_defaults(func=cmd_lds)
 
     c = common(bsub.add_parser("counterfactual", help="retrain without top-k influencers and regenerate"))
@@ -258,6 +324,15 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--cf-ridge", type=float, default=0.1, help="relative ridge of the ranking")
     c.add_argument("--measure-only", action="store_true", help="measure the finished models, train nothing")
     c.set_defaults(func=cmd_counterfactual)
+
+    a = common(bsub.add_parser("ablation", help="LDS of train features over all timesteps vs matched to each step"))
+    add_query_args(a)
+    a.add_argument("--methods", nargs="+", default=["journey"])
+    a.add_argument("--matched-draws", type=int, nargs="+", default=[4], help="draws per example of the matched stores")
+    a.add_argument("--half-widths", type=int, nargs="+", default=[0, 10],
+                   help="matched stores draw from [t_s - w, t_s + w] (0: exactly t_s)")
+    a.add_argument("--truth", type=Path, help="ground truth from a report's truth.npz instead of the work dir's cache")
+    a.set_defaults(func=cmd_ablation)
 
     t = common(bsub.add_parser("truth", help="cache the LDS ground truth of the subset models trained so far"))
     add_query_args(t)

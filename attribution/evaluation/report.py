@@ -60,6 +60,11 @@ def build_report(work: Path) -> dict:
     cf = work / "counterfactual.json"
     if cf.exists():
         report["counterfactual"] = json.loads(cf.read_text())
+    ab = work / "ablation.json"
+    if ab.exists():
+        report["ablation"] = json.loads(ab.read_text())
+        for r in report["ablation"]["variants"].values():
+            r.pop("per_query", None)
     for name in ("retrain_seconds.json",):
         if (work / name).exists():
             report[name.removesuffix(".json")] = json.loads((work / name).read_text())
@@ -97,6 +102,31 @@ def margins_table(report: dict, reference: str = "journey") -> str:
         rows.append(f"| {name} | " + " | ".join(_fmt(m, s, 2) for m, s in zip(d["mean"], d["se"]))
                     + f" | {_fmt(d['overall'], d['overall_se'])} |")
     return "\n".join(rows)
+
+
+def ablation_rows(report: dict) -> list[dict]:
+    """The timestep ablation as display rows (empty when it was not run)."""
+    ab = report.get("ablation")
+    if not ab:
+        return []
+    rows = []
+    for name, r in ab["variants"].items():
+        row = {"variant": name, "mean LDS": _fmt(r["overall"], r["overall_se"])}
+        row.update({f"t={t}": _fmt(m, e, 2) for t, m, e in zip(ab["timesteps"], r["mean"], r["se"])})
+        row["draws / ridge / sign"] = f"{r['num_draws']} / {r['ridge']} / {r['sign']:+.0f}"
+        rows.append(row)
+    return rows
+
+
+def ablation_table(report: dict) -> str:
+    """Markdown version of :func:`ablation_rows`."""
+    rows = ablation_rows(report)
+    if not rows:
+        return "_not run_"
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def counterfactual_table(report: dict) -> str:
@@ -174,6 +204,14 @@ def write_report(work: Path, out_dir: Path) -> Path:
         "## Retrain without top-k",
         "",
         counterfactual_table(report),
+        "",
+        "## Timestep ablation: train draws over all timesteps vs matched to the step",
+        "",
+        "`attribution bench ablation`: \"matched\" scores step s against a store whose (timestep, noise) draws all lie "
+        "in [t_s - w, t_s + w] (one store per step, `FeaturizeConfig.timestep_range`); \"all timesteps\" is the "
+        "stratified store of the table above. Settings chosen on the validation queries as above.",
+        "",
+        ablation_table(report),
         "",
         "Figures: " + ", ".join(f"[{n}]({n})" for n in figs),
         "",

@@ -108,10 +108,10 @@ class LdsRun:
         queries = load_or_generate_queries(paths.queries, models[0], spec)
         return cls(paths, models, dataset, subsets, spec, queries, base, grid, log)
 
-    def store(self, output: str, num_draws: int):
+    def store(self, output: str, num_draws: int, timestep_range: tuple[int, int] | None = None):
         from dataclasses import replace
 
-        cfg = replace(self.base, output=output, num_draws=num_draws)
+        cfg = replace(self.base, output=output, num_draws=num_draws, timestep_range=timestep_range)
         t0 = time.perf_counter()
         st = build_store(self.paths.root, self.models, self.dataset, cfg, log=self.log)
         self.log(f"store {store_name(cfg)} ready ({time.perf_counter() - t0:.0f} s)")
@@ -137,34 +137,50 @@ class LdsRun:
         Returns:
             (results by method (JSON-ready), {method: scores (Q_rep, S, N) of the chosen setting}).
         """
-        val, rep = self.spec.split()
-        masks = self.subsets[subset_ids]
         results, chosen = {}, {}
         for method in methods:
             t0 = time.perf_counter()
-            cands = self.candidate_scores(method)
-            best = None
-            selection = []
-            for (d, r), scores in cands.items():
-                for sign in self.grid.signs:
-                    v = summarize(lds(scores[val], masks, truth[:, val], sign)).overall
-                    selection.append({"num_draws": d, "ridge": r, "sign": sign, "val_lds": v})
-                    if best is None or v > best[0]:
-                        best = (v, d, r, sign)
-            _, d, r, sign = best
-            values = lds(cands[(d, r)][rep], masks, truth[:, rep], sign)
-            s = summarize(values)
-            # the documented sign (+1) too, so a flipped convention is visible
-            fixed = summarize(lds(cands[(d, r)][rep], masks, truth[:, rep], 1.0))
-            chosen[method] = cands[(d, r)][rep]
-            results[method] = {
-                "label": get_method(method).label if method not in SIMILARITY else f"{method} similarity",
-                "num_draws": d, "ridge": r, "sign": sign,
-                "mean": s.mean.tolist(), "se": s.se.tolist(), "overall": s.overall, "overall_se": s.overall_se,
-                "overall_sign_plus": fixed.overall,
-                "per_query": values.tolist(),
-                "selection": selection,
-                "seconds": time.perf_counter() - t0,
-            }
-            self.log(f"LDS {method}: {s.overall:.3f} ± {s.overall_se:.3f} (draws {d}, ridge {r}, sign {sign:+.0f})")
+            label = get_method(method).label if method not in SIMILARITY else f"{method} similarity"
+            results[method], chosen[method] = self.select(method, label, self.candidate_scores(method), truth, subset_ids)
+            results[method]["seconds"] = time.perf_counter() - t0  # scores included
         return results, chosen
+
+    def select(
+        self, name: str, label: str, cands: dict[tuple, np.ndarray], truth: np.ndarray, subset_ids: np.ndarray
+    ) -> tuple[dict, np.ndarray]:
+        """Pick the (num_draws, ridge, sign) of ``cands`` with the best validation LDS; report it on the others.
+
+        Args:
+            cands: {(num_draws, ridge): scores (Q, S, N)} over all queries (validation and reported).
+            truth: (m', Q, S) true outputs of the subset models ``subset_ids``.
+
+        Returns:
+            (JSON-ready result, scores (Q_rep, S, N) of the chosen setting).
+        """
+        t0 = time.perf_counter()
+        val, rep = self.spec.split()
+        masks = self.subsets[subset_ids]
+        best = None
+        selection = []
+        for (d, r), scores in cands.items():
+            for sign in self.grid.signs:
+                v = summarize(lds(scores[val], masks, truth[:, val], sign)).overall
+                selection.append({"num_draws": d, "ridge": r, "sign": sign, "val_lds": v})
+                if best is None or v > best[0]:
+                    best = (v, d, r, sign)
+        _, d, r, sign = best
+        values = lds(cands[(d, r)][rep], masks, truth[:, rep], sign)
+        s = summarize(values)
+        # the documented sign (+1) too, so a flipped convention is visible
+        fixed = summarize(lds(cands[(d, r)][rep], masks, truth[:, rep], 1.0))
+        result = {
+            "label": label,
+            "num_draws": d, "ridge": r, "sign": sign,
+            "mean": s.mean.tolist(), "se": s.se.tolist(), "overall": s.overall, "overall_se": s.overall_se,
+            "overall_sign_plus": fixed.overall,
+            "per_query": values.tolist(),
+            "selection": selection,
+            "seconds": time.perf_counter() - t0,
+        }
+        self.log(f"LDS {name}: {s.overall:.3f} ± {s.overall_se:.3f} (draws {d}, ridge {r}, sign {sign:+.0f})")
+        return result, cands[(d, r)][rep]
