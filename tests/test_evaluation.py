@@ -170,9 +170,10 @@ def test_bench_timestep_ablation(tiny_bench):
     q = ["--num-queries", "3", "--num-val-queries", "2", "--num-resamples", "2", "--proj-dim", "32",
          "--num-draws", "1", "--ridges", "0.1", "1.0"]
     assert main(["bench", "ablation", "--work", str(work), *q, "--matched-draws", "1", "--half-widths", "0",
-                 "--truth", str(out / "truth.npz")]) == 0
+                 "--proj-dims", "16", "--truth", str(out / "truth.npz")]) == 0
     res = json.loads((work / "ablation.json").read_text())
-    assert set(res["variants"]) == {"journey all timesteps", "journey matched exactly"}
+    assert set(res["variants"]) == {"journey all timesteps", "journey matched exactly", "journey d = 16"}
+    assert (work / "stores" / "loss-d1-stratified-sjlt16").is_dir()
     assert all(len(r["mean"]) == len(res["steps"]) == 10 for r in res["variants"].values())
     for t in res["timesteps"]:
         manifest = json.loads(next((work / "stores").glob(f"loss-d1-stratified-t{t}_{t + 1}-*/manifest.json")).read_text())
@@ -180,7 +181,17 @@ def test_bench_timestep_ablation(tiny_bench):
     report_dir = out.parent / "results_with_ablation"
     assert main(["bench", "report", "--work", str(work), "--out", str(report_dir)]) == 0
     md = (report_dir / "report.md").read_text()
-    assert "## Timestep ablation" in md and "| journey matched exactly |" in md
+    assert "## Ablations" in md and "| journey matched exactly |" in md
+    # another base setting (d) starts a new ablation file instead of mixing bases
+    q64 = [a if a != "32" else "64" for a in q]
+    assert main(["bench", "ablation", "--work", str(work), *q64, "--half-widths", "--proj-kinds", "factorized",
+                 "--truth", str(out / "truth.npz")]) == 0
+    res = json.loads((work / "ablation.json").read_text())
+    assert set(res["variants"]) == {"journey all timesteps", "journey factorized projection"}
+    assert res["featurize"]["proj_dim"] == 64 and (work / "stores" / "loss-d1-stratified-factorized64").is_dir()
+    # more checkpoints than the benchmark has is refused
+    assert main(["bench", "ablation", "--work", str(work), *q, "--half-widths", "--checkpoint-counts", "2",
+                 "--truth", str(out / "truth.npz")]) == 2
     # a truth file of other subsets is refused
     bad = out / "bad_truth.npz"
     z = np.load(out / "truth.npz")

@@ -1,4 +1,7 @@
-"""Timestep ablation: train features drawn over all timesteps vs matched to the query's step.
+"""Ablations of the TRAK-type methods on the LDS benchmark: timesteps of the train draws,
+number of checkpoints M, projection dimension d.
+
+Timesteps (train features drawn over all timesteps vs matched to the query's step):
 
 journey-TRAK (Algorithm 1 line 3) averages each train example's loss gradient over
 (timestep, noise) draws from all of [0, T), while the query of step s (Eq. 3) is the
@@ -12,6 +15,7 @@ so the LDS of the two designs can be compared on the same ground truth.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -52,3 +56,27 @@ def matched_candidates(
                 scores = out.setdefault((d, r), np.zeros((Q, len(steps), N), dtype=np.float32))
                 scores[:, c] = gradient_scores(store, run.models, method, feats[:, :, c : c + 1], r, run.dataset)[:, 0]
     return out
+
+
+def checkpoint_candidates(run: LdsRun, method: str, num_checkpoints: int) -> dict[tuple, np.ndarray]:
+    """:meth:`LdsRun.candidate_scores` with only the first ``num_checkpoints`` checkpoints averaged (M ablation)."""
+    m = get_method(method)
+    if m.combine != "trak":
+        raise ValueError(f"the checkpoint ablation needs a TRAK-type method, not {method!r}")
+    if not 1 <= num_checkpoints <= len(run.models):
+        raise ValueError(f"num_checkpoints must be in 1..{len(run.models)}")
+    out = {}
+    for d in run.grid.num_draws:
+        store = run.store(m.train_output, d)
+        feats = query_feature_cache(run.paths.root, store, run.models, method, run.queries, run.spec, run.log)
+        for r in run.grid.ridges:
+            # scores_from_features averages over the checkpoints whose query features it is given
+            out[(d, r)] = gradient_scores(store, run.models, method, feats[:num_checkpoints], r, run.dataset)
+    return out
+
+
+def projection_candidates(run: LdsRun, method: str, proj_dim: int | None = None,
+                          proj_kind: str | None = None) -> dict[tuple, np.ndarray]:
+    """:meth:`LdsRun.candidate_scores` with another projection dimension and/or kind (d and projection ablations)."""
+    base = replace(run.base, proj_dim=proj_dim or run.base.proj_dim, proj_kind=proj_kind or run.base.proj_kind)
+    return replace(run, base=base).candidate_scores(method)

@@ -222,7 +222,7 @@ def cmd_ablation(args: argparse.Namespace) -> None:
     import json
 
     from ..outputs import get_method
-    from .ablation import matched_candidates
+    from .ablation import checkpoint_candidates, matched_candidates, projection_candidates
 
     _threads(args)
     t0 = time.perf_counter()
@@ -231,13 +231,19 @@ def cmd_ablation(args: argparse.Namespace) -> None:
     results = {}
     for method in args.methods:
         label = get_method(method).label
-        variants = {f"{method} all timesteps": ("all", run.candidate_scores(method))}
+        variants = {f"{method} all timesteps": ({"half_width": None}, run.candidate_scores(method))}
         for hw in args.half_widths:
             name = f"{method} matched ±{hw}" if hw else f"{method} matched exactly"
-            variants[name] = (hw, matched_candidates(run, method, args.matched_draws, hw, run.grid.ridges))
-        for name, (hw, cands) in variants.items():
+            variants[name] = ({"half_width": hw}, matched_candidates(run, method, args.matched_draws, hw, run.grid.ridges))
+        for mc in args.checkpoint_counts:
+            variants[f"{method} M = {mc}"] = ({"num_checkpoints": mc}, checkpoint_candidates(run, method, mc))
+        for pd in args.proj_dims:
+            variants[f"{method} d = {pd}"] = ({"proj_dim": pd}, projection_candidates(run, method, proj_dim=pd))
+        for kind in args.proj_kinds:
+            variants[f"{method} {kind} projection"] = ({"proj_kind": kind}, projection_candidates(run, method, proj_kind=kind))
+        for name, (setting, cands) in variants.items():
             results[name], _ = run.select(name, label, cands, truth, ids)
-            results[name]["half_width"] = hw
+            results[name]["variant"] = setting
     steps = list(run.spec.steps)
     out = {
         "steps": steps, "timesteps": run.queries.timesteps[steps].tolist(), "num_subsets": int(len(ids)),
@@ -246,9 +252,9 @@ def cmd_ablation(args: argparse.Namespace) -> None:
         "wall_seconds": time.perf_counter() - t0,
     }
     path = run.paths.root / "ablation.json"
-    if path.exists():  # keep the variants of earlier runs (other methods) on the same steps
+    if path.exists():  # keep the variants of earlier runs (other methods) on the same steps and base settings
         old = json.loads(path.read_text())
-        if old.get("timesteps") == out["timesteps"] and old.get("num_subsets") == out["num_subsets"]:
+        if all(old.get(k) == out[k] for k in ("timesteps", "num_subsets", "featurize", "num_queries")):
             out["variants"] = {**old["variants"], **results}
             out["wall_seconds"] += old.get("wall_seconds", 0.0)
     path.write_text(json.dumps(out))
@@ -274,7 +280,7 @@ def add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ridges", type=float, nargs="+", default=list(grid.ridges))
     p.add_argument("--num-draws", type=int, nargs="+", default=list(grid.num_draws))
     p.add_argument("--proj-dim", type=int, default=fc.proj_dim)
-    p.add_argument("--projection", default=fc.proj_kind, choices=["sjlt", "gaussian", "identity"])
+    p.add_argument("--projection", default=fc.proj_kind, choices=["sjlt", "gaussian", "identity", "factorized"])
     p.add_argument("--timestep-sampling", default=fc.timestep_sampling, choices=["stratified", "uniform", "even"])
 
 
@@ -325,12 +331,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--measure-only", action="store_true", help="measure the finished models, train nothing")
     c.set_defaults(func=cmd_counterfactual)
 
-    a = common(bsub.add_parser("ablation", help="LDS of train features over all timesteps vs matched to each step"))
+    a = common(bsub.add_parser("ablation", help="LDS ablations: train timesteps matched to each step, M, d"))
     add_query_args(a)
     a.add_argument("--methods", nargs="+", default=["journey"])
     a.add_argument("--matched-draws", type=int, nargs="+", default=[4], help="draws per example of the matched stores")
-    a.add_argument("--half-widths", type=int, nargs="+", default=[0, 10],
+    a.add_argument("--half-widths", type=int, nargs="*", default=[0, 10],
                    help="matched stores draw from [t_s - w, t_s + w] (0: exactly t_s)")
+    a.add_argument("--checkpoint-counts", type=int, nargs="*", default=[],
+                   help="also average only the first M checkpoints, for each M given")
+    a.add_argument("--proj-dims", type=int, nargs="*", default=[], help="also project to each of these d")
+    a.add_argument("--proj-kinds", nargs="*", default=[], choices=["sjlt", "gaussian", "factorized"],
+                   help="also use each of these projections (same d)")
     a.add_argument("--truth", type=Path, help="ground truth from a report's truth.npz instead of the work dir's cache")
     a.set_defaults(func=cmd_ablation)
 

@@ -205,11 +205,14 @@ def write_report(work: Path, out_dir: Path) -> Path:
         "",
         counterfactual_table(report),
         "",
-        "## Timestep ablation: train draws over all timesteps vs matched to the step",
+        "## Ablations: train timesteps, checkpoints M, projection dimension d",
         "",
-        "`attribution bench ablation`: \"matched\" scores step s against a store whose (timestep, noise) draws all lie "
-        "in [t_s - w, t_s + w] (one store per step, `FeaturizeConfig.timestep_range`); \"all timesteps\" is the "
-        "stratified store of the table above. Settings chosen on the validation queries as above.",
+        "`attribution bench ablation`: \"all timesteps\" is the method of the table above (stratified draws, "
+        f"M = {len(b['checkpoint_seeds'])}, d = {lds['featurize']['proj_dim']}); \"matched\" scores step s against a store "
+        "whose (timestep, noise) draws all lie in [t_s - w, t_s + w] (one store per step, "
+        "`FeaturizeConfig.timestep_range`); \"M = m\" averages only the first m checkpoints; \"d = n\" projects to n "
+        "dimensions. Settings chosen on the validation queries as above. K is not ablated: the ground truth is "
+        "defined with the same K noises.",
         "",
         ablation_table(report),
         "",
