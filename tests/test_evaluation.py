@@ -185,9 +185,10 @@ def test_bench_timestep_ablation(tiny_bench):
     # another base setting (d) starts a new ablation file instead of mixing bases
     q64 = [a if a != "32" else "64" for a in q]
     assert main(["bench", "ablation", "--work", str(work), *q64, "--half-widths", "--proj-kinds", "factorized",
-                 "--truth", str(out / "truth.npz")]) == 0
+                 "--methods", "journey", "das", "--truth", str(out / "truth.npz")]) == 0  # das makes its query features
     res = json.loads((work / "ablation.json").read_text())
-    assert set(res["variants"]) == {"journey all timesteps", "journey factorized projection"}
+    assert set(res["variants"]) == {"journey all timesteps", "journey factorized projection", "das all timesteps",
+                                    "das factorized projection"}
     assert res["featurize"]["proj_dim"] == 64 and (work / "stores" / "loss-d1-stratified-factorized64").is_dir()
     # more checkpoints than the benchmark has is refused
     assert main(["bench", "ablation", "--work", str(work), *q, "--half-widths", "--checkpoint-counts", "2",

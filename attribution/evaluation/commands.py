@@ -217,54 +217,62 @@ def _load_truth(args: argparse.Namespace, run) -> tuple:
     return truth, ids
 
 
+def _ablation_variants(args: argparse.Namespace, run, method: str) -> dict[str, tuple[dict, dict]]:
+    """{variant name: (its setting, candidate scores)} of one method, as asked by the ablation options."""
+    from .ablation import checkpoint_candidates, matched_candidates, projection_candidates
+
+    variants = {f"{method} all timesteps": ({"half_width": None}, run.candidate_scores(method))}
+    for hw in args.half_widths:
+        name = f"{method} matched ±{hw}" if hw else f"{method} matched exactly"
+        variants[name] = ({"half_width": hw}, matched_candidates(run, method, args.matched_draws, hw, run.grid.ridges))
+    for mc in args.checkpoint_counts:
+        variants[f"{method} M = {mc}"] = ({"num_checkpoints": mc}, checkpoint_candidates(run, method, mc))
+    for pd in args.proj_dims:
+        variants[f"{method} d = {pd}"] = ({"proj_dim": pd}, projection_candidates(run, method, proj_dim=pd))
+    for kind in args.proj_kinds:
+        variants[f"{method} {kind} projection"] = ({"proj_kind": kind}, projection_candidates(run, method, proj_kind=kind))
+    return variants
+
+
 def cmd_ablation(args: argparse.Namespace) -> None:
-    """LDS of train features drawn over all timesteps vs matched to each step (``ablation.json``)."""
+    """LDS ablations of TRAK-type methods into ``ablation.json`` (written after each method, merged with
+    earlier runs on the same steps and base settings)."""
     import json
 
     from ..outputs import get_method
-    from .ablation import checkpoint_candidates, matched_candidates, projection_candidates
 
     _threads(args)
     t0 = time.perf_counter()
     config, run = _lds_run(args)
     truth, ids = _load_truth(args, run)
-    results = {}
-    for method in args.methods:
-        label = get_method(method).label
-        variants = {f"{method} all timesteps": ({"half_width": None}, run.candidate_scores(method))}
-        for hw in args.half_widths:
-            name = f"{method} matched ±{hw}" if hw else f"{method} matched exactly"
-            variants[name] = ({"half_width": hw}, matched_candidates(run, method, args.matched_draws, hw, run.grid.ridges))
-        for mc in args.checkpoint_counts:
-            variants[f"{method} M = {mc}"] = ({"num_checkpoints": mc}, checkpoint_candidates(run, method, mc))
-        for pd in args.proj_dims:
-            variants[f"{method} d = {pd}"] = ({"proj_dim": pd}, projection_candidates(run, method, proj_dim=pd))
-        for kind in args.proj_kinds:
-            variants[f"{method} {kind} projection"] = ({"proj_kind": kind}, projection_candidates(run, method, proj_kind=kind))
-        for name, (setting, cands) in variants.items():
-            results[name], _ = run.select(name, label, cands, truth, ids)
-            results[name]["variant"] = setting
     steps = list(run.spec.steps)
     out = {
         "steps": steps, "timesteps": run.queries.timesteps[steps].tolist(), "num_subsets": int(len(ids)),
         "num_queries": run.spec.num_queries, "num_val_queries": run.spec.num_val_queries,
-        "featurize": run.base.to_dict(), "bench": config.to_dict(), "variants": results,
-        "wall_seconds": time.perf_counter() - t0,
+        "featurize": run.base.to_dict(), "bench": config.to_dict(), "variants": {}, "wall_seconds": 0.0,
     }
     path = run.paths.root / "ablation.json"
-    if path.exists():  # keep the variants of earlier runs (other methods) on the same steps and base settings
+    if path.exists():
         old = json.loads(path.read_text())
         if all(old.get(k) == out[k] for k in ("timesteps", "num_subsets", "featurize", "num_queries")):
-            out["variants"] = {**old["variants"], **results}
-            out["wall_seconds"] += old.get("wall_seconds", 0.0)
-    path.write_text(json.dumps(out))
+            out["variants"], out["wall_seconds"] = old["variants"], old.get("wall_seconds", 0.0)
+    done = out["wall_seconds"]
+    results = {}
+    for method in args.methods:
+        label = get_method(method).label
+        for name, (setting, cands) in _ablation_variants(args, run, method).items():
+            results[name], _ = run.select(name, label, cands, truth, ids)
+            results[name]["variant"] = setting
+        out["variants"].update(results)
+        out["wall_seconds"] = done + time.perf_counter() - t0
+        path.write_text(json.dumps(out))  # after each method: an interrupted run keeps what it finished
     head = " | ".join(f"t={t}" for t in out["timesteps"])
     print(f"| variant | {head} | mean | setting |\n|---|" + "---|" * (len(steps) + 2))
     for name, r in results.items():
         cells = " | ".join(f"{m:.3f} ± {e:.3f}" for m, e in zip(r["mean"], r["se"]))
         print(f"| {name} | {cells} | **{r['overall']:.3f} ± {r['overall_se']:.3f}** | "
               f"draws {r['num_draws']}, ridge {r['ridge']}, sign {r['sign']:+.0f} |")
-    print(f"wrote {path} ({out['wall_seconds']:.0f} s)")
+    print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
 
 
 def add_query_args(p: argparse.ArgumentParser) -> None:

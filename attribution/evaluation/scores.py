@@ -66,7 +66,9 @@ def query_feature_cache(
         feats = np.load(path, allow_pickle=False)
         if feats.shape[:3] == (len(models), Q, S):
             return feats
-    scorer = Scorer(store, models, m, QueryConfig(num_resamples=spec.num_resamples, noise_seed=spec.noise_seed))
+    # Query features do not depend on DAS's train-row weights: skip computing them (they need the dataset).
+    scorer = Scorer(store, models, replace(m, row_weights=None),
+                    QueryConfig(num_resamples=spec.num_resamples, noise_seed=spec.noise_seed))
     out = np.zeros((len(models), Q, S, cfg.proj_dim), dtype=np.float32)
     for q in range(Q):
         traj = queries.trajectory(q, spec.num_inference_steps)
