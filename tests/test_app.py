@@ -480,6 +480,20 @@ def test_evaluate_shows_the_report(app_bundle, ws, tiny_bench, monkeypatch):
     assert f"{report['lds']['num_subsets']} retrained 50 % subsets" in texts(at)
 
 
+def test_evaluate_shows_the_ablations(app_bundle, ws, tiny_bench, tmp_path, monkeypatch):
+    report = json.loads((tiny_bench["out"] / "report.json").read_text())
+    lds = report["lds"]
+    variant = {k: lds["methods"]["journey"][k] for k in ("mean", "se", "overall", "overall_se", "num_draws", "ridge", "sign")}
+    report["ablation"] = {"timesteps": lds["timesteps"], "variants": {"journey all timesteps": variant,
+                                                                       "journey M = 1": variant}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    monkeypatch.setenv("ATTRIBUTION_BENCH_REPORT", str(tmp_path))
+    at = make_app("evaluate")
+    tables = [df.value for df in at.dataframe]
+    assert len(tables) == 3 and list(tables[2]["variant"]) == ["journey all timesteps", "journey M = 1"]
+    assert f"t={lds['timesteps'][0]}" in tables[2].columns
+
+
 def test_evaluate_without_a_report(app_bundle, ws, tmp_path, monkeypatch):
     monkeypatch.setenv("ATTRIBUTION_BENCH_REPORT", str(tmp_path))
     at = make_app("evaluate")

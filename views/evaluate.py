@@ -60,10 +60,11 @@ if lds.get("analyses", {}).get("step_correlation"):
 
 ab_rows = ablation_rows(report)
 if ab_rows:
-    st.markdown("#### Do train features need to be drawn at the step's own timestep?")
+    st.markdown("#### What moves the LDS? Ablations of the train draws, the checkpoints and the projection")
     st.caption(
-        "Each train example's gradient is averaged over (timestep, noise) draws. \"All timesteps\" draws them over the "
-        "whole schedule (the method as published); \"matched\" scores step s against features drawn only around "
-        "that step's timestep (one store per step)."
+        "\"All timesteps\" is the method as published and as in the table above: each train example's gradient is "
+        "averaged over (timestep, noise) draws from the whole schedule. \"Matched\" scores step s against features "
+        "drawn only around that step's timestep (one store per step); \"M = m\" averages only the first m "
+        "checkpoints; \"d = n\" and \"factorized\" change the projection."
     )
-    st.dataframe(ab_rows, hide_index=True, use_container_width=True)
+    st.dataframe(ab_rows, hide_index=True, use_container_width=True, height=36 * (len(ab_rows) + 1) + 4)
