@@ -154,6 +154,8 @@ def test_bench_pipeline_end_to_end(tiny_bench):
         assert chosen[0]["val_lds"] == best
     cf = json.loads((work / "counterfactual.json").read_text())
     assert cf["models_done"] == cf["models_expected"] == 2
+    # removals ranked with the ridge the LDS selection chose (draws given on the command line)
+    assert cf["settings"]["journey"] == {"num_draws": 1, "ridge": lds["methods"]["journey"]["ridge"]}
     assert all(r["pixel_l2"] > 0 for r in cf["rows"])
     removals = json.loads((work / "removals.json").read_text())
     assert all(len(v) == 2 for v in removals.values())

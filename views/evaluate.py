@@ -9,7 +9,14 @@ import streamlit as st
 
 import app_support as ui
 from attribution.evaluation.figures import counterfactual_figure, lds_figure, step_correlation_figure
-from attribution.evaluation.report import DEFAULT_REPORT_DIR, ablation_rows, counterfactual_rows, lds_rows, load_report
+from attribution.evaluation.report import (
+    DEFAULT_REPORT_DIR,
+    ablation_ridges,
+    ablation_rows,
+    counterfactual_rows,
+    lds_rows,
+    load_report,
+)
 
 ui.page_header(
     "Evaluate",
@@ -60,11 +67,13 @@ if lds.get("analyses", {}).get("step_correlation"):
 
 ab_rows = ablation_rows(report)
 if ab_rows:
+    ridges = ablation_ridges(report)
+    ridge_text = f" Ridge chosen on the validation samples from {', '.join(f'{r:g}' for r in ridges)}." if ridges else ""
     st.markdown("#### What moves the LDS? Ablations of the train draws, the checkpoints and the projection")
     st.caption(
         "\"All timesteps\" is the method as published and as in the table above: each train example's gradient is "
         "averaged over (timestep, noise) draws from the whole schedule. \"Matched\" scores step s against features "
         "drawn only around that step's timestep (one store per step); \"M = m\" averages only the first m "
-        "checkpoints; \"d = n\" and \"factorized\" change the projection."
+        "checkpoints; \"d = n\" and \"factorized\" change the projection." + ridge_text
     )
     st.dataframe(ab_rows, hide_index=True, use_container_width=True, height=36 * (len(ab_rows) + 1) + 4)

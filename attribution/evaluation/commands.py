@@ -160,7 +160,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     spec = CounterfactualSpec(query_rows=tuple(int(q) for q in rep[: args.num_cf_queries]), step=args.step,
                               ks=tuple(args.ks), kinds=tuple(args.kinds))
     col = list(run.spec.steps).index(spec.step)
-    scores = {}
+    scores, settings = {}, {}
     for kind in spec.kinds:
         if kind == "random":
             continue
@@ -168,9 +168,10 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
             scores[kind] = similarity_scores(kind, run.dataset, run.queries, run.spec)[:, col]
             continue
         m = get_method(kind)
-        store = run.store(m.train_output, args.cf_num_draws)
+        draws, ridge = settings[kind] = _cf_setting(args, run.paths.root, kind)
+        store = run.store(m.train_output, draws)
         feats = query_feature_cache(run.paths.root, store, run.models, kind, run.queries, run.spec, tqdm.write)
-        scores[kind] = gradient_scores(store, run.models, kind, feats, args.cf_ridge, run.dataset)[:, col]
+        scores[kind] = gradient_scores(store, run.models, kind, feats, ridge if ridge is not None else 0.0, run.dataset)[:, col]
     removals = removal_sets(scores, spec, len(run.dataset))
     models_dir = run.paths.root / "models"
     save_json(run.paths.root / "removals.json", removals)
@@ -191,7 +192,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     out = {
         "step": spec.step, "timestep": int(run.queries.timesteps[spec.step]), "ks": list(spec.ks), "kinds": list(spec.kinds),
         "query_rows": list(spec.query_rows), "query_seeds": [int(run.queries.seeds[q]) for q in spec.query_rows],
-        "journey_setting": {"num_draws": args.cf_num_draws, "ridge": args.cf_ridge},
+        "settings": {k: {"num_draws": d, "ridge": r} for k, (d, r) in settings.items()},
         "rows": rows, "summary": summarize_rows(rows), "models_expected": len(removals), "models_done": len(rows),
         "train_seconds": spent, "wall_seconds": time.perf_counter() - t0,
     }
@@ -275,6 +276,19 @@ def cmd_ablation(args: argparse.Namespace) -> None:
     print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
 
 
+def _cf_setting(args: argparse.Namespace, root: Path, kind: str) -> tuple[int, float | None]:
+    """(draws, ridge) ranking ``kind``'s removals: the options if given, else what ``bench lds`` chose on the
+    validation queries (``lds.json``), else 16 draws and ridge 0.1."""
+    import json
+
+    chosen = {}
+    if (root / "lds.json").exists():
+        chosen = json.loads((root / "lds.json").read_text())["methods"].get(kind, {})
+    draws = args.cf_num_draws if args.cf_num_draws is not None else chosen.get("num_draws") or 16
+    ridge = args.cf_ridge if args.cf_ridge is not None else chosen.get("ridge", 0.1)
+    return int(draws), ridge
+
+
 def add_query_args(p: argparse.ArgumentParser) -> None:
     """Options of the query set, the featurize base config and the selection grid."""
     from ..config import FeaturizeConfig
@@ -334,8 +348,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--step", type=int, default=22, help="step whose scores choose the removals")
     c.add_argument("--ks", type=int, nargs="+", default=[50, 25])
     c.add_argument("--kinds", nargs="+", default=["journey", "random", "pixel", "embedding"])
-    c.add_argument("--cf-num-draws", type=int, default=16, help="journey-TRAK store used for the ranking")
-    c.add_argument("--cf-ridge", type=float, default=0.1, help="relative ridge of the ranking")
+    c.add_argument("--cf-num-draws", type=int, help="draws of the stores ranking the removals (default: as chosen by `bench lds`)")
+    c.add_argument("--cf-ridge", type=float, help="relative ridge of the ranking (default: as chosen by `bench lds`)")
     c.add_argument("--measure-only", action="store_true", help="measure the finished models, train nothing")
     c.set_defaults(func=cmd_counterfactual)
 

@@ -118,14 +118,27 @@ def ablation_rows(report: dict) -> list[dict]:
     return rows
 
 
+def _ridges(results: dict) -> list[float]:
+    """The relative ridges the validation selection of these results tried."""
+    return sorted({s["ridge"] for r in results.values() for s in r.get("selection", []) if s["ridge"] is not None})
+
+
+def ablation_ridges(report: dict) -> list[float]:
+    """The relative ridges the ablation's selection tried (they may differ from the main table's grid)."""
+    return _ridges((report.get("ablation") or {}).get("variants", {}))
+
+
 def ablation_table(report: dict) -> str:
-    """Markdown version of :func:`ablation_rows`."""
+    """Markdown version of :func:`ablation_rows`, with the ridge grid it chose from."""
     rows = ablation_rows(report)
     if not rows:
         return "_not run_"
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    ridges = ablation_ridges(report)
+    if ridges:
+        lines += ["", "Ridge grid of the ablation: " + ", ".join(f"{r:g}" for r in ridges) + "."]
     return "\n".join(lines)
 
 
@@ -194,6 +207,8 @@ def write_report(work: Path, out_dir: Path) -> Path:
         "## LDS per step (mean ± s.e. over reported queries)",
         "",
         lds_table(report),
+        "",
+        "Ridge grid (relative): " + ", ".join(f"{r:g}" for r in _ridges(lds["methods"])) + ".",
         "",
         margins_table(report),
         "",
