@@ -76,4 +76,4 @@ if ab_rows:
         "drawn only around that step's timestep (one store per step); \"M = m\" averages only the first m "
         "checkpoints; \"d = n\" and \"factorized\" change the projection." + ridge_text
     )
-    st.dataframe(ab_rows, hide_index=True, use_container_width=True, height=36 * (len(ab_rows) + 1) + 4)
+    st.dataframe(ab_rows, hide_index=True, use_container_width=True, height=35 * (len(ab_rows) + 1) + 3)
