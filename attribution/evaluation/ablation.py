@@ -30,9 +30,7 @@ def step_window(t: int, half_width: int, num_train_timesteps: int) -> tuple[int,
     return max(0, t - half_width), min(num_train_timesteps, t + half_width + 1)
 
 
-def matched_candidates(
-    run: LdsRun, method: str, num_draws: Sequence[int], half_width: int, ridges: Sequence[float]
-) -> dict[tuple, np.ndarray]:
+def matched_candidates(run: LdsRun, method: str, num_draws: Sequence[int], half_width: int) -> dict[tuple, np.ndarray]:
     """{(num_draws, ridge): scores (Q, S, N)} where step s is scored against a store drawn around t_s.
 
     Args:
@@ -52,7 +50,7 @@ def matched_candidates(
         for c, t in enumerate(timesteps):
             store = run.store(m.train_output, d, step_window(int(t), half_width, T))
             feats = query_feature_cache(run.paths.root, store, run.models, method, run.queries, run.spec, run.log)
-            for r in ridges:
+            for r in run.grid.ridges:
                 scores = out.setdefault((d, r), np.zeros((Q, len(steps), N), dtype=np.float32))
                 scores[:, c] = gradient_scores(store, run.models, method, feats[:, :, c : c + 1], r, run.dataset)[:, 0]
     return out
@@ -65,14 +63,7 @@ def checkpoint_candidates(run: LdsRun, method: str, num_checkpoints: int) -> dic
         raise ValueError(f"the checkpoint ablation needs a TRAK-type method, not {method!r}")
     if not 1 <= num_checkpoints <= len(run.models):
         raise ValueError(f"num_checkpoints must be in 1..{len(run.models)}")
-    out = {}
-    for d in run.grid.num_draws:
-        store = run.store(m.train_output, d)
-        feats = query_feature_cache(run.paths.root, store, run.models, method, run.queries, run.spec, run.log)
-        for r in run.grid.ridges:
-            # scores_from_features averages over the checkpoints whose query features it is given
-            out[(d, r)] = gradient_scores(store, run.models, method, feats[:num_checkpoints], r, run.dataset)
-    return out
+    return run.candidate_scores(method, num_checkpoints)
 
 
 def projection_candidates(run: LdsRun, method: str, proj_dim: int | None = None,

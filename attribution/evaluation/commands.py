@@ -225,7 +225,7 @@ def _ablation_variants(args: argparse.Namespace, run, method: str) -> dict[str, 
     variants = {f"{method} all timesteps": ({"half_width": None}, run.candidate_scores(method))}
     for hw in args.half_widths:
         name = f"{method} matched ±{hw}" if hw else f"{method} matched exactly"
-        variants[name] = ({"half_width": hw}, matched_candidates(run, method, args.matched_draws, hw, run.grid.ridges))
+        variants[name] = ({"half_width": hw}, matched_candidates(run, method, args.matched_draws, hw))
     for mc in args.checkpoint_counts:
         variants[f"{method} M = {mc}"] = ({"num_checkpoints": mc}, checkpoint_candidates(run, method, mc))
     for pd in args.proj_dims:

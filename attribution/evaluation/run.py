@@ -117,8 +117,11 @@ class LdsRun:
         self.log(f"store {store_name(cfg)} ready ({time.perf_counter() - t0:.0f} s)")
         return st
 
-    def candidate_scores(self, method: str) -> dict[tuple, np.ndarray]:
-        """{(num_draws, ridge): scores (Q, S, N)} for every setting of the grid that applies to ``method``."""
+    def candidate_scores(self, method: str, num_checkpoints: int | None = None) -> dict[tuple, np.ndarray]:
+        """{(num_draws, ridge): scores (Q, S, N)} for every setting of the grid that applies to ``method``.
+
+        ``num_checkpoints``: average only the first M checkpoints (default all; M ablation).
+        """
         if method in SIMILARITY:
             return {(None, None): similarity_scores(method, self.dataset, self.queries, self.spec)}
         m = get_method(method)
@@ -128,7 +131,9 @@ class LdsRun:
             feats = query_feature_cache(self.paths.root, store, self.models, method, self.queries, self.spec, self.log)
             ridges = self.grid.ridges if m.combine == "trak" else (None,)
             for r in ridges:
-                out[(d, r)] = gradient_scores(store, self.models, method, feats, r if r is not None else 0.0, self.dataset)
+                # scores_from_features averages over the checkpoints whose query features it is given
+                out[(d, r)] = gradient_scores(store, self.models, method, feats[:num_checkpoints],
+                                              r if r is not None else 0.0, self.dataset)
         return out
 
     def evaluate(self, methods: Sequence[str], truth: np.ndarray, subset_ids: np.ndarray) -> tuple[dict, dict]:
