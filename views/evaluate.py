@@ -71,8 +71,10 @@ if ab_rows:
     ridge_text = f" Ridge chosen on the validation samples from {', '.join(f'{r:g}' for r in ridges)}." if ridges else ""
     st.markdown("#### What moves the LDS? Ablations of the train draws, the checkpoints and the projection")
     st.caption(
-        "\"All timesteps\" is the method as published and as in the table above: each train example's gradient is "
-        "averaged over (timestep, noise) draws from the whole schedule. \"Matched\" scores step s against features "
+        "\"All timesteps\" is the method as in the table above: each train example's gradient is averaged over "
+        "(timestep, noise) draws from the whole schedule, in strata of equal width in log(t + T/200) for the loss "
+        "output of journey-TRAK and in equal strata for the ||eps||^2 outputs of D-TRAK and DAS; \"stratified\" / "
+        "\"log-stratified draws\" swap that choice. \"Matched\" scores step s against features "
         "drawn only around that step's timestep (one store per step); \"M = m\" averages only the first m "
         "checkpoints; \"d = n\" and \"factorized\" change the projection." + ridge_text
     )

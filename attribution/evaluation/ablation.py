@@ -1,5 +1,6 @@
-"""Ablations of the TRAK-type methods on the LDS benchmark: timesteps of the train draws,
-number of checkpoints M, projection dimension d.
+"""Ablations of the TRAK-type methods on the LDS benchmark: timesteps of the train draws
+(matched to each step, or their sampling), number of checkpoints M, projection dimension
+and kind.
 
 Timesteps (train features drawn over all timesteps vs matched to the query's step):
 
@@ -66,8 +67,7 @@ def checkpoint_candidates(run: LdsRun, method: str, num_checkpoints: int) -> dic
     return run.candidate_scores(method, num_checkpoints)
 
 
-def projection_candidates(run: LdsRun, method: str, proj_dim: int | None = None,
-                          proj_kind: str | None = None) -> dict[tuple, np.ndarray]:
-    """:meth:`LdsRun.candidate_scores` with another projection dimension and/or kind (d and projection ablations)."""
-    base = replace(run.base, proj_dim=proj_dim or run.base.proj_dim, proj_kind=proj_kind or run.base.proj_kind)
-    return replace(run, base=base).candidate_scores(method)
+def featurize_candidates(run: LdsRun, method: str, **changes) -> dict[tuple, np.ndarray]:
+    """:meth:`LdsRun.candidate_scores` with other featurize settings, e.g. ``proj_dim``, ``proj_kind``
+    or ``timestep_sampling`` (the d, projection and timestep-sampling ablations)."""
+    return replace(run, base=replace(run.base, **changes)).candidate_scores(method)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..config import TIMESTEP_SAMPLINGS
 from .setup import BenchConfig, load_prepared, prepare
 
 
@@ -220,7 +221,7 @@ def _load_truth(args: argparse.Namespace, run) -> tuple:
 
 def _ablation_variants(args: argparse.Namespace, run, method: str) -> dict[str, tuple[dict, dict]]:
     """{variant name: (its setting, candidate scores)} of one method, as asked by the ablation options."""
-    from .ablation import checkpoint_candidates, matched_candidates, projection_candidates
+    from .ablation import checkpoint_candidates, featurize_candidates, matched_candidates
 
     variants = {f"{method} all timesteps": ({"half_width": None}, run.candidate_scores(method))}
     for hw in args.half_widths:
@@ -229,9 +230,12 @@ def _ablation_variants(args: argparse.Namespace, run, method: str) -> dict[str, 
     for mc in args.checkpoint_counts:
         variants[f"{method} M = {mc}"] = ({"num_checkpoints": mc}, checkpoint_candidates(run, method, mc))
     for pd in args.proj_dims:
-        variants[f"{method} d = {pd}"] = ({"proj_dim": pd}, projection_candidates(run, method, proj_dim=pd))
+        variants[f"{method} d = {pd}"] = ({"proj_dim": pd}, featurize_candidates(run, method, proj_dim=pd))
     for kind in args.proj_kinds:
-        variants[f"{method} {kind} projection"] = ({"proj_kind": kind}, projection_candidates(run, method, proj_kind=kind))
+        variants[f"{method} {kind} projection"] = ({"proj_kind": kind}, featurize_candidates(run, method, proj_kind=kind))
+    for sampling in args.timestep_samplings:
+        variants[f"{method} {sampling} draws"] = ({"timestep_sampling": sampling},
+                                                  featurize_candidates(run, method, timestep_sampling=sampling))
     return variants
 
 
@@ -303,7 +307,7 @@ def add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-draws", type=int, nargs="+", default=list(grid.num_draws))
     p.add_argument("--proj-dim", type=int, default=fc.proj_dim)
     p.add_argument("--projection", default=fc.proj_kind, choices=["sjlt", "gaussian", "identity", "factorized"])
-    p.add_argument("--timestep-sampling", default=fc.timestep_sampling, choices=["stratified", "uniform", "even"])
+    p.add_argument("--timestep-sampling", default=fc.timestep_sampling, choices=list(TIMESTEP_SAMPLINGS))
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -364,6 +368,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--proj-dims", type=int, nargs="*", default=[], help="also project to each of these d")
     a.add_argument("--proj-kinds", nargs="*", default=[], choices=["sjlt", "gaussian", "factorized"],
                    help="also use each of these projections (same d)")
+    a.add_argument("--timestep-samplings", nargs="*", default=[], choices=list(TIMESTEP_SAMPLINGS),
+                   help="also draw the train timesteps this way (same draws per example)")
     a.add_argument("--truth", type=Path, help="ground truth from a report's truth.npz instead of the work dir's cache")
     a.set_defaults(func=cmd_ablation)
 

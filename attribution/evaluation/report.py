@@ -202,7 +202,10 @@ def write_report(work: Path, out_dir: Path) -> Path:
         f"{b['subset_train_seed']}). Queries: {lds['num_queries']} reported + {lds['num_val_queries']} validation samples of "
         f"checkpoint 0 (DDIM 50 steps); K = {lds['num_resamples']} noises; settings (draws, ridge, sign) chosen on the "
         "validation samples only. Featurize base: " + ", ".join(f"{k}={v}" for k, v in lds["featurize"].items()
-                                                               if k in ("proj_kind", "proj_dim", "timestep_sampling")) + ".",
+                                                               if k in ("proj_kind", "proj_dim", "timestep_sampling"))
+        + (" (auto: log-stratified draws for the loss output of journey-TRAK, TracIn, ReTrac and final-sample TRAK; "
+           "stratified for the ||eps||^2 outputs of D-TRAK and DAS)." if lds["featurize"].get("timestep_sampling") == "auto"
+           else "."),
         "",
         "## LDS per step (mean ± s.e. over reported queries)",
         "",
