@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable
 
 from .figures import counterfactual_figure, lds_figure, step_correlation_figure
 
@@ -28,10 +29,16 @@ def load_report(directory: Path = DEFAULT_REPORT_DIR) -> dict | None:
 def lds_rows(report: dict) -> list[dict]:
     """The LDS table as rows for display: method, per-step "mean ± se", overall, chosen setting."""
     lds = report["lds"]
+    ranked = sorted(lds["methods"].items(), key=lambda kv: -kv[1]["overall"])
+    return _result_rows(ranked, "method", [f"step {s}" for s in lds["steps"]])
+
+
+def _result_rows(results: Iterable[tuple[str, dict]], name_column: str, step_columns: list[str]) -> list[dict]:
+    """Display rows of (name, LDS result) pairs: name, overall "mean ± se", one cell per step, chosen setting."""
     rows = []
-    for name, r in sorted(lds["methods"].items(), key=lambda kv: -kv[1]["overall"]):
-        row = {"method": name, "mean LDS": _fmt(r["overall"], r["overall_se"])}
-        row.update({f"step {s}": _fmt(m, e, 2) for s, m, e in zip(lds["steps"], r["mean"], r["se"])})
+    for name, r in results:
+        row = {name_column: name, "mean LDS": _fmt(r["overall"], r["overall_se"])}
+        row.update({c: _fmt(m, e, 2) for c, m, e in zip(step_columns, r["mean"], r["se"])})
         row["draws / ridge / sign"] = f"{r['num_draws']} / {r['ridge']} / {r['sign']:+.0f}"
         rows.append(row)
     return rows
@@ -109,13 +116,7 @@ def ablation_rows(report: dict) -> list[dict]:
     ab = report.get("ablation")
     if not ab:
         return []
-    rows = []
-    for name, r in ab["variants"].items():
-        row = {"variant": name, "mean LDS": _fmt(r["overall"], r["overall_se"])}
-        row.update({f"t={t}": _fmt(m, e, 2) for t, m, e in zip(ab["timesteps"], r["mean"], r["se"])})
-        row["draws / ridge / sign"] = f"{r['num_draws']} / {r['ridge']} / {r['sign']:+.0f}"
-        rows.append(row)
-    return rows
+    return _result_rows(ab["variants"].items(), "variant", [f"t={t}" for t in ab["timesteps"]])
 
 
 def _ridges(results: dict) -> list[float]:
