@@ -283,10 +283,9 @@ def invert_image(
     path = []
     for i, t in enumerate(ts_clean_first):
         eps = eps_of(x, prev_t.reshape(1).to(device))  # plain DDIM inversion's guess
-        for k in range(refine_iters + 1):
-            x_t = ddim_preimage(x, eps, abar_prev, abar[t])
-            if k < refine_iters:
-                eps = eps_of(x_t, t.reshape(1).to(device))
+        x_t = ddim_preimage(x, eps, abar_prev, abar[t])
+        for _ in range(refine_iters):
+            x_t = ddim_preimage(x, eps_of(x_t, t.reshape(1).to(device)), abar_prev, abar[t])
         x, abar_prev, prev_t = x_t, abar[t], t
         path.append(x[0])
         if progress:
