@@ -120,6 +120,7 @@ def train_ddpm(
     subset: np.ndarray | None = None,
     progress: Progress | None = None,
     log: Callable[[str], None] = lambda s: None,
+    coupled: bool = False,
 ) -> Path:
     """Train a DDPM on ``images`` (or the rows where ``subset`` is True) and save it.
 
@@ -129,22 +130,34 @@ def train_ddpm(
             settings and data, training is skipped; with other ones, FileExistsError.
         subset: optional (N,) bool mask of the training examples to use.
         progress: called with (steps done, total steps).
+        coupled: with ``subset``, replay the full-data run of the same seed (its shuffling,
+            timesteps, noises and number of steps) and drop the rows outside the subset
+            from each minibatch, instead of a fresh run over the subset. Subset models
+            of one seed then differ only through their data, not through the random
+            stream (much less retraining noise in counterfactual measurements).
 
     Returns:
         ``out_dir``.
     """
     out_dir = Path(out_dir)
+    keep = None
     if subset is not None:
         subset = np.asarray(subset, dtype=bool)
         if subset.shape != (len(images),):
             raise ValueError(f"subset mask has shape {subset.shape}, expected ({len(images)},)")
-        images = images[torch.from_numpy(subset)]
+        if coupled:
+            keep = torch.from_numpy(subset)
+        else:
+            images = images[torch.from_numpy(subset)]
     n = len(images)
-    if n == 0:
+    if n == 0 or (keep is not None and not keep.any()):
         raise ValueError("no training images")
     partial = out_dir.with_name(out_dir.name + ".partial")
     data_hash = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-    settings = json.dumps({**asdict(config), "num_images": n, "data_sha256": data_hash}, indent=2)
+    record = {**asdict(config), "num_images": n, "data_sha256": data_hash}
+    if keep is not None:  # recorded only when set, so models trained before the option existed still match
+        record.update(coupled_subset=np.flatnonzero(subset).tolist(), num_images=int(keep.sum()))
+    settings = json.dumps(record, indent=2)
     for stale in out_dir.parent.glob(f"{out_dir.name}.tmp*"):  # left by a run killed while saving
         shutil.rmtree(stale, ignore_errors=True)
     if out_dir.exists():
@@ -180,6 +193,11 @@ def train_ddpm(
             x0 = images[idx]
             t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=g)
             eps = torch.randn(x0.shape, generator=g)
+            if keep is not None:  # the full run's draws, restricted to the subset's rows
+                rows = keep[idx]
+                if not rows.any():
+                    continue
+                x0, t, eps = x0[rows], t[rows], eps[rows]
             a = abar[t].view(-1, 1, 1, 1)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
             loss = torch.nn.functional.mse_loss(unet(x_t, t).sample, eps)

@@ -89,7 +89,8 @@ def caption_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bench(tmp_path_factory) -> dict:
-    """The whole ``attribution bench`` pipeline on 20 digits at 8x8, 8 subsets, 1-epoch models (~30 s).
+    """The whole ``attribution bench`` pipeline on 20 digits at 8x8, 8 subsets x 2 training seeds, 2 checkpoints,
+    1-epoch models, counterfactual with 2 training seeds (~40 s).
 
     Returns {"work": work dir, "out": report dir, "methods": methods evaluated}.
     """
@@ -103,11 +104,11 @@ def tiny_bench(tmp_path_factory) -> dict:
     methods = ["journey", "trak-final", "tracin", "retrac", "dtrak-square", "das", "das-leverage", "pixel", "embedding"]
     steps = [
         ["bench", "prepare", *w, "--num-train", "20", "--image-size", "8", "--num-subsets", "8",
-         "--num-checkpoints", "1", "--epochs", "1", "--block-out-channels", "4", "8"],
-        ["bench", "retrain", *w],
-        ["bench", "lds", *w, *q, "--methods", *methods],
+         "--num-checkpoints", "2", "--epochs", "1", "--block-out-channels", "4", "8"],
+        ["bench", "retrain", *w, "--replicates", "2"],
+        ["bench", "lds", *w, *q, "--methods", *methods, "--replicates", "2"],
         ["bench", "counterfactual", *w, *q, "--num-cf-queries", "1", "--ks", "2", "--kinds", "journey", "random",
-         "--cf-num-draws", "1"],
+         "--cf-num-draws", "1", "--cf-train-seeds", "0", "1"],
         ["bench", "report", *w, "--out", str(out)],
     ]
     for argv in steps:

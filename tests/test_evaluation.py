@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from attribution.evaluation.lds import lds, predicted_outputs, rankdata, spearman, summarize
+from attribution.evaluation.lds import lds, predicted_outputs, rankdata, spearman, subset_bootstrap, summarize
 
 
 def test_spearman_matches_scipy_with_ties():
@@ -52,6 +52,83 @@ def test_summary_standard_error():
     np.testing.assert_allclose(s.se[0], np.std([0.1, 0.3, 0.5], ddof=1) / np.sqrt(3))
     with pytest.raises(ValueError):
         lds(np.zeros((2, 3, 4)), np.zeros((5, 4), bool), np.zeros((5, 2, 2)))
+
+
+def test_subset_bootstrap_matches_the_spread_over_fresh_subsets():
+    """When one global subset effect drives every query's truth, the spread of the overall LDS over fresh
+    draws of the subsets is far larger than the s.e. over queries; the bootstrap recovers it from one draw."""
+    rng = np.random.default_rng(4)
+    q, s, n, m = 20, 2, 40, 48
+    scores = rng.normal(size=(1, 1, n)) + 0.2 * rng.normal(size=(q, s, n))  # queries rank the examples alike
+
+    def draw():
+        subsets = rng.random((m, n)) < 0.5
+        effect = rng.normal(size=(m, 1, 1))  # one number per subset, shared by every query
+        truth = np.moveaxis(-(scores @ subsets.T.astype(float)), -1, 0) * 0.1 + effect
+        return subsets, truth
+
+    overall = [summarize(lds(scores, *draw())).overall for _ in range(60)]
+    subsets, truth = draw()
+    boot = subset_bootstrap(scores, subsets, truth, num=300)
+    spread, query_se = np.std(overall, ddof=1), summarize(lds(scores, subsets, truth)).overall_se
+    assert query_se < 0.5 * spread
+    assert 0.5 * spread < boot.std(ddof=1) < 2.0 * spread
+    # the same seed draws the same resamples: paired differences of a method with itself are 0
+    np.testing.assert_array_equal(boot, subset_bootstrap(scores, subsets, truth, num=300))
+
+
+def test_cross_query_agreement_detects_a_global_subset_effect():
+    from attribution.evaluation.analyses import cross_query_agreement
+
+    rng = np.random.default_rng(5)
+    shared = rng.normal(size=(64, 1, 3)) + 0.1 * rng.normal(size=(64, 10, 3))
+    assert min(cross_query_agreement(shared)) > 0.9
+    assert abs(np.mean(cross_query_agreement(rng.normal(size=(64, 10, 3))))) < 0.05
+
+
+def test_replicate_agreement_measures_truth_noise():
+    """Two seeds with the same outputs agree at 1; seeds sharing half their variance at ~0.5; independent at ~0."""
+    from attribution.evaluation.analyses import replicate_agreement
+
+    rng = np.random.default_rng(3)
+    signal = rng.normal(size=(400, 30, 2))  # (m, Q, S)
+    assert replicate_agreement(signal[None]) is None
+    assert replicate_agreement(np.stack([signal, signal]))["overall"] == pytest.approx(1.0)
+    noisy = np.stack([signal + rng.normal(size=signal.shape) for _ in range(3)])
+    half = replicate_agreement(noisy)
+    assert half["pairs"] == 3 and abs(half["overall"] - 0.48) < 0.05  # Spearman of Pearson 0.5
+    independent = replicate_agreement(rng.normal(size=(2, 400, 30, 2)))
+    assert abs(independent["overall"]) < 3 * independent["overall_se"] + 0.02
+
+
+def test_counterfactual_summary_averages_seeds_then_pairs_with_random():
+    from attribution.evaluation.counterfactual import paired_with_random, summarize_rows
+
+    def row(q, kind, seed, l2):
+        return {"query": q, "kind": kind, "k": 5, "train_seed": seed, "pixel_l2": l2, "feature_dist": 2 * l2,
+                "class_changed": l2 > 2, "delta_f": 0.1 * l2}
+
+    # per query, the rule moves the sample 1.0 more than random on average over its two seeds
+    rows = [row(0, "journey", 0, 3.0), row(0, "journey", 1, 2.0), row(0, "random", 0, 1.0), row(0, "random", 1, 2.0),
+            row(1, "journey", 0, 5.0), row(1, "journey", 1, 5.0), row(1, "random", 0, 4.0), row(1, "random", 1, 4.0)]
+    summary = {r["kind"]: r for r in summarize_rows(rows)}
+    assert summary["journey"]["n"] == 2 and summary["journey"]["seeds"] == 2
+    assert summary["journey"]["pixel_l2"] == pytest.approx((2.5 + 5.0) / 2)
+    assert summary["journey"]["pixel_l2_se"] == pytest.approx(np.std([2.5, 5.0], ddof=1) / np.sqrt(2))
+    (paired,) = paired_with_random(rows)
+    assert paired["kind"] == "journey" and paired["n"] == 2
+    assert paired["pixel_l2"] == pytest.approx(1.0) and paired["pixel_l2_se"] == pytest.approx(0.0)
+    assert paired["delta_f"] == pytest.approx(0.1) and paired["class_changed"] == pytest.approx(0.25)
+
+
+def test_removal_models_are_named_by_what_they_removed():
+    """A model retrained for another ranking (e.g. after the stores changed) is never measured as this one."""
+    from attribution.evaluation.counterfactual import CounterfactualSpec
+
+    name = CounterfactualSpec.model_name
+    assert name("cf_q010_journey_k2", 1, [3, 7]) == name("cf_q010_journey_k2", 1, [3, 7])
+    assert name("cf_q010_journey_k2", 1, [3, 7]) != name("cf_q010_journey_k2", 1, [3, 8])
+    assert name("cf_q010_journey_k2", 0, [3, 7]).startswith("cf_q010_journey_k2_s0_")
 
 
 def test_predicted_outputs_sum_over_subset():
@@ -141,9 +218,11 @@ def test_full_mask_retraining_reproduces_the_checkpoint(tmp_path):
 def test_bench_pipeline_end_to_end(tiny_bench):
     """prepare -> retrain -> lds -> counterfactual -> report on 20 digits at 8x8 and 8 subsets (conftest)."""
     work, out, methods = tiny_bench["work"], tiny_bench["out"], tiny_bench["methods"]
-    assert len(list((work / "models").glob("subset_*"))) == 8
+    assert len(list((work / "models").glob("subset_*"))) == 16  # 8 subsets x 2 training seeds
     lds = json.loads((work / "lds.json").read_text())
-    assert set(lds["methods"]) == set(methods) and lds["num_subsets"] == 8
+    assert set(lds["methods"]) == set(methods) and lds["num_subsets"] == 8 and lds["truth_replicates"] == 2
+    agree = lds["replicate_agreement"]
+    assert agree["pairs"] == 1 and len(agree["mean"]) == 10 and -1 <= agree["overall"] <= 1
     for name, r in lds["methods"].items():
         assert len(r["mean"]) == len(lds["steps"]) == 10
         vals = np.asarray(r["per_query"])
@@ -153,14 +232,21 @@ def test_bench_pipeline_end_to_end(tiny_bench):
         chosen = [s for s in r["selection"] if s["num_draws"] == r["num_draws"] and s["ridge"] == r["ridge"] and s["sign"] == r["sign"]]
         assert chosen[0]["val_lds"] == best
     cf = json.loads((work / "counterfactual.json").read_text())
-    assert cf["models_done"] == cf["models_expected"] == 2
+    assert cf["models_done"] == cf["models_expected"] == 4  # (journey, random) x training seeds 0, 1
+    assert {r["train_seed"] for r in cf["rows"]} == {0, 1} and len(list((work / "models").glob("cf_q002_journey_k2_s1_*"))) == 1
+    assert [(r["kind"], r["n"]) for r in cf["paired_with_random"]] == [("journey", 1)]
     # removals ranked with the ridge the LDS selection chose (draws given on the command line)
     assert cf["settings"]["journey"] == {"num_draws": 1, "ridge": lds["methods"]["journey"]["ridge"]}
     assert all(r["pixel_l2"] > 0 for r in cf["rows"])
     removals = json.loads((work / "removals.json").read_text())
     assert all(len(v) == 2 for v in removals.values())
     md = (out / "report.md").read_text()
-    assert "| journey |" in md and "Retrain without top-k" in md
+    assert "| journey |" in md and "Retrain without top-k" in md and "| seed vs seed (1 pair(s)) |" in md
+    assert "| query vs query |" in md
+    assert "removal minus random" in md
+    z = np.load(out / "truth.npz")
+    assert z["truth_replicates"].shape == (2, 8, 5, 10)
+    np.testing.assert_allclose(z["truth"], z["truth_replicates"].mean(0), rtol=1e-6)
     assert (out / "lds_vs_step.html").exists() and (out / "counterfactual_pixel_l2.html").exists()
 
 
@@ -172,10 +258,14 @@ def test_bench_timestep_ablation(tiny_bench):
     q = ["--num-queries", "3", "--num-val-queries", "2", "--num-resamples", "2", "--proj-dim", "32",
          "--num-draws", "1", "--ridges", "0.1", "1.0"]
     assert main(["bench", "ablation", "--work", str(work), *q, "--matched-draws", "1", "--half-widths", "0",
-                 "--proj-dims", "16", "--timestep-samplings", "stratified", "--truth", str(out / "truth.npz")]) == 0
+                 "--proj-dims", "16", "--timestep-samplings", "stratified", "--query-resamples", "1",
+                 "--truth", str(out / "truth.npz")]) == 0
     res = json.loads((work / "ablation.json").read_text())
     assert set(res["variants"]) == {"journey all timesteps", "journey matched exactly", "journey d = 16",
-                                    "journey stratified draws"}
+                                    "journey stratified draws", "journey K = 1"}
+    assert res["truth_replicates"] == 1
+    # K = 1 query features are cached apart from the K = 2 ones the truth matches
+    assert {p.name.split("-K")[1] for p in (work / "features").glob("loss-x0_hat-sjlt32-*")} >= {"1-n0.npy", "2-n0.npy"}
     # the loss output draws log-stratified timesteps by default ("auto"); the variant draws equal strata
     assert (work / "stores" / "loss-d1-log-stratified-sjlt16").is_dir() and (work / "stores" / "loss-d1-stratified-sjlt32").is_dir()
     assert all(len(r["mean"]) == len(res["steps"]) == 10 for r in res["variants"].values())
@@ -195,7 +285,10 @@ def test_bench_timestep_ablation(tiny_bench):
                                     "das factorized projection"}
     assert res["featurize"]["proj_dim"] == 64 and (work / "stores" / "loss-d1-log-stratified-factorized64").is_dir()
     # more checkpoints than the benchmark has is refused
-    assert main(["bench", "ablation", "--work", str(work), *q, "--half-widths", "--checkpoint-counts", "2",
+    assert main(["bench", "ablation", "--work", str(work), *q, "--half-widths", "--checkpoint-counts", "3",
+                 "--truth", str(out / "truth.npz")]) == 2
+    # more training seeds than the truth file holds is refused
+    assert main(["bench", "ablation", "--work", str(work), *q, "--half-widths", "--replicates", "3",
                  "--truth", str(out / "truth.npz")]) == 2
     # a truth file of other subsets is refused
     bad = out / "bad_truth.npz"

@@ -13,6 +13,7 @@ from attribution.evaluation.report import (
     DEFAULT_REPORT_DIR,
     ablation_ridges,
     ablation_rows,
+    counterfactual_paired_rows,
     counterfactual_rows,
     lds_rows,
     load_report,
@@ -45,6 +46,13 @@ st.markdown(
 st.plotly_chart(lds_figure(report), use_container_width=True)
 st.markdown("#### LDS per step (mean ± standard error over query samples)")
 st.dataframe(lds_rows(report), hide_index=True, use_container_width=True)
+agree = lds.get("replicate_agreement")
+if agree:
+    st.caption(
+        f"Ground truth: the mean output of {lds['truth_replicates']} models per subset, trained with different seeds. "
+        f"Two seeds of the same subsets agree at ρ = {agree['overall']:.2f} ± {agree['overall_se']:.2f} "
+        "(Spearman across subsets): retraining itself is that noisy, which caps every method's LDS."
+    )
 
 cf_rows = counterfactual_rows(report)
 st.markdown("#### Retrain without the top-k influencers")
@@ -52,9 +60,15 @@ if cf_rows:
     cf = report["counterfactual"]
     st.caption(
         f"Removals chosen at step {cf['step']} (timestep {cf['timestep']}); {cf['models_done']} of "
-        f"{cf['models_expected']} retrained models measured. Larger distances mean the removed images mattered more."
+        f"{cf['models_expected']} retrained models measured, each against the full-data model of its training seed "
+        f"(seeds {cf.get('train_seeds', [0])}). Larger distances mean the removed images mattered more."
     )
     st.dataframe(cf_rows, hide_index=True, use_container_width=True)
+    paired = counterfactual_paired_rows(report)
+    if paired:
+        st.caption("Each rule minus random removal of the same number of images, on the same queries and seeds "
+                   "(positive: its top-k mattered more than random images).")
+        st.dataframe(paired, hide_index=True, use_container_width=True)
     left, right = st.columns(2)
     left.plotly_chart(counterfactual_figure(report, "pixel_l2"), use_container_width=True)
     right.plotly_chart(counterfactual_figure(report, "feature_dist"), use_container_width=True)

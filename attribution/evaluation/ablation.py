@@ -1,6 +1,6 @@
 """Ablations of the TRAK-type methods on the LDS benchmark: timesteps of the train draws
 (matched to each step, or their sampling), number of checkpoints M, projection dimension
-and kind.
+and kind, and the number K of query noises.
 
 Timesteps (train features drawn over all timesteps vs matched to the query's step):
 
@@ -65,6 +65,15 @@ def checkpoint_candidates(run: LdsRun, method: str, num_checkpoints: int) -> dic
     if not 1 <= num_checkpoints <= len(run.models):
         raise ValueError(f"num_checkpoints must be in 1..{len(run.models)}")
     return run.candidate_scores(method, num_checkpoints)
+
+
+def resample_candidates(run: LdsRun, method: str, num_resamples: int) -> dict[tuple, np.ndarray]:
+    """:meth:`LdsRun.candidate_scores` with query features averaged over ``num_resamples`` noises (K of Eq. 3)
+    instead of the K the ground truth uses. The noises of step s are the first K' of one fixed stream, so
+    K' < K uses a subset of the truth's noises and K' > K adds noises the truth does not use."""
+    if num_resamples < 1:
+        raise ValueError("num_resamples must be >= 1")
+    return replace(run, spec=replace(run.spec, num_resamples=num_resamples)).candidate_scores(method)
 
 
 def featurize_candidates(run: LdsRun, method: str, **changes) -> dict[tuple, np.ndarray]:

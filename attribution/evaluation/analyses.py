@@ -61,6 +61,8 @@ def paired_margins(results: dict, reference: str = "journey") -> dict:
     """LDS of ``reference`` minus every other method on the same queries: per-step mean and s.e.
 
     ``results[m]["per_query"]`` is (Q, S); pairing by query removes the shared query difficulty.
+    ``overall_se_subsets``: the s.e. of the overall margin over the subset bootstrap (the same resamples
+    for both methods), where both results carry one.
     """
     if reference not in results:
         return {}
@@ -71,4 +73,52 @@ def paired_margins(results: dict, reference: str = "journey") -> dict:
             continue
         s = summarize(ref - np.asarray(r["per_query"], dtype=float))
         out[name] = {"mean": s.mean.tolist(), "se": s.se.tolist(), "overall": s.overall, "overall_se": s.overall_se}
+        if "bootstrap" in r and "bootstrap" in results[reference]:
+            diff = np.asarray(results[reference]["bootstrap"]) - np.asarray(r["bootstrap"])
+            out[name]["overall_se_subsets"] = float(diff.std(ddof=1))
+    return out
+
+
+def replicate_agreement(truths: np.ndarray) -> dict | None:
+    """How reproducible the ground truth is: Spearman's rho across subsets between the true outputs of
+    two training seeds of the same subsets, averaged over every pair of seeds.
+
+    It is the LDS a perfect predictor of one seed's outputs would get against another seed's, so it
+    bounds what any method can reach against a one-seed truth.
+
+    Args:
+        truths: (R, m, Q, S) true outputs of R training seeds per subset.
+
+    Returns:
+        None when R < 2, else {"mean", "se" (S,), "overall", "overall_se", "pairs"}.
+    """
+    R = truths.shape[0]
+    if R < 2:
+        return None
+    pairs = [(a, b) for a in range(R) for b in range(a + 1, R)]
+    rho = np.mean([spearman(np.moveaxis(truths[a], 0, -1), np.moveaxis(truths[b], 0, -1)) for a, b in pairs], axis=0)
+    s = summarize(rho)  # rho: (Q, S)
+    return {"mean": s.mean.tolist(), "se": s.se.tolist(), "overall": s.overall, "overall_se": s.overall_se,
+            "pairs": len(pairs)}
+
+
+def cross_query_agreement(truth: np.ndarray) -> list[float]:
+    """Mean Spearman's rho across subsets between the true outputs of two different queries, per step.
+
+    Near 1 means one subset's model is better or worse for every query alike: the truth is then
+    mostly a global subset effect, not a query-specific one.
+
+    Args:
+        truth: (m, Q, S) true outputs.
+
+    Returns:
+        (S,) mean over all pairs of distinct queries.
+    """
+    m, Q, S = truth.shape
+    iu = np.triu_indices(Q, 1)
+    out = []
+    for s in range(S):
+        x = truth[:, :, s].T  # (Q, m)
+        rho = spearman(np.repeat(x[:, None], Q, 1), np.repeat(x[None], Q, 0))  # (Q, Q)
+        out.append(float(np.nanmean(rho[iu])))
     return out

@@ -45,12 +45,17 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     _threads(args)
     config, paths, dataset, subsets = load_prepared(args.work)
     t0 = time.perf_counter()
-    jobs = lds_jobs(paths, config, subsets, args.limit)
+    jobs = lds_jobs(paths, config, subsets, args.limit, args.replicates)
+    shard, num_shards = _shard(args)
+    spent = train_jobs(jobs[shard::num_shards], dataset, config.train, log=tqdm.write)
+    print(f"retraining done: {spent:.0f} s training, {time.perf_counter() - t0:.0f} s wall")
+
+
+def _shard(args: argparse.Namespace) -> tuple[int, int]:
     shard, num_shards = (int(x) for x in args.shard.split("/"))
     if not 0 <= shard < num_shards:
         raise ValueError("--shard must be i/n with 0 <= i < n")
-    spent = train_jobs(jobs[shard::num_shards], dataset, config.train, log=tqdm.write)
-    print(f"retraining done: {spent:.0f} s training, {time.perf_counter() - t0:.0f} s wall")
+    return shard, num_shards
 
 
 def _featurize_config(args: argparse.Namespace):
@@ -79,7 +84,7 @@ def _lds_run(args: argparse.Namespace):
 def cmd_lds(args: argparse.Namespace) -> None:
     import json
 
-    from .run import ground_truth
+    from .run import replicate_truths
 
     _threads(args)
     t0 = time.perf_counter()
@@ -90,14 +95,15 @@ def cmd_lds(args: argparse.Namespace) -> None:
         print(f"caches warm ({time.perf_counter() - t0:.0f} s)")
         return
     if args.truth is not None:
-        truth, ids = _load_truth(args, run)
+        truths, ids = _load_truth(args, run)
     else:
-        truth, ids = ground_truth(run.paths, run.queries, run.spec, config.num_subsets, log=tqdm.write,
-                                  compute=not args.cached_truth)
+        truths, ids = replicate_truths(run.paths, run.queries, run.spec, config.num_subsets, args.replicates,
+                                       log=tqdm.write, compute=not args.cached_truth)
+    truth = truths.mean(axis=0)
     if len(ids) < 8:
         raise RuntimeError(f"only {len(ids)} subset models are trained; the LDS needs at least 8")
     results, chosen = run.evaluate(args.methods, truth, ids)
-    from .analyses import paired_margins, step_correlation, top_k_overlap
+    from .analyses import cross_query_agreement, paired_margins, replicate_agreement, step_correlation, top_k_overlap
 
     steps = list(run.spec.steps)
     col = steps.index(args.analysis_step) if args.analysis_step in steps else len(steps) // 2
@@ -118,6 +124,9 @@ def cmd_lds(args: argparse.Namespace) -> None:
         "methods": results,
         "analyses": analyses,
         "paired": paired_margins(results, "journey"),
+        "truth_replicates": int(truths.shape[0]),
+        "replicate_agreement": replicate_agreement(truths[:, :, run.spec.split()[1]]),
+        "cross_query_agreement": cross_query_agreement(truth[:, run.spec.split()[1]]),
         "wall_seconds": time.perf_counter() - t0,
     }
     path = run.paths.root / "lds.json"
@@ -132,7 +141,7 @@ def cmd_truth(args: argparse.Namespace) -> None:
     config, run = _lds_run(args)
     while True:
         _, ids = ground_truth(run.paths, run.queries, run.spec, config.num_subsets, log=lambda s: None,
-                              reverse=args.reverse)
+                              reverse=args.reverse, replicates=args.replicates)
         tqdm.write(f"ground truth of {len(ids)}/{config.num_subsets} subset models cached")
         if not args.wait or len(ids) == config.num_subsets:
             break
@@ -148,8 +157,15 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_counterfactual(args: argparse.Namespace) -> None:
     from ..classifier import load_classifier
     from ..outputs import get_method
-    from .counterfactual import CounterfactualSpec, measure, removal_sets, retrain_removals, save_json, summarize_rows
-    from .queries import step_outputs
+    from .counterfactual import (
+        CounterfactualSpec,
+        measure,
+        paired_with_random,
+        removal_sets,
+        retrain_removals,
+        save_json,
+        summarize_rows,
+    )
     from .scores import SIMILARITY, classifier_embed, gradient_scores, query_feature_cache, similarity_scores
 
     _threads(args)
@@ -158,8 +174,12 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     _, rep = run.spec.split()
     if args.step not in run.spec.steps:
         raise ValueError(f"--step must be one of the evaluated steps {list(run.spec.steps)}")
+    train_seeds = tuple(args.cf_train_seeds) if args.cf_train_seeds else config.checkpoint_seeds[:1]
+    if train_seeds[0] != config.checkpoint_seeds[0] or not set(train_seeds) <= set(config.checkpoint_seeds):
+        raise ValueError(f"--cf-train-seeds must start with checkpoint 0's seed {config.checkpoint_seeds[0]} and be "
+                         f"seeds of full-data checkpoints {list(config.checkpoint_seeds)} (they are the references)")
     spec = CounterfactualSpec(query_rows=tuple(int(q) for q in rep[: args.num_cf_queries]), step=args.step,
-                              ks=tuple(args.ks), kinds=tuple(args.kinds))
+                              ks=tuple(args.ks), kinds=tuple(args.kinds), train_seeds=train_seeds)
     col = list(run.spec.steps).index(spec.step)
     scores, settings = {}, {}
     for kind in spec.kinds:
@@ -176,8 +196,8 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     removals = removal_sets(scores, spec, len(run.dataset))
     models_dir = run.paths.root / "models"
     save_json(run.paths.root / "removals.json", removals)
-    spent = 0.0 if args.measure_only else retrain_removals(
-        models_dir, removals, run.dataset, config.train, config.checkpoint_seeds[0], log=tqdm.write)
+    spent = 0.0 if args.measure_only else retrain_removals(models_dir, removals, run.dataset, config.train, spec,
+                                                           log=tqdm.write, shard=_shard(args))
     clf = load_classifier()
     embed = classifier_embed()
 
@@ -186,42 +206,47 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
 
         return clf(F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)).argmax(1)
 
-    from dataclasses import replace
-
-    base_f = step_outputs(run.models[0], run.queries, replace(run.spec, steps=(spec.step,)))[:, 0]
-    rows = measure(models_dir, removals, run.queries, run.spec, spec, embed, classify, base_f)
+    references = {s: run.models[config.checkpoint_seeds.index(s)] for s in spec.train_seeds}
+    rows = measure(models_dir, removals, run.queries, run.spec, spec, references, embed, classify)
     out = {
         "step": spec.step, "timestep": int(run.queries.timesteps[spec.step]), "ks": list(spec.ks), "kinds": list(spec.kinds),
         "query_rows": list(spec.query_rows), "query_seeds": [int(run.queries.seeds[q]) for q in spec.query_rows],
+        "train_seeds": list(spec.train_seeds),
         "settings": {k: {"num_draws": d, "ridge": r} for k, (d, r) in settings.items()},
-        "rows": rows, "summary": summarize_rows(rows), "models_expected": len(removals), "models_done": len(rows),
+        "rows": rows, "summary": summarize_rows(rows), "paired_with_random": paired_with_random(rows),
+        "models_expected": len(removals) * len(spec.train_seeds), "models_done": len(rows),
         "train_seconds": spent, "wall_seconds": time.perf_counter() - t0,
     }
     save_json(run.paths.root / "counterfactual.json", out)
-    print(f"wrote {run.paths.root / 'counterfactual.json'}: {len(rows)}/{len(removals)} removal models measured")
+    print(f"wrote {run.paths.root / 'counterfactual.json'}: {len(rows)}/{out['models_expected']} removal models measured")
 
 
 def _load_truth(args: argparse.Namespace, run) -> tuple:
-    """Ground truth (m', Q, S) and subset ids: from ``--truth`` (a report's truth.npz) or the work dir's cache."""
+    """Ground truths (R, m', Q, S) of ``--replicates`` training seeds per subset, and the subset ids: from
+    ``--truth`` (a report's truth.npz) or the work dir's cache."""
     import numpy as np
 
-    from .run import ground_truth
+    from .run import replicate_truths
 
+    R = args.replicates
     if args.truth is None:
-        return ground_truth(run.paths, run.queries, run.spec, len(run.subsets), log=tqdm.write, compute=False)
+        return replicate_truths(run.paths, run.queries, run.spec, len(run.subsets), R, log=tqdm.write, compute=False)
     z = np.load(args.truth, allow_pickle=False)
-    truth, ids = z["truth"], z["subset_ids"]
+    # files written before replicates existed hold one seed as "truth" (m, Q, S)
+    truths, ids = (z["truth_replicates"] if "truth_replicates" in z.files else z["truth"][None]), z["subset_ids"]
+    if len(truths) < R:
+        raise ValueError(f"{args.truth} holds {len(truths)} training seed(s) per subset; --replicates asks for {R}")
     if not np.array_equal(z["subsets"], run.subsets[ids]):
         raise ValueError(f"{args.truth} was computed for other subsets than {run.paths.root}")
-    if truth.shape[1:] != (run.queries.x0_hat.shape[0], len(run.spec.steps)):
-        raise ValueError(f"{args.truth} holds {truth.shape[1:]} (queries, steps), the run has "
+    if truths.shape[2:] != (run.queries.x0_hat.shape[0], len(run.spec.steps)):
+        raise ValueError(f"{args.truth} holds {truths.shape[2:]} (queries, steps), the run has "
                          f"{(run.queries.x0_hat.shape[0], len(run.spec.steps))}")
-    return truth, ids
+    return truths[:R], ids
 
 
 def _ablation_variants(args: argparse.Namespace, run, method: str) -> dict[str, tuple[dict, dict]]:
     """{variant name: (its setting, candidate scores)} of one method, as asked by the ablation options."""
-    from .ablation import checkpoint_candidates, featurize_candidates, matched_candidates
+    from .ablation import checkpoint_candidates, featurize_candidates, matched_candidates, resample_candidates
 
     variants = {f"{method} all timesteps": ({"half_width": None}, run.candidate_scores(method))}
     for hw in args.half_widths:
@@ -233,6 +258,8 @@ def _ablation_variants(args: argparse.Namespace, run, method: str) -> dict[str, 
         variants[f"{method} d = {pd}"] = ({"proj_dim": pd}, featurize_candidates(run, method, proj_dim=pd))
     for kind in args.proj_kinds:
         variants[f"{method} {kind} projection"] = ({"proj_kind": kind}, featurize_candidates(run, method, proj_kind=kind))
+    for k in args.query_resamples:
+        variants[f"{method} K = {k}"] = ({"num_resamples": k}, resample_candidates(run, method, k))
     for sampling in args.timestep_samplings:
         variants[f"{method} {sampling} draws"] = ({"timestep_sampling": sampling},
                                                   featurize_candidates(run, method, timestep_sampling=sampling))
@@ -249,17 +276,19 @@ def cmd_ablation(args: argparse.Namespace) -> None:
     _threads(args)
     t0 = time.perf_counter()
     config, run = _lds_run(args)
-    truth, ids = _load_truth(args, run)
+    truths, ids = _load_truth(args, run)
+    truth = truths.mean(axis=0)
     steps = list(run.spec.steps)
     out = {
         "steps": steps, "timesteps": run.queries.timesteps[steps].tolist(), "num_subsets": int(len(ids)),
+        "truth_replicates": int(truths.shape[0]),
         "num_queries": run.spec.num_queries, "num_val_queries": run.spec.num_val_queries,
         "featurize": run.base.to_dict(), "bench": config.to_dict(), "variants": {}, "wall_seconds": 0.0,
     }
     path = run.paths.root / "ablation.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if all(old.get(k) == out[k] for k in ("timesteps", "num_subsets", "featurize", "num_queries")):
+        if all(old.get(k, 1) == out[k] for k in ("timesteps", "num_subsets", "featurize", "num_queries", "truth_replicates")):
             out["variants"], out["wall_seconds"] = old["variants"], old.get("wall_seconds", 0.0)
     done = out["wall_seconds"]
     results = {}
@@ -308,6 +337,17 @@ def add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proj-dim", type=int, default=fc.proj_dim)
     p.add_argument("--projection", default=fc.proj_kind, choices=["sjlt", "gaussian", "identity", "factorized"])
     p.add_argument("--timestep-sampling", default=fc.timestep_sampling, choices=list(TIMESTEP_SAMPLINGS))
+    _replicates_arg(p)
+
+
+def _shard_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard", default="0/1",
+                   help="i/n: train every n-th job from the i-th (parallel workers; rerun without it to measure all)")
+
+
+def _replicates_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicates", type=int, default=1,
+                   help="training seeds per subset model; the ground truth averages them")
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -332,7 +372,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
     r = common(bsub.add_parser("retrain", help="train full-data checkpoints and subset models (resumable)"))
     r.add_argument("--limit", type=int, help="train only the first LIMIT models of the job list")
-    r.add_argument("--shard", default="0/1", help="i/n: train every n-th job from the i-th (parallel workers)")
+    _shard_arg(r)
+    _replicates_arg(r)
     r.set_defaults(func=cmd_retrain)
 
     from .run import LDS_METHODS
@@ -354,7 +395,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--kinds", nargs="+", default=["journey", "random", "pixel", "embedding"])
     c.add_argument("--cf-num-draws", type=int, help="draws of the stores ranking the removals (default: as chosen by `bench lds`)")
     c.add_argument("--cf-ridge", type=float, help="relative ridge of the ranking (default: as chosen by `bench lds`)")
+    c.add_argument("--cf-train-seeds", type=int, nargs="+",
+                   help="training seeds of every removal model, each compared with the full-data checkpoint of that "
+                        "seed (default: checkpoint 0's seed only)")
     c.add_argument("--measure-only", action="store_true", help="measure the finished models, train nothing")
+    _shard_arg(c)
     c.set_defaults(func=cmd_counterfactual)
 
     a = common(bsub.add_parser("ablation", help="LDS ablations: train timesteps matched to each step, M, d"))
@@ -370,6 +415,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="also use each of these projections (same d)")
     a.add_argument("--timestep-samplings", nargs="*", default=[], choices=list(TIMESTEP_SAMPLINGS),
                    help="also draw the train timesteps this way (same draws per example)")
+    a.add_argument("--query-resamples", type=int, nargs="*", default=[],
+                   help="also average the query features over each of these K noises (the truth keeps --num-resamples)")
     a.add_argument("--truth", type=Path, help="ground truth from a report's truth.npz instead of the work dir's cache")
     a.set_defaults(func=cmd_ablation)
 

@@ -37,22 +37,40 @@ def _result_rows(results: Iterable[tuple[str, dict]], name_column: str, step_col
     """Display rows of (name, LDS result) pairs: name, overall "mean ± se", one cell per step, chosen setting."""
     rows = []
     for name, r in results:
-        row = {name_column: name, "mean LDS": _fmt(r["overall"], r["overall_se"])}
+        row = {name_column: name, "mean LDS": _fmt(r["overall"], r["overall_se"]),
+               "s.e. over subsets": _fmt(r.get("overall_se_subsets"))}
         row.update({c: _fmt(m, e, 2) for c, m, e in zip(step_columns, r["mean"], r["se"])})
         row["draws / ridge / sign"] = f"{r['num_draws']} / {r['ridge']} / {r['sign']:+.0f}"
         rows.append(row)
     return rows
 
 
+def _metric_cells(r: dict) -> dict:
+    return {"pixel l2": _fmt(r["pixel_l2"], r["pixel_l2_se"], 2),
+            "feature distance": _fmt(r["feature_dist"], r["feature_dist_se"], 2),
+            "class changed": _fmt(r["class_changed"], r.get("class_changed_se"), 2),
+            "Δf_t": _fmt(r["delta_f"], r["delta_f_se"], 4)}
+
+
 def counterfactual_rows(report: dict) -> list[dict]:
     """The counterfactual summary as display rows (empty when it was not run)."""
     cf = report.get("counterfactual") or {}
-    return [
-        {"removal": r["kind"], "k": r["k"], "queries": r["n"], "pixel l2": _fmt(r["pixel_l2"], r["pixel_l2_se"], 2),
-         "feature distance": _fmt(r["feature_dist"], r["feature_dist_se"], 2),
-         "class changed": f"{r['class_changed']:.2f}", "Δf_t": _fmt(r["delta_f"], r["delta_f_se"], 4)}
-        for r in cf.get("summary", [])
-    ]
+    return [{"removal": r["kind"], "k": r["k"], "queries": r["n"], "training seeds": r.get("seeds", 1),
+             **_metric_cells({**r, "class_changed_se": None})}
+            for r in cf.get("summary", [])]
+
+
+def counterfactual_paired_rows(report: dict) -> list[dict]:
+    """Each ranking rule minus random removal of the same k, queries and seeds (empty when not run)."""
+    cf = report.get("counterfactual") or {}
+    return [{"removal minus random": r["kind"], "k": r["k"], "queries": r["n"], **_metric_cells(r)}
+            for r in cf.get("paired_with_random", [])]
+
+
+def _markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows])
 
 
 def build_report(work: Path) -> dict:
@@ -63,6 +81,7 @@ def build_report(work: Path) -> dict:
     lds = json.loads(lds_path.read_text())
     for r in lds["methods"].values():
         r.pop("per_query", None)
+        r.pop("bootstrap", None)
     report = {"lds": lds}
     cf = work / "counterfactual.json"
     if cf.exists():
@@ -72,6 +91,7 @@ def build_report(work: Path) -> dict:
         report["ablation"] = json.loads(ab.read_text())
         for r in report["ablation"]["variants"].values():
             r.pop("per_query", None)
+            r.pop("bootstrap", None)
     for name in ("retrain_seconds.json",):
         if (work / name).exists():
             report[name.removesuffix(".json")] = json.loads((work / name).read_text())
@@ -87,13 +107,15 @@ def _fmt(v: float | None, se: float | None = None, digits: int = 3) -> str:
 def lds_table(report: dict) -> str:
     """Markdown table: one row per method, one column per step, plus the mean over steps."""
     lds = report["lds"]
-    head = "| method | " + " | ".join(f"step {s} (t={t})" for s, t in zip(lds["steps"], lds["timesteps"])) + " | mean | setting |"
-    sep = "|" + "---|" * (len(lds["steps"]) + 3)
+    head = ("| method | " + " | ".join(f"step {s} (t={t})" for s, t in zip(lds["steps"], lds["timesteps"]))
+            + " | mean ± s.e. (queries) | s.e. (subsets) | setting |")
+    sep = "|" + "---|" * (len(lds["steps"]) + 4)
     rows = [head, sep]
     for name, r in sorted(lds["methods"].items(), key=lambda kv: -kv[1]["overall"]):
         cells = [_fmt(m, s, 2) for m, s in zip(r["mean"], r["se"])]
         setting = f"draws {r['num_draws']}, ridge {r['ridge']}, sign {r['sign']:+.0f}" if r["num_draws"] else f"sign {r['sign']:+.0f}"
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | **{_fmt(r['overall'], r['overall_se'])}** | {setting} |")
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | **{_fmt(r['overall'], r['overall_se'])}** | "
+                    f"{_fmt(r.get('overall_se_subsets'))} | {setting} |")
     return "\n".join(rows)
 
 
@@ -103,11 +125,11 @@ def margins_table(report: dict, reference: str = "journey") -> str:
     if reference not in methods or "paired" not in report["lds"]:
         return ""
     lds = report["lds"]
-    head = "| journey minus | " + " | ".join(f"step {s}" for s in lds["steps"]) + " | mean |"
-    rows = [head, "|" + "---|" * (len(lds["steps"]) + 2)]
+    head = "| journey minus | " + " | ".join(f"step {s}" for s in lds["steps"]) + " | mean ± s.e. (queries) | s.e. (subsets) |"
+    rows = [head, "|" + "---|" * (len(lds["steps"]) + 3)]
     for name, d in lds["paired"].items():
         rows.append(f"| {name} | " + " | ".join(_fmt(m, s, 2) for m, s in zip(d["mean"], d["se"]))
-                    + f" | {_fmt(d['overall'], d['overall_se'])} |")
+                    + f" | {_fmt(d['overall'], d['overall_se'])} | {_fmt(d.get('overall_se_subsets'))} |")
     return "\n".join(rows)
 
 
@@ -134,9 +156,7 @@ def ablation_table(report: dict) -> str:
     rows = ablation_rows(report)
     if not rows:
         return "_not run_"
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    lines = [_markdown(rows)]
     ridges = ablation_ridges(report)
     if ridges:
         lines += ["", "Ridge grid of the ablation: " + ", ".join(f"{r:g}" for r in ridges) + "."]
@@ -147,12 +167,45 @@ def counterfactual_table(report: dict) -> str:
     cf = report.get("counterfactual")
     if not cf:
         return "_not run_"
-    rows = ["| removal | k | n | pixel l2 | classifier-feature distance | class changed | Δf_t |", "|---|---|---|---|---|---|---|"]
-    for r in cf["summary"]:
-        rows.append(f"| {r['kind']} | {r['k']} | {r['n']} | {_fmt(r['pixel_l2'], r['pixel_l2_se'], 2)} | "
-                    f"{_fmt(r['feature_dist'], r['feature_dist_se'], 2)} | {_fmt(r['class_changed'], None, 2)} | "
-                    f"{_fmt(r['delta_f'], r['delta_f_se'], 4)} |")
-    return "\n".join(rows)
+    lines = [
+        f"Removals ranked at step {cf['step']} (t = {cf['timestep']}) for queries {cf['query_rows']}; every removal "
+        f"retrained with training seed(s) {cf.get('train_seeds', [0])} and compared with the full-data model of the same "
+        "seed; per query the seeds are averaged, then mean ± s.e. over queries.",
+        "",
+        _markdown(counterfactual_rows(report)),
+    ]
+    paired = counterfactual_paired_rows(report)
+    if paired:
+        lines += ["", "Paired with random removal of the same k (same queries and seeds): the rule's value minus "
+                  "random's (positive = the rule's top-k moved the sample more / raised f_t more).", "", _markdown(paired)]
+    return "\n".join(lines)
+
+
+def replicate_table(report: dict) -> str:
+    """How much of the ground truth a method can predict: seed-to-seed and query-to-query Spearman per step."""
+    lds = report["lds"]
+    agree, cross = lds.get("replicate_agreement"), lds.get("cross_query_agreement")
+    if not agree and not cross:
+        return ""
+    head = " | ".join(f"step {s}" for s in lds["steps"])
+    lines = [
+        "How much of the ground truth is there to predict (Spearman's rho across subsets, mean over reported queries):",
+        "",
+        "- *seed vs seed*: the true outputs of two training seeds of the same subsets. It is the LDS one seed's "
+        "outputs would get as a predictor of another's; a perfect predictor of the seed-free part gets about its "
+        "square root against one seed, so noise in the truth caps every method's LDS.",
+        "- *query vs query*: two different queries of the same seed. Near 1, a subset's model is better or worse for "
+        "every query alike: the LDS then rewards predicting that global effect, and the queries are not independent "
+        "draws (hence the s.e. over subsets, by bootstrap, in the table above).",
+        "",
+        f"| truth | {head} | mean |", "|---|" + "---|" * (len(lds["steps"]) + 1),
+    ]
+    if agree:
+        cells = " | ".join(_fmt(m, e, 2) for m, e in zip(agree["mean"], agree["se"]))
+        lines.append(f"| seed vs seed ({agree['pairs']} pair(s)) | {cells} | {_fmt(agree['overall'], agree['overall_se'])} |")
+    if cross:
+        lines.append("| query vs query | " + " | ".join(_fmt(v, None, 2) for v in cross) + f" | {_fmt(sum(cross) / len(cross))} |")
+    return "\n".join(lines)
 
 
 def overlap_table(report: dict) -> str:
@@ -166,16 +219,30 @@ def overlap_table(report: dict) -> str:
 
 
 def _write_truth(work: Path, out_dir: Path) -> None:
-    """Bundle the cached ground truth into ``truth.npz``: truth (m, Q, S) float32, subset ids, masks (m, N)."""
+    """Bundle the cached ground truth into ``truth.npz``: ``truth_replicates`` (R, m, Q, S) float32 of the R
+    training seeds every listed subset has, ``truth`` (m, Q, S) their mean, subset ids and masks (m, N)."""
     import numpy as np
 
-    files = sorted((work / "truth").glob("subset_*.npy"))
-    if not files:
+    by_subset: dict[int, dict[int, Path]] = {}
+    for f in (work / "truth").glob("subset_*.npy"):
+        parts = f.stem.split("_")  # subset_XXX or subset_XXX_rR
+        by_subset.setdefault(int(parts[1]), {})[int(parts[2][1:]) if len(parts) > 2 else 0] = f
+    if not by_subset:
         return
-    ids = np.array([int(f.stem.split("_")[1]) for f in files])
-    truth = np.stack([np.load(f, allow_pickle=False) for f in files]).astype(np.float32)
+    # the largest R that every subset has (replicate 0 .. R-1), so no subset is dropped
+    R = min(next(r for r in range(len(reps) + 1) if r not in reps) for reps in by_subset.values())
+    ids = np.array(sorted(by_subset))
+    truths = np.stack([np.stack([np.load(by_subset[j][r], allow_pickle=False) for j in ids]) for r in range(R)])
     masks = np.load(work / "subsets.npy", allow_pickle=False)[ids]
-    np.savez_compressed(out_dir / "truth.npz", truth=truth, subset_ids=ids, subsets=masks)
+    np.savez_compressed(out_dir / "truth.npz", truth=truths.mean(0).astype(np.float32),
+                        truth_replicates=truths.astype(np.float32), subset_ids=ids, subsets=masks)
+
+
+def _replicates_phrase(replicates: int, seed: int) -> str:
+    if replicates == 1:
+        return f"one model each, training seed {seed}"
+    return (f"{replicates} models each, training seeds {seed}-{seed + replicates - 1}; "
+            "the ground truth is their mean output")
 
 
 def write_report(work: Path, out_dir: Path) -> Path:
@@ -199,8 +266,8 @@ def write_report(work: Path, out_dir: Path) -> Path:
         "",
         f"Training set: {b['num_train']} bundled digits (stratified), average-pooled to {b['image_size']}x{b['image_size']}; "
         f"UNet2DModel block_out_channels {b['train']['block_out_channels']}, {b['train']['epochs']} epochs; "
-        f"{len(b['checkpoint_seeds'])} full-data checkpoints; {lds['num_subsets']} random 50 % subsets (one model each, seed "
-        f"{b['subset_train_seed']}). Queries: {lds['num_queries']} reported + {lds['num_val_queries']} validation samples of "
+        f"{len(b['checkpoint_seeds'])} full-data checkpoints; {lds['num_subsets']} random 50 % subsets ("
+        + _replicates_phrase(lds.get("truth_replicates", 1), b["subset_train_seed"]) + "). Queries: {lds['num_queries']} reported + {lds['num_val_queries']} validation samples of "
         f"checkpoint 0 (DDIM 50 steps); K = {lds['num_resamples']} noises; settings (draws, ridge, sign) chosen on the "
         "validation samples only. Featurize base: " + ", ".join(f"{k}={v}" for k, v in lds["featurize"].items()
                                                                if k in ("proj_kind", "proj_dim", "timestep_sampling"))
@@ -208,11 +275,13 @@ def write_report(work: Path, out_dir: Path) -> Path:
            "stratified for the ||eps||^2 outputs of D-TRAK and DAS)." if lds["featurize"].get("timestep_sampling") == "auto"
            else "."),
         "",
-        "## LDS per step (mean ± s.e. over reported queries)",
+        "## LDS per step (mean ± s.e. over reported queries; s.e. over subsets by bootstrap)",
         "",
         lds_table(report),
         "",
         "Ridge grid (relative): " + ", ".join(f"{r:g}" for r in _ridges(lds["methods"])) + ".",
+        "",
+        replicate_table(report),
         "",
         margins_table(report),
         "",
@@ -224,14 +293,15 @@ def write_report(work: Path, out_dir: Path) -> Path:
         "",
         counterfactual_table(report),
         "",
-        "## Ablations: train timesteps, checkpoints M, projection dimension d",
+        "## Ablations: train timesteps, checkpoints M, projection dimension d, query noises K",
         "",
-        "`attribution bench ablation`: \"all timesteps\" is the method of the table above (stratified draws, "
-        f"M = {len(b['checkpoint_seeds'])}, d = {lds['featurize']['proj_dim']}); \"matched\" scores step s against a store "
-        "whose (timestep, noise) draws all lie in [t_s - w, t_s + w] (one store per step, "
-        "`FeaturizeConfig.timestep_range`); \"M = m\" averages only the first m checkpoints; \"d = n\" projects to n "
-        "dimensions. Settings chosen on the validation queries as above. K is not ablated: the ground truth is "
-        "defined with the same K noises.",
+        "`attribution bench ablation`: \"all timesteps\" is the method of the table above (draws over the whole "
+        f"schedule as in its featurize base, M = {len(b['checkpoint_seeds'])}, d = {lds['featurize']['proj_dim']}); "
+        "\"matched\" scores step s against a store whose (timestep, noise) draws all lie in [t_s - w, t_s + w] (one "
+        "store per step, `FeaturizeConfig.timestep_range`); \"stratified\" / \"log-stratified draws\" change how the "
+        "train timesteps are drawn; \"M = m\" averages only the first m checkpoints; \"d = n\" projects to n "
+        "dimensions; \"K = k\" averages the query features over k noises, the first k of the stream whose first "
+        f"{lds['num_resamples']} define the ground truth. Settings chosen on the validation queries as above.",
         "",
         ablation_table(report),
         "",

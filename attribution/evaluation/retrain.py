@@ -45,8 +45,14 @@ def train_jobs(
     return spent
 
 
-def lds_jobs(paths, config, subsets: np.ndarray, limit: int | None = None) -> list[tuple[Path, np.ndarray | None, int]]:
-    """Full-data checkpoints first (they are needed for attribution), then subset models."""
+def lds_jobs(
+    paths, config, subsets: np.ndarray, limit: int | None = None, replicates: int = 1
+) -> list[tuple[Path, np.ndarray | None, int]]:
+    """Full-data checkpoints first (they are needed for attribution), then every subset model of
+    replicate 0, then of replicate 1, ... (``replicates`` training seeds per subset). A subset model
+    whose ground truth is cached already is left out: the truth is all the LDS needs of it."""
     jobs: list[tuple[Path, np.ndarray | None, int]] = [(paths.checkpoint(s), None, s) for s in config.checkpoint_seeds]
-    jobs += [(paths.subset_model(j), subsets[j], config.subset_train_seed) for j in range(len(subsets))]
+    for r in range(replicates):
+        jobs += [(paths.subset_model(j, r), subsets[j], config.replicate_seed(r))
+                 for j in range(len(subsets)) if not paths.truth_cache(j, r).exists()]
     return jobs if limit is None else jobs[:limit]

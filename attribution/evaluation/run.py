@@ -18,7 +18,7 @@ from ..data import ArrayDataset
 from ..models import DiffusionModel, load_models
 from ..outputs import get_method
 from ..store import atomic_save_npy
-from .lds import lds, summarize
+from .lds import lds, subset_bootstrap, summarize
 from .queries import QuerySet, QuerySpec, load_or_generate_queries, step_outputs
 from .scores import (
     SIMILARITY,
@@ -55,36 +55,48 @@ class SelectionGrid:
     signs: tuple[float, ...] = (1.0, -1.0)
 
 
-def ground_truth(
-    paths: BenchPaths, queries: QuerySet, spec: QuerySpec, num_subsets: int, log: Log = print, reverse: bool = False,
-    compute: bool = True,
+def replicate_truths(
+    paths: BenchPaths, queries: QuerySet, spec: QuerySpec, num_subsets: int, replicates: int = 1, log: Log = print,
+    reverse: bool = False, compute: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """True outputs (m', Q, S) of the subset models trained so far, cached one file per model.
+    """True outputs (R, m', Q, S) of the subset models trained so far, cached one file per model.
 
+    A subset is included only when all ``replicates`` of its models (training seeds) are done.
     ``reverse``: visit the models from the last (a second process then meets the first halfway).
     ``compute``: False uses only the cached truths (models without one are left out).
 
     Returns:
-        (truth, subset indices it covers) -- only finished models are included.
+        (truths, subset indices they cover).
     """
-    found: dict[int, np.ndarray] = {}
+    found: dict[int, list[np.ndarray]] = {}
     for j in (reversed(range(num_subsets)) if reverse else range(num_subsets)):
-        model_dir = paths.subset_model(j)
-        cache = paths.root / "truth" / f"subset_{j:03d}.npy"
-        if cache.exists():
-            found[j] = np.load(cache, allow_pickle=False)
-            continue
-        if not model_dir.exists() or not compute:
-            continue
-        out = step_outputs(load_models([model_dir])[0], queries, spec)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_npy(cache, out)
-        found[j] = out
+        rows = []
+        for r in range(replicates):
+            cache, model_dir = paths.truth_cache(j, r), paths.subset_model(j, r)
+            if cache.exists():
+                rows.append(np.load(cache, allow_pickle=False))
+            elif model_dir.exists() and compute:
+                out = step_outputs(load_models([model_dir])[0], queries, spec)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                atomic_save_npy(cache, out)
+                rows.append(out)
+        if len(rows) == replicates:
+            found[j] = rows
     done = sorted(found)
-    rows = [found[j] for j in done]
     if done:
-        log(f"ground truth of {len(done)} subset models")
-    return (np.stack(rows) if rows else np.zeros((0, *queries.x0_hat.shape[:1], len(spec.steps)))), np.asarray(done, dtype=int)
+        log(f"ground truth of {len(done)} subsets x {replicates} training seeds")
+    if not done:
+        return np.zeros((replicates, 0, queries.x0_hat.shape[0], len(spec.steps))), np.zeros(0, dtype=int)
+    return np.stack([np.stack(found[j]) for j in done], axis=1), np.asarray(done, dtype=int)
+
+
+def ground_truth(
+    paths: BenchPaths, queries: QuerySet, spec: QuerySpec, num_subsets: int, log: Log = print, reverse: bool = False,
+    compute: bool = True, replicates: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """True outputs (m', Q, S): :func:`replicate_truths` averaged over the training seeds."""
+    truths, ids = replicate_truths(paths, queries, spec, num_subsets, replicates, log, reverse, compute)
+    return truths.mean(axis=0), ids
 
 
 @dataclass
@@ -178,14 +190,17 @@ class LdsRun:
         s = summarize(values)
         # the documented sign (+1) too, so a flipped convention is visible
         fixed = summarize(lds(cands[(d, r)][rep], masks, truth[:, rep], 1.0))
+        boot = subset_bootstrap(cands[(d, r)][rep], masks, truth[:, rep], sign)
         result = {
             "label": label,
             "num_draws": d, "ridge": r, "sign": sign,
             "mean": s.mean.tolist(), "se": s.se.tolist(), "overall": s.overall, "overall_se": s.overall_se,
+            "overall_se_subsets": float(boot.std(ddof=1)), "bootstrap": boot.tolist(),
             "overall_sign_plus": fixed.overall,
             "per_query": values.tolist(),
             "selection": selection,
             "seconds": time.perf_counter() - t0,
         }
-        self.log(f"LDS {name}: {s.overall:.3f} ± {s.overall_se:.3f} (draws {d}, ridge {r}, sign {sign:+.0f})")
+        self.log(f"LDS {name}: {s.overall:.3f} ± {s.overall_se:.3f} (queries) ± {boot.std(ddof=1):.3f} (subsets) "
+                 f"(draws {d}, ridge {r}, sign {sign:+.0f})")
         return result, cands[(d, r)][rep]

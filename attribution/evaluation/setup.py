@@ -10,6 +10,8 @@ exists. Layout under the work directory ``root``::
     masks/subset_XXX.npy   the same masks one per file (for ``attribution train --subset-mask``)
     models/full_sK         full-data checkpoints (K = training seed), used for attribution
     models/subset_XXX      one retrained model per subset (training seed ``subset_train_seed``)
+    models/subset_XXX_rR   replicate R >= 1 of it (training seed ``subset_train_seed + R``)
+    truth/subset_XXX[_rR].npy  the cached ground truth of each of these models
     models/cf_*            counterfactual retrainings (see :mod:`.counterfactual`)
 """
 
@@ -79,6 +81,10 @@ class BenchConfig:
         t["block_out_channels"] = tuple(t["block_out_channels"])
         return cls(train=TrainConfig(**t), **{**d, "checkpoint_seeds": tuple(d["checkpoint_seeds"])})
 
+    def replicate_seed(self, replicate: int) -> int:
+        """Training seed of replicate ``replicate`` of every subset model (0 = the original model)."""
+        return self.subset_train_seed + replicate
+
 
 def pool_digits(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 (N, 32, 32) -> uint8 (N, size, size) by average pooling (rounded)."""
@@ -114,6 +120,10 @@ def subset_masks(config: BenchConfig, labels: np.ndarray) -> np.ndarray:
     return np.stack([stratified_choice(labels, config.subset_fraction, rng) for _ in range(config.num_subsets)])
 
 
+def _subset_name(j: int, replicate: int) -> str:
+    return f"subset_{j:03d}" + (f"_r{replicate}" if replicate else "")
+
+
 @dataclass
 class BenchPaths:
     """Where the benchmark's files live under ``root``."""
@@ -138,8 +148,11 @@ class BenchPaths:
     def checkpoint(self, seed: int) -> Path:
         return self.root / "models" / f"full_s{seed}"
 
-    def subset_model(self, j: int) -> Path:
-        return self.root / "models" / f"subset_{j:03d}"
+    def subset_model(self, j: int, replicate: int = 0) -> Path:
+        return self.root / "models" / _subset_name(j, replicate)
+
+    def truth_cache(self, j: int, replicate: int = 0) -> Path:
+        return self.root / "truth" / f"{_subset_name(j, replicate)}.npy"
 
     def store(self, name: str) -> Path:
         return self.root / "stores" / name
