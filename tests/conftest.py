@@ -108,7 +108,7 @@ def tiny_bench(tmp_path_factory) -> dict:
         ["bench", "retrain", *w, "--replicates", "2"],
         ["bench", "lds", *w, *q, "--methods", *methods, "--replicates", "2"],
         ["bench", "counterfactual", *w, *q, "--num-cf-queries", "1", "--ks", "2", "--kinds", "journey", "random",
-         "--cf-num-draws", "1", "--cf-train-seeds", "0", "1"],
+         "--cf-num-draws", "1", "--cf-train-seeds", "0", "1", "--coupled"],
         ["bench", "report", *w, "--out", str(out)],
     ]
     for argv in steps:

@@ -125,10 +125,12 @@ def test_removal_models_are_named_by_what_they_removed():
     """A model retrained for another ranking (e.g. after the stores changed) is never measured as this one."""
     from attribution.evaluation.counterfactual import CounterfactualSpec
 
-    name = CounterfactualSpec.model_name
+    name = CounterfactualSpec(query_rows=(10,)).model_name
     assert name("cf_q010_journey_k2", 1, [3, 7]) == name("cf_q010_journey_k2", 1, [3, 7])
     assert name("cf_q010_journey_k2", 1, [3, 7]) != name("cf_q010_journey_k2", 1, [3, 8])
     assert name("cf_q010_journey_k2", 0, [3, 7]).startswith("cf_q010_journey_k2_s0_")
+    coupled = CounterfactualSpec(query_rows=(10,), coupled=True).model_name("cf_q010_journey_k2", 0, [3, 7])
+    assert coupled.startswith("cf_q010_journey_k2_s0c_")
 
 
 def test_predicted_outputs_sum_over_subset():
@@ -214,6 +216,30 @@ def test_full_mask_retraining_reproduces_the_checkpoint(tmp_path):
     assert (a / "unet/diffusion_pytorch_model.safetensors").read_bytes() == (b / "unet/diffusion_pytorch_model.safetensors").read_bytes()
 
 
+def test_coupled_subset_training_replays_the_full_run(tmp_path):
+    """Coupled: a full mask is the full-data run bit for bit; a subset drops rows from the same minibatches
+    (a different model from the fresh run over the subset); the settings record the subset."""
+    import json
+
+    from attribution.training import train_ddpm
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.uniform(-1, 1, size=(12, 1, 8, 8)).astype(np.float32))
+    cfg = TrainConfig(epochs=2, batch_size=4, block_out_channels=(4, 8))
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    full = train_ddpm(images, tmp_path / "full", cfg)
+    assert (full / weights).read_bytes() == (train_ddpm(images, tmp_path / "all", cfg, subset=np.ones(12, bool),
+                                                        coupled=True) / weights).read_bytes()
+    mask = np.arange(12) % 3 != 0
+    coupled = train_ddpm(images, tmp_path / "coupled", cfg, subset=mask, coupled=True)
+    fresh = train_ddpm(images, tmp_path / "fresh", cfg, subset=mask)
+    assert (coupled / weights).read_bytes() != (fresh / weights).read_bytes()
+    record = json.loads((coupled / "train_config.json").read_text())
+    assert record["coupled_subset"] == np.flatnonzero(mask).tolist() and record["num_images"] == 8
+    with pytest.raises(ValueError, match="no training images"):
+        train_ddpm(images, tmp_path / "none", cfg, subset=np.zeros(12, bool), coupled=True)
+
+
 # ----------------------------------------------------------------------------- end to end
 def test_bench_pipeline_end_to_end(tiny_bench):
     """prepare -> retrain -> lds -> counterfactual -> report on 20 digits at 8x8 and 8 subsets (conftest)."""
@@ -233,8 +259,8 @@ def test_bench_pipeline_end_to_end(tiny_bench):
         assert chosen[0]["val_lds"] == best
     cf = json.loads((work / "counterfactual.json").read_text())
     assert cf["models_done"] == cf["models_expected"] == 4  # (journey, random) x training seeds 0, 1
-    assert {r["train_seed"] for r in cf["rows"]} == {0, 1} and len(list((work / "models").glob("cf_q002_journey_k2_s1_*"))) == 1
-    assert [(r["kind"], r["n"]) for r in cf["paired_with_random"]] == [("journey", 1)]
+    assert {r["train_seed"] for r in cf["rows"]} == {0, 1} and len(list((work / "models").glob("cf_q002_journey_k2_s1c_*"))) == 1
+    assert [(r["kind"], r["n"]) for r in cf["paired_with_random"]] == [("journey", 1)] and cf["coupled"]
     # removals ranked with the ridge the LDS selection chose (draws given on the command line)
     assert cf["settings"]["journey"] == {"num_draws": 1, "ridge": lds["methods"]["journey"]["ridge"]}
     assert all(r["pixel_l2"] > 0 for r in cf["rows"])

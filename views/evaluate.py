@@ -61,7 +61,9 @@ if cf_rows:
     st.caption(
         f"Removals chosen at step {cf['step']} (timestep {cf['timestep']}); {cf['models_done']} of "
         f"{cf['models_expected']} retrained models measured, each against the full-data model of its training seed "
-        f"(seeds {cf.get('train_seeds', [0])}). Larger distances mean the removed images mattered more."
+        f"(seeds {cf.get('train_seeds', [0])}"
+        + ("; retrained by replaying that model's training run without the removed images" if cf.get("coupled") else "")
+        + "). Larger distances mean the removed images mattered more."
     )
     st.dataframe(cf_rows, hide_index=True, use_container_width=True)
     paired = counterfactual_paired_rows(report)

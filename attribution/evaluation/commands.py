@@ -179,7 +179,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
         raise ValueError(f"--cf-train-seeds must start with checkpoint 0's seed {config.checkpoint_seeds[0]} and be "
                          f"seeds of full-data checkpoints {list(config.checkpoint_seeds)} (they are the references)")
     spec = CounterfactualSpec(query_rows=tuple(int(q) for q in rep[: args.num_cf_queries]), step=args.step,
-                              ks=tuple(args.ks), kinds=tuple(args.kinds), train_seeds=train_seeds)
+                              ks=tuple(args.ks), kinds=tuple(args.kinds), train_seeds=train_seeds, coupled=args.coupled)
     col = list(run.spec.steps).index(spec.step)
     scores, settings = {}, {}
     for kind in spec.kinds:
@@ -211,7 +211,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     out = {
         "step": spec.step, "timestep": int(run.queries.timesteps[spec.step]), "ks": list(spec.ks), "kinds": list(spec.kinds),
         "query_rows": list(spec.query_rows), "query_seeds": [int(run.queries.seeds[q]) for q in spec.query_rows],
-        "train_seeds": list(spec.train_seeds),
+        "train_seeds": list(spec.train_seeds), "coupled": spec.coupled,
         "settings": {k: {"num_draws": d, "ridge": r} for k, (d, r) in settings.items()},
         "rows": rows, "summary": summarize_rows(rows), "paired_with_random": paired_with_random(rows),
         "models_expected": len(removals) * len(spec.train_seeds), "models_done": len(rows),
@@ -398,6 +398,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--cf-train-seeds", type=int, nargs="+",
                    help="training seeds of every removal model, each compared with the full-data checkpoint of that "
                         "seed (default: checkpoint 0's seed only)")
+    c.add_argument("--coupled", action="store_true",
+                   help="retrain by replaying the full-data run of each seed without the removed rows")
     c.add_argument("--measure-only", action="store_true", help="measure the finished models, train nothing")
     _shard_arg(c)
     c.set_defaults(func=cmd_counterfactual)

@@ -52,6 +52,9 @@ class CounterfactualSpec:
         seed: seed of the random removals.
         train_seeds: training seeds of every removal model; each must be the seed of a
             full-data checkpoint (its reference). The first is checkpoint 0's.
+        coupled: retrain by replaying the full-data run of the seed without the removed
+            rows (same shuffling, timesteps and noises; :func:`train_ddpm`), so the
+            removal is the only difference from the reference.
     """
 
     query_rows: tuple[int, ...]
@@ -60,13 +63,13 @@ class CounterfactualSpec:
     kinds: tuple[str, ...] = ("journey", "random", "pixel", "embedding")
     seed: int = 0
     train_seeds: tuple[int, ...] = (0,)
+    coupled: bool = False
 
-    @staticmethod
-    def model_name(removal: str, train_seed: int, removed: Sequence[int]) -> str:
+    def model_name(self, removal: str, train_seed: int, removed: Sequence[int]) -> str:
         """Directory name of ``removal``'s model of ``train_seed``. It ends in a hash of the removed indices,
         so a model trained for another ranking (other stores or settings) is never taken for this one."""
         digest = hashlib.sha1(",".join(str(int(i)) for i in removed).encode()).hexdigest()[:8]
-        return f"{removal}_s{train_seed}_{digest}"
+        return f"{removal}_s{train_seed}{'c' if self.coupled else ''}_{digest}"
 
 
 def removal_sets(scores: dict[str, np.ndarray], spec: CounterfactualSpec, num_train: int) -> dict[str, list[int]]:
@@ -93,7 +96,7 @@ def retrain_removals(models_dir: Path, removals: dict[str, list[int]], dataset: 
         keep = np.ones(len(dataset), dtype=bool)
         keep[idx] = False
         jobs += [(models_dir / spec.model_name(name, s, idx), keep, s) for s in spec.train_seeds]
-    return train_jobs(jobs[shard[0]::shard[1]], dataset, train, log=log)
+    return train_jobs(jobs[shard[0]::shard[1]], dataset, train, log=log, coupled=spec.coupled)
 
 
 def _one_query(queries: QuerySet, q: int) -> QuerySet:

@@ -169,8 +169,11 @@ def counterfactual_table(report: dict) -> str:
         return "_not run_"
     lines = [
         f"Removals ranked at step {cf['step']} (t = {cf['timestep']}) for queries {cf['query_rows']}; every removal "
-        f"retrained with training seed(s) {cf.get('train_seeds', [0])} and compared with the full-data model of the same "
-        "seed; per query the seeds are averaged, then mean ± s.e. over queries.",
+        f"retrained with training seed(s) {cf.get('train_seeds', [0])}"
+        + (" by replaying the full-data run of that seed without the removed rows (same shuffling, timesteps and "
+           "noises: coupled)" if cf.get("coupled") else "")
+        + " and compared with the full-data model of the same seed; per query the seeds are averaged, then mean ± "
+        "s.e. over queries.",
         "",
         _markdown(counterfactual_rows(report)),
     ]
