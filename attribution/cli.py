@@ -69,7 +69,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     bar, update = _bar("train")
     images = ds.images(np.arange(len(ds)))
-    train_ddpm(images, args.out, cfg, subset=subset, progress=update, log=tqdm.write)
+    if args.coupled and subset is None:
+        raise ValueError("--coupled needs --subset-mask")
+    train_ddpm(images, args.out, cfg, subset=subset, progress=update, log=tqdm.write, coupled=args.coupled)
     bar.close()
     print(f"saved {args.out}")
 
@@ -232,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--block-out-channels", type=int, nargs="+", default=list(TrainConfig.block_out_channels))
     t.add_argument("--layers-per-block", type=int, default=TrainConfig.layers_per_block)
     t.add_argument("--subset-mask", type=Path, help=".npy bool mask (N,) of training examples to keep")
+    t.add_argument("--coupled", action="store_true",
+                   help="with --subset-mask: replay the full-data run of --seed (shuffling, timesteps, noises) and "
+                        "drop the other rows from each minibatch, instead of a fresh run over the subset")
     t.add_argument("--size", type=int, default=32, help="image size for image folders")
     t.add_argument("--channels", type=int, default=3, help="channels for image folders")
     t.set_defaults(func=cmd_train)

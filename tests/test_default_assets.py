@@ -92,6 +92,7 @@ def test_train_command_short_epoch_reloads_with_diffusers(tmp_path):
     pipe = DDPMPipeline.from_pretrained(out, use_safetensors=True)
     assert pipe.unet.config.sample_size == 32
     assert cli_main(["train", "--data", "digits", "--out", str(out), "--epochs", "1"]) == 2  # refuses to overwrite
+    assert cli_main(["train", "--out", str(tmp_path / "c"), "--epochs", "1", "--coupled"]) == 2  # needs a mask
 
 
 class _Stop(Exception):

@@ -77,6 +77,22 @@ def test_subset_bootstrap_matches_the_spread_over_fresh_subsets():
     np.testing.assert_array_equal(boot, subset_bootstrap(scores, subsets, truth, num=300))
 
 
+def test_query_specific_lds_ignores_what_every_query_shares():
+    """A truth that is one global subset effect plus a query-specific linear datamodel: scores that predict only
+    the global part get LDS > 0 but query-specific LDS ~ 0; the query-specific scores get ~ 1."""
+    from attribution.evaluation.lds import query_specific_lds
+
+    rng = np.random.default_rng(6)
+    q, s, n, m = 30, 2, 50, 64
+    glob, own = rng.normal(size=(1, s, n)), rng.normal(size=(q, s, n))
+    subsets = rng.random((m, n)) < 0.5
+    truth = np.moveaxis(-(10 * glob + own) @ subsets.T.astype(float), -1, 0)  # (m, q, s)
+    only_global = glob + 0.01 * rng.normal(size=(q, s, n))  # the global part, with a little query-specific noise
+    assert summarize(lds(only_global, subsets, truth)).overall > 0.5
+    assert abs(summarize(query_specific_lds(only_global, subsets, truth)).overall) < 0.1
+    assert summarize(query_specific_lds(10 * glob + own, subsets, truth)).overall > 0.99
+
+
 def test_cross_query_agreement_detects_a_global_subset_effect():
     from attribution.evaluation.analyses import cross_query_agreement
 
@@ -269,7 +285,8 @@ def test_bench_pipeline_end_to_end(tiny_bench):
     md = (out / "report.md").read_text()
     assert "| journey |" in md and "Retrain without top-k" in md and "| seed vs seed (1 pair(s)) |" in md
     assert "| query vs query |" in md
-    assert "removal minus random" in md
+    assert "removal minus random" in md and "Query-specific LDS" in md
+    assert set(lds["analyses"]["query_specific_lds"]) == set(methods)
     z = np.load(out / "truth.npz")
     assert z["truth_replicates"].shape == (2, 8, 5, 10)
     np.testing.assert_allclose(z["truth"], z["truth_replicates"].mean(0), rtol=1e-6)

@@ -107,7 +107,14 @@ def cmd_lds(args: argparse.Namespace) -> None:
 
     steps = list(run.spec.steps)
     col = steps.index(args.analysis_step) if args.analysis_step in steps else len(steps) // 2
+    from .lds import query_specific_lds, summarize
+
+    _, rep = run.spec.split()
+    masks, rep_truth = run.subsets[ids], truth[:, rep]
+    specific = {m: summarize(query_specific_lds(chosen[m], masks, rep_truth, results[m]["sign"])) for m in chosen}
     analyses = {
+        "query_specific_lds": {m: {"mean": s.mean.tolist(), "se": s.se.tolist(), "overall": s.overall,
+                                   "overall_se": s.overall_se} for m, s in specific.items()},
         "step": steps[col],
         "top_k_overlap": {m: top_k_overlap(chosen[m][:, col]) for m in chosen},
         "step_correlation": {m: step_correlation(chosen[m], steps) for m in chosen if m not in ("trak-final",)},
@@ -125,8 +132,8 @@ def cmd_lds(args: argparse.Namespace) -> None:
         "analyses": analyses,
         "paired": paired_margins(results, "journey"),
         "truth_replicates": int(truths.shape[0]),
-        "replicate_agreement": replicate_agreement(truths[:, :, run.spec.split()[1]]),
-        "cross_query_agreement": cross_query_agreement(truth[:, run.spec.split()[1]]),
+        "replicate_agreement": replicate_agreement(truths[:, :, rep]),
+        "cross_query_agreement": cross_query_agreement(rep_truth),
         "wall_seconds": time.perf_counter() - t0,
     }
     path = run.paths.root / "lds.json"

@@ -69,6 +69,24 @@ def lds(scores: np.ndarray, subsets: np.ndarray, truth: np.ndarray, sign: float 
     return spearman(pred, np.moveaxis(truth, 0, -1))
 
 
+def query_specific_lds(scores: np.ndarray, subsets: np.ndarray, truth: np.ndarray, sign: float = 1.0) -> np.ndarray:
+    """LDS of the query-specific part: predictions and true outputs minus their mean over the queries.
+
+    What one subset does to every query alike (a better or worse model overall) cancels, so
+    this asks whether the scores predict which subsets help *this* sample more than others.
+
+    Args: as :func:`lds` (Q >= 2).
+
+    Returns:
+        (Q, S) Spearman's rho across the m subsets.
+    """
+    if scores.shape[0] < 2:
+        raise ValueError("the query-specific LDS needs at least 2 queries")
+    pred = predicted_outputs(scores, subsets, sign)  # (Q, S, m)
+    true = np.moveaxis(truth, 0, -1)
+    return spearman(pred - pred.mean(0, keepdims=True), true - true.mean(0, keepdims=True))
+
+
 def subset_bootstrap(
     scores: np.ndarray, subsets: np.ndarray, truth: np.ndarray, sign: float = 1.0, num: int = 200, seed: int = 0
 ) -> np.ndarray:

@@ -211,6 +211,26 @@ def replicate_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def query_specific_table(report: dict) -> str:
+    """LDS of the query-specific part of the truth, per method (the setting chosen for the main table)."""
+    lds = report["lds"]
+    qs = lds.get("analyses", {}).get("query_specific_lds")
+    if not qs:
+        return ""
+    head = " | ".join(f"step {s}" for s in lds["steps"])
+    lines = [
+        "Query-specific LDS: predictions and true outputs minus their mean over the reported queries, so what a "
+        "subset does to every query alike cancels; it asks whether a method predicts which subsets help *this* "
+        "sample more than the others (settings as chosen above).",
+        "",
+        f"| method | {head} | mean |", "|---|" + "---|" * (len(lds["steps"]) + 1),
+    ]
+    for name, r in sorted(qs.items(), key=lambda kv: -kv[1]["overall"]):
+        lines.append(f"| {name} | " + " | ".join(_fmt(m, e, 2) for m, e in zip(r["mean"], r["se"]))
+                     + f" | **{_fmt(r['overall'], r['overall_se'])}** |")
+    return "\n".join(lines)
+
+
 def overlap_table(report: dict) -> str:
     an = report["lds"].get("analyses", {})
     ov = an.get("top_k_overlap", {})
@@ -285,6 +305,8 @@ def write_report(work: Path, out_dir: Path) -> Path:
         "Ridge grid (relative): " + ", ".join(f"{r:g}" for r in _ridges(lds["methods"])) + ".",
         "",
         replicate_table(report),
+        "",
+        query_specific_table(report),
         "",
         margins_table(report),
         "",
