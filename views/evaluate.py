@@ -15,8 +15,10 @@ from attribution.evaluation.report import (
     ablation_rows,
     counterfactual_paired_rows,
     counterfactual_rows,
+    QUERY_SPECIFIC_CAPTION,
     lds_rows,
     load_report,
+    query_specific_rows,
 )
 
 ui.page_header(
@@ -53,6 +55,12 @@ if agree:
         f"Two seeds of the same subsets agree at ρ = {agree['overall']:.2f} ± {agree['overall_se']:.2f} "
         "(Spearman across subsets): retraining itself is that noisy, which caps every method's LDS."
     )
+
+specific = query_specific_rows(report)
+if specific:
+    st.markdown("#### Does a method know what is special about *this* sample?")
+    st.caption(QUERY_SPECIFIC_CAPTION)
+    st.dataframe(specific, hide_index=True, use_container_width=True)
 
 cf_rows = counterfactual_rows(report)
 st.markdown("#### Retrain without the top-k influencers")

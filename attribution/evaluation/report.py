@@ -211,24 +211,28 @@ def replicate_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def query_specific_table(report: dict) -> str:
-    """LDS of the query-specific part of the truth, per method (the setting chosen for the main table)."""
+QUERY_SPECIFIC_CAPTION = (
+    "Query-specific LDS: predictions and true outputs minus their mean over the reported queries, so what a subset "
+    "does to every query alike cancels; it asks whether a method predicts which subsets help *this* sample more "
+    "than the others (settings as chosen for the main table)."
+)
+
+
+def query_specific_rows(report: dict) -> list[dict]:
+    """The query-specific LDS per method as display rows (empty for reports without it)."""
     lds = report["lds"]
-    qs = lds.get("analyses", {}).get("query_specific_lds")
-    if not qs:
-        return ""
-    head = " | ".join(f"step {s}" for s in lds["steps"])
-    lines = [
-        "Query-specific LDS: predictions and true outputs minus their mean over the reported queries, so what a "
-        "subset does to every query alike cancels; it asks whether a method predicts which subsets help *this* "
-        "sample more than the others (settings as chosen above).",
-        "",
-        f"| method | {head} | mean |", "|---|" + "---|" * (len(lds["steps"]) + 1),
-    ]
+    qs = lds.get("analyses", {}).get("query_specific_lds") or {}
+    rows = []
     for name, r in sorted(qs.items(), key=lambda kv: -kv[1]["overall"]):
-        lines.append(f"| {name} | " + " | ".join(_fmt(m, e, 2) for m, e in zip(r["mean"], r["se"]))
-                     + f" | **{_fmt(r['overall'], r['overall_se'])}** |")
-    return "\n".join(lines)
+        row = {"method": name, "mean": _fmt(r["overall"], r["overall_se"])}
+        row.update({f"step {s}": _fmt(m, e, 2) for s, m, e in zip(lds["steps"], r["mean"], r["se"])})
+        rows.append(row)
+    return rows
+
+
+def query_specific_table(report: dict) -> str:
+    rows = query_specific_rows(report)
+    return f"{QUERY_SPECIFIC_CAPTION}\n\n{_markdown(rows)}" if rows else ""
 
 
 def overlap_table(report: dict) -> str:
