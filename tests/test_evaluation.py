@@ -93,6 +93,23 @@ def test_query_specific_lds_ignores_what_every_query_shares():
     assert summarize(query_specific_lds(10 * glob + own, subsets, truth)).overall > 0.99
 
 
+def test_crossfit_chooses_on_other_subsets_and_queries():
+    """Cross-fitting picks the predictive setting on one half of the subsets and reports it on the other."""
+    from types import SimpleNamespace
+
+    from attribution.evaluation.queries import QuerySpec
+    from attribution.evaluation.run import LdsRun, SelectionGrid
+
+    rng = np.random.default_rng(7)
+    run = SimpleNamespace(spec=QuerySpec(num_queries=6, num_val_queries=4), grid=SelectionGrid())
+    good, bad = rng.normal(size=(10, 2, 30)), rng.normal(size=(10, 2, 30))
+    subsets = rng.random((40, 30)) < 0.5
+    truth = np.moveaxis(good @ subsets.T.astype(float), -1, 0)  # sign -1 of the convention
+    value = LdsRun.crossfit(run, {(1, 0.1): bad, (1, 1.0): good}, subsets, truth)
+    assert value == pytest.approx(1.0)
+    assert abs(LdsRun.crossfit(run, {(1, 0.1): bad}, subsets, truth)) < 0.3
+
+
 def test_cross_query_agreement_detects_a_global_subset_effect():
     from attribution.evaluation.analyses import cross_query_agreement
 
@@ -287,6 +304,7 @@ def test_bench_pipeline_end_to_end(tiny_bench):
     assert "| query vs query |" in md
     assert "removal minus random" in md and "Query-specific LDS" in md
     assert set(lds["analyses"]["query_specific_lds"]) == set(methods)
+    assert all(-1 <= r["overall_crossfit"] <= 1 and r["overall_se_subsets"] > 0 for r in lds["methods"].values())
     z = np.load(out / "truth.npz")
     assert z["truth_replicates"].shape == (2, 8, 5, 10)
     np.testing.assert_allclose(z["truth"], z["truth_replicates"].mean(0), rtol=1e-6)
