@@ -98,9 +98,9 @@ class FactorizedProjector:
 
     Args:
         shapes: name -> shape of every selected parameter, in the order gradients are flattened.
-        dim_out: d. With ``exact=True`` d is ignored: every factor is the identity and
-            the small block is the identity (d = p, features are a permutation of
-            the gradient; for tests).
+        dim_out: d. With ``exact=True`` d is ignored: every factor is the identity, no
+            matrix is formed and the features are the per-example gradient itself, in
+            ``shapes`` order (d = p; :func:`example_grads_from_hooks`).
     """
 
     def __init__(
@@ -114,31 +114,34 @@ class FactorizedProjector:
         self.shapes = {k: tuple(s) for k, s in shapes.items()}
         self.dim_in = sum(math.prod(s) for s in self.shapes.values())
         self.device = torch.device(device)
-        if exact:
-            self.blocks, off = [], 0
-            for k, s in self.shapes.items():
-                if len(s) in (2, 4):
-                    n_in = math.prod(s[1:])
-                    self.blocks.append(LayerBlock(k, s[0], n_in, s[0], n_in, off))
-                    off += s[0] * n_in
-            self.small = [k for k, s in self.shapes.items() if len(s) not in (2, 4)]
-            self.d_small = self.dim_in - off
+        self.exact = exact
+        self.starts: dict[str, int] = {}  # where each parameter's gradient starts in the flattened vector
+        off = 0
+        for k, sh in self.shapes.items():
+            self.starts[k] = off
+            off += math.prod(sh)
+        if exact:  # every block at its parameter's place: the features are the gradient, in order
+            self.blocks = [LayerBlock(k, sh[0], math.prod(sh[1:]), sh[0], math.prod(sh[1:]), self.starts[k])
+                           for k, sh in self.shapes.items() if len(sh) in (2, 4)]
+            self.small = [k for k, sh in self.shapes.items() if len(sh) not in (2, 4)]
+            self.d_small = self.dim_in - sum(b.c_out * b.n_in for b in self.blocks)
             dim_out = self.dim_in
         else:
             self.blocks, self.small, self.d_small = _allocate(self.shapes, dim_out)
         self.dim_out = dim_out
         self.p_small = sum(math.prod(self.shapes[k]) for k in self.small)
+        # exact: every factor is the identity, never materialized (the hooks skip it)
         self.p_out: dict[str, torch.Tensor] = {}
         self.p_in: dict[str, torch.Tensor] = {}
-        for i, b in enumerate(self.blocks):
-            self.p_out[b.name] = self._factor(exact, seed, 2 * i, b.r_out, b.c_out)
-            self.p_in[b.name] = self._factor(exact, seed, 2 * i + 1, b.r_in, b.n_in)
-        self.p_small_t = self._factor(exact, seed, 2 * len(self.blocks), self.d_small, self.p_small).T.contiguous()
+        self.p_small_t: torch.Tensor | None = None
+        if not exact:
+            for i, b in enumerate(self.blocks):
+                self.p_out[b.name] = self._factor(seed, 2 * i, b.r_out, b.c_out)
+                self.p_in[b.name] = self._factor(seed, 2 * i + 1, b.r_in, b.n_in)
+            self.p_small_t = self._factor(seed, 2 * len(self.blocks), self.d_small, self.p_small).T.contiguous()
 
-    def _factor(self, exact: bool, seed: int, block: int, rows: int, cols: int) -> torch.Tensor:
-        """A (rows, cols) Gaussian factor with N(0, 1/rows) entries (identity if exact)."""
-        if exact:
-            return torch.eye(rows, device=self.device)
+    def _factor(self, seed: int, block: int, rows: int, cols: int) -> torch.Tensor:
+        """A (rows, cols) Gaussian factor with N(0, 1/rows) entries."""
         m = torch.randn(rows, cols, generator=_block_generator(seed, block)) / math.sqrt(max(rows, 1))
         return m.to(self.device)
 
@@ -153,17 +156,24 @@ class FactorizedProjector:
             off += math.prod(s)
         for b in self.blocks:
             g = views[b.name].reshape(-1, b.c_out, b.n_in)
-            out[:, b.offset : b.offset + b.r_out * b.r_in] = (self.p_out[b.name] @ g @ self.p_in[b.name].T).flatten(1)
-        self._write_small(out, torch.cat([views[k] for k in self.small], 1) if self.small else None)
+            if not self.exact:
+                g = self.p_out[b.name] @ g @ self.p_in[b.name].T
+            out[:, b.offset : b.offset + b.r_out * b.r_in] = g.flatten(1)
+        self._write_small(out, views)
         return out
 
-    def _write_small(self, out: torch.Tensor, small: torch.Tensor | None) -> None:
-        """Project the (B, p_small) small-parameter gradients into the last d_s columns."""
+    def _write_small(self, out: torch.Tensor, small: dict[str, torch.Tensor]) -> None:
+        """Write the small parameters' (B, numel) gradients ``small[name]``: projected into the last d_s
+        columns, or (exact) each at its own place."""
+        if self.exact:
+            for k in self.small:
+                out[:, self.starts[k] : self.starts[k] + small[k].shape[1]] = small[k]
+            return
         tail = out[:, self.dim_out - self.d_small :]
-        if small is None:
+        if not self.small:
             tail.zero_()
         else:
-            tail.copy_(small @ self.p_small_t)
+            tail.copy_(torch.cat([small[k] for k in self.small], 1) @ self.p_small_t)
 
     # ------------------------------------------------------------------ from one backward
     def project_examples(
@@ -176,6 +186,7 @@ class FactorizedProjector:
         noises: torch.Tensor,
         mask: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Projected gradients of the draw-averaged output, one row per example, without per-example gradients.
 
@@ -183,8 +194,10 @@ class FactorizedProjector:
         (x0 (B, C, H, W), timesteps (B, D), noises (B, D, C, H, W), mask (1|C, H, W),
         cond (B|1, L, D)); equals ``self.project(per_example_grads(...))`` up to rounding.
 
+        ``out``: an optional (B, d) float32 buffer to write into (it is overwritten).
+
         Returns:
-            (B, d) float32.
+            (B, d) float32 (``out`` when given).
         """
         if tuple(params) != tuple(self.shapes):
             raise ValueError("params differ from those the factorized projection was built for")
@@ -196,7 +209,7 @@ class FactorizedProjector:
         x_t = sqrt_ab.reshape(-1, 1, 1, 1) * x0.repeat_interleave(D, 0) + sqrt_1mab.reshape(-1, 1, 1, 1) * eps
         c = None if cond is None else cond.repeat_interleave(D, 0)
         m = None if mask is None else mask.to(device=device, dtype=torch.float32)[None]
-        out = torch.zeros(B, self.dim_out, device=device)
+        out = torch.zeros(B, self.dim_out, device=device) if out is None else out.zero_()
         small: dict[str, torch.Tensor] = {k: torch.zeros(B, math.prod(self.shapes[k]), device=device) for k in self.small}
         # Nothing requires gradients but the hooks' zero leaves: no weight gradient is formed.
         frozen = {k: v.detach() for k, v in model.unet.named_parameters()}
@@ -209,7 +222,7 @@ class FactorizedProjector:
             torch.autograd.grad(value, hooks.leaves, allow_unused=True)
         finally:
             hooks.remove()
-        self._write_small(out, torch.cat([small[k] for k in self.small], 1) if self.small else None)
+        self._write_small(out, small)
         return out
 
 
@@ -253,15 +266,23 @@ class _LayerHooks:
         norm = isinstance(module, (nn.GroupNorm, nn.LayerNorm))
         channels_first = isinstance(module, (nn.Conv2d, nn.GroupNorm))  # else channels last (Linear, LayerNorm)
 
+        exact = self.proj.exact
+        shifted = conv and exact and _is_shiftable(module)
+
         def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             x = inputs[0].detach()
-            if block is not None:  # P_in a_pos at every position: (N, r_in, H', W') or (N, ..., r_in)
-                p_in = self.proj.p_in[weight]
-                if conv:
+            a = None
+            if block is not None and not shifted:  # the input side of every position: (N, r_in or n_in, P)
+                if conv and exact:  # identity P_in: the input patches (im2col; 1x1 convolutions need no copy)
+                    a = x.flatten(2) if mod.kernel_size == (1, 1) and mod.stride == (1, 1) and mod.padding == (0, 0) \
+                        else F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+                elif conv:  # P_in a_pos at every position
+                    p_in = self.proj.p_in[weight]
                     a = F.conv2d(x, p_in.view(block.r_in, *mod.weight.shape[1:]), None, mod.stride, mod.padding, mod.dilation)
-                    a = a.flatten(2)  # (N, r_in, P)
+                    a = a.flatten(2)
                 else:
-                    a = (x @ p_in.T).reshape(x.shape[0], -1, block.r_in).transpose(1, 2)  # (N, r_in, P)
+                    a = x if exact else x @ self.proj.p_in[weight].T
+                    a = a.reshape(x.shape[0], -1, a.shape[-1]).transpose(1, 2)
             x_hat = None
             if norm and weight is not None:
                 x_hat = (F.group_norm(x, mod.num_groups, eps=mod.eps) if isinstance(mod, nn.GroupNorm)
@@ -278,8 +299,11 @@ class _LayerHooks:
                 else:
                     g_pos = g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)  # (N, C, P)
                 if block is not None:
-                    gp = torch.matmul(self.proj.p_out[weight], g_pos)  # (N, r_out, P)
-                    feat = torch.bmm(gp, a.transpose(1, 2))  # (N, r_out, r_in)
+                    if shifted:
+                        feat = conv3x3_weight_grads(x, g)  # (N, C_out, C_in, 3, 3)
+                    else:
+                        gp = g_pos if exact else torch.matmul(self.proj.p_out[weight], g_pos)  # (N, r_out, P)
+                        feat = torch.bmm(gp, a.transpose(1, 2))  # (N, r_out, r_in)
                     sl = slice(block.offset, block.offset + block.r_out * block.r_in)
                     self.out[:, sl] += self._per_example(feat.flatten(1))
                 elif x_hat is not None:
@@ -292,6 +316,34 @@ class _LayerHooks:
             return output
 
         return hook
+
+
+def _is_shiftable(module: nn.Conv2d) -> bool:
+    """A 3x3 convolution with stride 1, padding 1 and dilation 1 (what :func:`conv3x3_weight_grads` handles)."""
+    return (module.kernel_size == (3, 3) and module.stride == (1, 1) and module.padding == (1, 1)
+            and module.dilation == (1, 1))
+
+
+def conv3x3_weight_grads(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients (N, O, C, 3, 3) of a 3x3 convolution with stride 1 and padding 1.
+
+    x: (N, C, H, W) the layer's input; g: (N, O, H, W) its output gradient.
+    dW_n[o, c, ky, kx] = sum_{y, x} g_n[o, y, x] * x_pad_n[c, y + ky, x + kx]. With Wp = W + 2,
+    output position (y, x) reads the flattened padded input at ky*Wp + kx + (y*Wp + x), so on
+    a "wide" layout (g zero-padded to width Wp) every offset (ky, kx) is one strided slice of
+    the flattened input and one batched matmul: no im2col copy (``F.unfold``) is made.
+    """
+    N, C, H, W = x.shape
+    Wp = W + 2
+    L = H * Wp
+    xp = F.pad(x, (1, 1, 1, 2)).flatten(2)  # (N, C, (H + 3) * Wp): a spare row for the last offsets
+    gw = F.pad(g, (0, 2)).flatten(2)  # (N, O, H * Wp), zero in the two extra columns
+    out = torch.empty(N, g.shape[1], C, 3, 3, device=x.device, dtype=torch.promote_types(x.dtype, g.dtype))
+    for ky in range(3):
+        for kx in range(3):
+            off = ky * Wp + kx
+            out[..., ky, kx] = torch.bmm(gw, xp[:, :, off : off + L].transpose(1, 2))
+    return out
 
 
 def _check_supported(module: nn.Module, name: str, attrs: dict[str, str], blocks: dict[str, LayerBlock]) -> None:
@@ -315,6 +367,54 @@ def _check_supported(module: nn.Module, name: str, attrs: dict[str, str], blocks
         )
 
 
+def hooks_support(model: DiffusionModel, params: dict[str, torch.Tensor]) -> bool:
+    """Whether :func:`example_grads_from_hooks` can form every selected parameter's per-example gradient."""
+    owners: dict[str, dict[str, str]] = {}
+    for name in params:
+        mod_name, _, attr = name.rpartition(".")
+        owners.setdefault(mod_name, {})[attr] = name
+    blocks = {k: None for k, v in params.items() if v.dim() in (2, 4)}
+    try:
+        for mod_name, attrs in owners.items():
+            _check_supported(model.unet.get_submodule(mod_name), mod_name, attrs, blocks)
+    except (ValueError, AttributeError):
+        return False
+    return True
+
+
+_EXACT: dict[tuple, FactorizedProjector] = {}
+
+
+def example_grads_from_hooks(
+    model: DiffusionModel,
+    params: dict[str, torch.Tensor],
+    output: OutputFn,
+    x0: torch.Tensor,
+    timesteps: torch.Tensor,
+    noises: torch.Tensor,
+    chunk_size: int = 32,
+    cond: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The (B, P) gradients of :func:`~attribution.gradients.per_example_grads`, from batched passes with hooks.
+
+    One forward and backward per chunk of examples, with no parameter requiring a gradient;
+    the hooks form each layer's per-example weight gradient from its input and output
+    gradient (3x3 convolutions by :func:`conv3x3_weight_grads`, no im2col), and biases and
+    norm parameters as in the factorized projection. Needs :func:`hooks_support`.
+    """
+    shapes = {k: tuple(v.shape) for k, v in params.items()}
+    key = (tuple(shapes.items()), str(model.device))
+    if key not in _EXACT:
+        _EXACT[key] = FactorizedProjector(shapes, 0, seed=0, device=model.device, exact=True)
+    proj = _EXACT[key]
+    out = torch.empty(x0.shape[0], proj.dim_in, device=model.device)
+    for s in range(0, x0.shape[0], chunk_size):
+        sl = slice(s, s + chunk_size)
+        c = cond[sl] if cond is not None and cond.shape[0] > 1 else cond
+        proj.project_examples(model, params, output, x0[sl], timesteps[sl], noises[sl], cond=c, out=out[sl])
+    return out
+
+
 def projected_example_grads(
     projector,
     model: DiffusionModel,
@@ -329,7 +429,9 @@ def projected_example_grads(
     """Projected per-example gradients (B, d) float32 with any projector (train features).
 
     A :class:`FactorizedProjector` computes them from batched passes of ``chunk_size``
-    examples; any other projector projects :func:`~attribution.gradients.per_example_grads`.
+    examples; any other projector projects the per-example gradients, formed by hooks
+    (:func:`example_grads_from_hooks`) where the model's layers allow it, else by
+    :func:`~attribution.gradients.per_example_grads` (vmap).
     Arguments as in :func:`~attribution.gradients.per_example_grads`.
     """
     if isinstance(projector, FactorizedProjector):
@@ -339,7 +441,8 @@ def projected_example_grads(
             c = cond[sl] if cond is not None and cond.shape[0] > 1 else cond
             rows.append(projector.project_examples(model, params, output, x0[sl], timesteps[sl], noises[sl], cond=c))
         return torch.cat(rows)
-    return projector.project(per_example_grads(model, params, output, x0, timesteps, noises, chunk_size=chunk_size, cond=cond))
+    grads_fn = example_grads_from_hooks if hooks_support(model, params) else per_example_grads
+    return projector.project(grads_fn(model, params, output, x0, timesteps, noises, chunk_size=chunk_size, cond=cond))
 
 
 def projected_step_grads(

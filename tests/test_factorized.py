@@ -9,7 +9,13 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig
-from attribution.factorized import FactorizedProjector, projected_example_grads
+from attribution.factorized import (
+    FactorizedProjector,
+    conv3x3_weight_grads,
+    example_grads_from_hooks,
+    hooks_support,
+    projected_example_grads,
+)
 from attribution.featurize import draw_timesteps_and_noise, featurize
 from attribution.gradients import per_example_grads, per_step_grads, select_params
 from attribution.models import load_models
@@ -60,15 +66,9 @@ def test_identity_factors_give_exact_per_example_gradients(tiny_models, masked):
     proj = FactorizedProjector(_shapes(params), 0, seed=0, exact=True)
     got = proj.project_examples(model, params, get_output("loss"), x0, ts, noises, mask)
     assert got.shape == exact.shape and exact.abs().max() > 0
-    tol = dict(rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
-    # the layout: weight blocks (c_out x n_in) first, then the small parameters in order
-    offsets = dict(zip(params, np.cumsum([0] + [v.numel() for v in params.values()])))
-    block = next(b for b in proj.blocks if b.name == "conv_in.weight")
-    torch.testing.assert_close(got[:, block.offset : block.offset + block.c_out * block.n_in],
-                               exact[:, offsets["conv_in.weight"] : offsets["conv_in.weight"] + block.c_out * block.n_in], **tol)
-    small = torch.cat([exact[:, offsets[k] : offsets[k] + params[k].numel()] for k in proj.small], 1)
-    torch.testing.assert_close(got[:, -proj.d_small :], small, **tol)
-    torch.testing.assert_close(got.sort(1).values, exact.sort(1).values, **tol)  # a permutation of the gradient
+    # every block at its parameter's place: the features are the gradient itself
+    torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
+    torch.testing.assert_close(proj.project(exact), exact)
 
 
 @pytest.mark.parametrize("which", ["tiny", "attention"])
@@ -82,6 +82,35 @@ def test_one_backward_equals_projecting_full_gradients(tiny_models, attn_model, 
         fast = projected_example_grads(proj, model, params, get_output(output), x0, ts, noises, chunk_size=2)
         assert fast.shape == (5, 96) and full.abs().max() > 0
         torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5 * float(full.abs().max()))
+
+
+@pytest.mark.parametrize("which", ["tiny", "attention"])
+def test_hook_gradients_equal_vmap_per_example_gradients(tiny_models, attn_model, which):
+    """The sjlt/gaussian featurize path takes per-example gradients from hooks: the same (B, P) rows as vmap."""
+    model = tiny_models[1] if which == "tiny" else attn_model
+    params = select_params(model)
+    assert hooks_support(model, params)
+    x0, ts, noises = _inputs(model, n=5)
+    for output in ("loss", "square"):
+        ref = per_example_grads(model, params, get_output(output), x0, ts, noises)
+        got = example_grads_from_hooks(model, params, get_output(output), x0, ts, noises, chunk_size=2)
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_conv3x3_weight_grads_and_unsupported_parameters(tiny_models):
+    """The wide-layout per-example convolution gradient matches autograd; a parameter the hooks cannot form
+    sends featurize back to vmap."""
+    x, g = torch.randn(3, 2, 5, 7), torch.randn(3, 4, 5, 7)
+    w = torch.randn(4, 2, 3, 3, requires_grad=True)
+    for n in range(3):
+        (ref,) = torch.autograd.grad((torch.nn.functional.conv2d(x[n : n + 1], w, padding=1) * g[n : n + 1]).sum(), w)
+        torch.testing.assert_close(conv3x3_weight_grads(x, g)[n], ref, rtol=1e-5, atol=1e-5)
+    model = tiny_models[0]
+    params = dict(select_params(model))
+    assert hooks_support(model, params)
+    params["time_embedding.no_such_layer.weight"] = torch.zeros(2, 2)
+    assert not hooks_support(model, params)
 
 
 def test_inner_products_are_preserved_in_expectation(tiny_models):

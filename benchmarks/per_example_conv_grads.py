@@ -1,0 +1,103 @@
+"""Per-example weight gradients of one 3x3 convolution, four ways (where issue 7's featurize time goes).
+
+The sjlt featurize path spends ~78 % of its time in vmap's per-example gradients
+(``benchmarks/README.md`` 00.4). This script times, for layer shapes of the bundled
+UNet, the weight part of that work:
+
+* ``vmap``: ``vmap(grad(<conv(x_i, w), g_i>))``, what featurize does today (forward included);
+* ``shifted``: 9 batched matmuls on a "wide" layout: the output gradient is zero-padded to
+  the padded input's width, so the input window of each kernel offset (ky, kx) is a
+  contiguous slice of the flattened padded input and no im2col copy is made;
+* ``unfold``: ``F.unfold`` (im2col) + one ``bmm`` (the hook path tried in section 00.4);
+* ``batched``: the summed weight gradient of the batch (what a plain backward computes; the limit).
+
+All four are checked to agree before timing. Run:
+``python benchmarks/per_example_conv_grads.py [--threads 2] [--out results/per_example_conv_grads.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Callable
+
+import common  # noqa: F401  (puts this checkout first on sys.path)
+import torch
+import torch.nn.functional as F
+from torch.func import grad, vmap
+
+SHAPES = [(32, 16, 16, 32), (32, 32, 32, 16), (32, 32, 32, 8), (32, 1, 16, 32)]  # (B, C_in, C_out, H = W)
+
+
+def per_example_shifted(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients (B, O, C, 3, 3) of a 3x3, stride-1, padding-1 convolution.
+
+    x: (B, C, H, W) layer input; g: (B, O, H, W) output gradient. With Wp = W + 2, output
+    position (y, x) reads padded input (y + ky, x + kx), flat index ky*Wp + kx + (y*Wp + x):
+    on the wide layout (g padded to width Wp with zeros) each offset is one strided slice.
+    """
+    B, C, H, W = x.shape
+    Wp, L = W + 2, H * (W + 2)
+    xp = F.pad(x, (1, 1, 1, 2)).flatten(2)  # (B, C, (H + 3) * Wp): one spare row for the last offsets
+    gw = F.pad(g, (0, 2)).flatten(2)  # (B, O, H * Wp), zero in the 2 extra columns
+    out = torch.empty(B, g.shape[1], C, 3, 3)
+    for ky in range(3):
+        for kx in range(3):
+            off = ky * Wp + kx
+            out[..., ky, kx] = torch.bmm(gw, xp[:, :, off : off + L].transpose(1, 2))
+    return out
+
+
+def per_example_unfold(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    a = F.unfold(x, 3, padding=1)  # (B, C * 9, H * W)
+    return torch.bmm(g.flatten(2), a.transpose(1, 2)).view(x.shape[0], g.shape[1], x.shape[1], 3, 3)
+
+
+def timed_ms(f: Callable[[], object], repeats: int) -> float:
+    f()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        f()
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", default=str(common.RESULTS / "per_example_conv_grads.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows, results = [], []
+    for B, C, O, H in SHAPES:
+        x, g, w = torch.randn(B, C, H, H), torch.randn(B, O, H, H), torch.randn(O, C, 3, 3)
+
+        def loss(w: torch.Tensor, xi: torch.Tensor, gi: torch.Tensor) -> torch.Tensor:
+            return (F.conv2d(xi[None], w, padding=1)[0] * gi).sum()
+
+        vm = vmap(grad(loss), in_dims=(None, 0, 0))
+        ref = vm(w, x, g)
+        for name, out in (("shifted", per_example_shifted(x, g)), ("unfold", per_example_unfold(x, g))):
+            torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4, msg=f"{name} disagrees with vmap")
+        t = {
+            "vmap": timed_ms(lambda: vm(w, x, g), args.repeats),
+            "shifted": timed_ms(lambda: per_example_shifted(x, g), args.repeats),
+            "unfold": timed_ms(lambda: per_example_unfold(x, g), args.repeats),
+            "batched": timed_ms(lambda: torch.nn.grad.conv2d_weight(x, w.shape, g, padding=1), args.repeats),
+        }
+        results.append({"B": B, "C_in": C, "C_out": O, "H": H, "ms": t})
+        rows.append([f"{B}x{C}->{O} @ {H}x{H}", *(f"{t[k]:.2f}" for k in ("vmap", "shifted", "unfold", "batched")),
+                     f"{t['vmap'] / t['shifted']:.2f}x"])
+    table = common.print_table(rows, ["layer (B x C_in -> C_out @ H x W)", "vmap ms", "shifted ms", "unfold ms",
+                                      "batched ms", "vmap / shifted"])
+    out = {"machine": common.machine_info(), "threads": args.threads, "repeats": args.repeats, "layers": results,
+           "table": table}
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
