@@ -6,7 +6,9 @@ round's ratios are measured under the same load:
 
 * ``limit``: plain batched forward+backward of the mean loss (parameters requiring grad);
 * ``factorized``: ``FactorizedProjector.project_examples`` (one batched pass with hooks);
-* ``vmap+sjlt``: ``per_example_grads`` (torch.func vmap) then the sparse sketch.
+* ``vmap+sjlt``: ``per_example_grads`` (torch.func vmap) then the sparse sketch;
+* ``hooks+sjlt``: ``example_grads_from_hooks`` (one batched pass, per-example weight gradients
+  formed by the layer hooks; featurize's default path since 2026-11-25) then the sparse sketch.
 
 Usage::
 
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from attribution.config import FeaturizeConfig
+    from attribution.factorized import example_grads_from_hooks
     from attribution.featurize import checkpoint_projector, draw_timesteps_and_noise
     from attribution.gradients import num_params, per_example_grads, select_params
     from attribution.models import load_models
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         "factorized": lambda sl: fact.project_examples(model, params, out, x0[sl], ts[sl], noises[sl]),
         "vmap+sjlt": lambda sl: sjlt.project(per_example_grads(model, params, out, x0[sl], ts[sl], noises[sl],
                                                                chunk_size=args.batch)),
+        "hooks+sjlt": lambda sl: sjlt.project(example_grads_from_hooks(model, params, out, x0[sl], ts[sl], noises[sl],
+                                                                       chunk_size=args.batch)),
     }
     for fn in methods.values():  # warm-up
         fn(slice(0, 8))
@@ -85,13 +90,15 @@ def main(argv: list[str] | None = None) -> int:
             row[name] = args.n / (time.perf_counter() - t0)
         row["factorized_over_limit"] = row["factorized"] / row["limit"]
         row["vmap_sjlt_over_limit"] = row["vmap+sjlt"] / row["limit"]
+        row["hooks_sjlt_over_limit"] = row["hooks+sjlt"] / row["limit"]
         row["loadavg"] = os.getloadavg()[0]
         rounds.append(row)
         print(json.dumps(row), flush=True)
     result = {"machine": common.machine_info(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
               "other_cpu_users": common.other_cpu_users(), "examples_per_s_rounds": rounds,
               "median_factorized_over_limit": float(np.median([r["factorized_over_limit"] for r in rounds])),
-              "median_vmap_sjlt_over_limit": float(np.median([r["vmap_sjlt_over_limit"] for r in rounds]))}
+              "median_vmap_sjlt_over_limit": float(np.median([r["vmap_sjlt_over_limit"] for r in rounds])),
+              "median_hooks_sjlt_over_limit": float(np.median([r["hooks_sjlt_over_limit"] for r in rounds]))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {args.out}")

@@ -128,16 +128,21 @@ def test_auto_timestep_sampling_resolves_per_output_and_is_recorded(tiny_models,
     with pytest.raises(StoreError, match="timestep_sampling"):
         Store.open(tmp_path / "s", store_spec(tiny_models, tiny_dataset, replace(cfg, timestep_sampling="stratified")))
 
-def test_projections_are_seeded_and_blockwise():
+def test_projections_are_seeded_and_blockwise(monkeypatch):
     g = torch.randn(3, 5000)
     a = SparseSignProjector(5000, 64, seed=3, nnz=4)
     b = SparseSignProjector(5000, 64, seed=3, nnz=4)
     c = SparseSignProjector(5000, 64, seed=4, nnz=4)
     assert torch.equal(a.project(g), b.project(g))
     assert not torch.equal(a.project(g), c.project(g))
-    dense = a.matrix_t.to_dense()
+    dense = a.matrix()
     assert ((dense != 0).sum(0) == 4).all()  # nnz non-zeros per input coordinate
     torch.testing.assert_close(a.project(g), g @ dense.T)
+    # applied in column blocks: the same matrix, the same projection
+    monkeypatch.setattr(SparseSignProjector, "COLUMN_BLOCK", 1200)
+    blocked = SparseSignProjector(5000, 64, seed=3, nnz=4)
+    assert len(blocked.column_blocks) == 5 and torch.equal(blocked.matrix(), dense)
+    torch.testing.assert_close(blocked.project(g), a.project(g))
 
     ga = GaussianProjector(5000, 32, seed=1, block_rows=1000, cache_bytes=0)  # regenerated per call
     gb = GaussianProjector(5000, 32, seed=1, block_rows=1000)
