@@ -1,4 +1,4 @@
-"""Factorized per-layer projection (LoGra-style): projected per-example gradients from one backward.
+"""Factorized per-layer projection (LoGra-style) and exact per-example gradients, both from one backward.
 
 The projection P (``proj_kind="factorized"``) is block diagonal over parameters:
 
@@ -24,6 +24,14 @@ per example; parameters do not require gradients, so no weight gradient is forme
 Biases and norm parameters get their exact per-example gradients from the same
 hooks. :meth:`FactorizedProjector.project` applies the same linear map to full
 gradient vectors (queries, tests).
+
+Exact mode (``exact=True``, :func:`example_grads_from_hooks`): every factor is the
+identity, so the same hooks form the exact per-example gradients, each block at its
+parameter's place. This is how the sjlt / gaussian featurize paths get per-example
+gradients (one batched pass instead of vmap): 3x3 stride-1 convolutions by
+:func:`conv3x3_weight_grads` (nine batched matmuls on a zero-padded "wide" layout, no
+im2col), 1x1 convolutions and Linear layers by one batched matmul, other convolutions
+through ``F.unfold``.
 
 Dimension budget: d_s = min(p_small, d / 16) for the small block (more if the layer
 blocks leave dimensions over), the rest split over layers in proportion to

@@ -52,7 +52,7 @@ def profile_once(models, ds, proj_kind: str, proj_dim: int, batch_size: int, chu
 
     acc: dict[str, float] = defaultdict(float)
     saved = {name: getattr(F, name) for name in ("draw_timesteps_and_noise", "checkpoint_projector")}
-    saved_grads = FZ.per_example_grads
+    saved_grads, saved_hooks = FZ.per_example_grads, FZ.example_grads_from_hooks
     saved_write, saved_finalize = Store.write_rows, Store.finalize
     saved_images = type(ds).images
 
@@ -67,6 +67,7 @@ def profile_once(models, ds, proj_kind: str, proj_dim: int, batch_size: int, chu
         return proj
 
     FZ.per_example_grads = _timer(acc, "per-example gradients (vmap)", saved_grads)
+    FZ.example_grads_from_hooks = _timer(acc, "per-example gradients (hooks)", saved_hooks)
     F.draw_timesteps_and_noise = _timer(acc, "draws (timesteps, noise)", saved["draw_timesteps_and_noise"])
     F.checkpoint_projector = make_projector
     Store.write_rows = _timer(acc, "store writes (+flush)", saved_write)
@@ -94,7 +95,7 @@ def profile_once(models, ds, proj_kind: str, proj_dim: int, batch_size: int, chu
             prof.__exit__(None, None, None)
         for name, fn in saved.items():
             setattr(F, name, fn)
-        FZ.per_example_grads = saved_grads
+        FZ.per_example_grads, FZ.example_grads_from_hooks = saved_grads, saved_hooks
         Store.write_rows, Store.finalize = saved_write, saved_finalize
         type(ds).images = saved_images
         shutil.rmtree(store_dir, ignore_errors=True)
