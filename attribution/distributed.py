@@ -114,7 +114,7 @@ def featurize_distributed(
     rank: int,
     world_size: int,
     batch_size: int = 64,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
     progress: Progress | None = None,
     log: Callable[[str], None] = lambda s: None,
     finalize_progress: Progress | None = None,

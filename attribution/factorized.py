@@ -28,10 +28,10 @@ gradient vectors (queries, tests).
 Exact mode (``exact=True``, :func:`example_grads_from_hooks`): every factor is the
 identity, so the same hooks form the exact per-example gradients, each block at its
 parameter's place. This is how the sjlt / gaussian featurize paths get per-example
-gradients (one batched pass instead of vmap): 3x3 stride-1 convolutions by
-:func:`conv3x3_weight_grads` (nine batched matmuls on a zero-padded "wide" layout, no
-im2col), 1x1 convolutions and Linear layers by one batched matmul, other convolutions
-through ``F.unfold``.
+gradients (one batched pass instead of vmap): convolutions by
+:func:`conv_weight_grads` (the layer's weight-gradient convolution with one group per
+example, summed over each example's draws inside it; no im2col copy), Linear layers by
+one batched matmul.
 
 Dimension budget: d_s = min(p_small, d / 16) for the small block (more if the layer
 blocks leave dimensions over), the rest split over layers in proportion to
@@ -217,7 +217,8 @@ class FactorizedProjector:
         x_t = sqrt_ab.reshape(-1, 1, 1, 1) * x0.repeat_interleave(D, 0) + sqrt_1mab.reshape(-1, 1, 1, 1) * eps
         c = None if cond is None else cond.repeat_interleave(D, 0)
         m = None if mask is None else mask.to(device=device, dtype=torch.float32)[None]
-        out = torch.zeros(B, self.dim_out, device=device) if out is None else out.zero_()
+        # every block's first write copies (no zero fill); blocks the pass never reached are zeroed after it
+        out = torch.empty(B, self.dim_out, device=device) if out is None else out
         small: dict[str, torch.Tensor] = {k: torch.zeros(B, math.prod(self.shapes[k]), device=device) for k in self.small}
         # Nothing requires gradients but the hooks' zero leaves: no weight gradient is formed.
         frozen = {k: v.detach() for k, v in model.unet.named_parameters()}
@@ -230,6 +231,9 @@ class FactorizedProjector:
             torch.autograd.grad(value, hooks.leaves, allow_unused=True)
         finally:
             hooks.remove()
+        for b in self.blocks:
+            if b.name not in hooks.written:
+                out[:, b.offset : b.offset + b.r_out * b.r_in].zero_()
         self._write_small(out, small)
         return out
 
@@ -249,6 +253,7 @@ class _LayerHooks:
         self.proj, self.out, self.small, self.B, self.D = proj, out, small, batch, draws
         self.leaves: list[torch.Tensor] = []
         self.handles = []
+        self.written: set[str] = set()  # blocks of ``out`` written so far (later calls of a module add)
         blocks = {b.name: b for b in proj.blocks}
         owners: dict[str, dict[str, str]] = {}  # module name -> {"weight"/"bias": parameter name}
         for name in proj.shapes:
@@ -275,16 +280,13 @@ class _LayerHooks:
         channels_first = isinstance(module, (nn.Conv2d, nn.GroupNorm))  # else channels last (Linear, LayerNorm)
 
         exact = self.proj.exact
-        shifted = conv and exact and _is_shiftable(module)
+        grouped = conv and exact  # exact conv weight gradients by conv_weight_grads: no input side needed
 
         def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             x = inputs[0].detach()
             a = None
-            if block is not None and not shifted:  # the input side of every position: (N, r_in or n_in, P)
-                if conv and exact:  # identity P_in: the input patches (im2col; 1x1 convolutions need no copy)
-                    a = x.flatten(2) if mod.kernel_size == (1, 1) and mod.stride == (1, 1) and mod.padding == (0, 0) \
-                        else F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
-                elif conv:  # P_in a_pos at every position
+            if block is not None and not grouped:  # the input side of every position: (N, r_in or n_in, P)
+                if conv:  # P_in a_pos at every position
                     p_in = self.proj.p_in[weight]
                     a = F.conv2d(x, p_in.view(block.r_in, *mod.weight.shape[1:]), None, mod.stride, mod.padding, mod.dilation)
                     a = a.flatten(2)
@@ -307,13 +309,17 @@ class _LayerHooks:
                 else:
                     g_pos = g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)  # (N, C, P)
                 if block is not None:
-                    if shifted:
-                        feat = conv3x3_weight_grads(x, g)  # (N, C_out, C_in, 3, 3)
+                    if grouped:  # (B, C_out, C_in, kh, kw), already summed over the draws
+                        feat = conv_weight_grads(mod, x, g, self.D)
                     else:
                         gp = g_pos if exact else torch.matmul(self.proj.p_out[weight], g_pos)  # (N, r_out, P)
-                        feat = torch.bmm(gp, a.transpose(1, 2))  # (N, r_out, r_in)
-                    sl = slice(block.offset, block.offset + block.r_out * block.r_in)
-                    self.out[:, sl] += self._per_example(feat.flatten(1))
+                        feat = self._per_example(torch.bmm(gp, a.transpose(1, 2)))  # (B, r_out, r_in)
+                    target = self.out[:, block.offset : block.offset + block.r_out * block.r_in]
+                    if weight in self.written:
+                        target += feat.flatten(1)
+                    else:
+                        target.copy_(feat.flatten(1))
+                        self.written.add(weight)
                 elif x_hat is not None:
                     xh = x_hat.flatten(2) if channels_first else x_hat.reshape(x_hat.shape[0], -1, x_hat.shape[-1]).transpose(1, 2)
                     self.small[weight] += self._per_example((g_pos * xh).sum(2))
@@ -326,39 +332,38 @@ class _LayerHooks:
         return hook
 
 
-def _is_shiftable(module: nn.Conv2d) -> bool:
-    """A 3x3 convolution with stride 1, padding 1 and dilation 1 (what :func:`conv3x3_weight_grads` handles)."""
-    return (module.kernel_size == (3, 3) and module.stride == (1, 1) and module.padding == (1, 1)
-            and module.dilation == (1, 1))
+def conv_weight_grads(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, draws: int = 1) -> torch.Tensor:
+    """Per-example weight gradients of a convolution, summed over each example's ``draws`` rows.
 
+    x: (B*D, C, H, W) the layer's input, g: (B*D, O, H', W') its output gradient, rows
+    ordered example-major (row b*D + d). The B examples are stacked along the channels
+    and the D draws along the batch, so the convolution's own weight-gradient kernel
+    with groups = B * module.groups forms all B gradients at once (and sums the draws):
+    the same arithmetic as the batched (summed) gradient, with no im2col copy.
 
-def conv3x3_weight_grads(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-example weight gradients (N, O, C, 3, 3) of a 3x3 convolution with stride 1 and padding 1.
-
-    x: (N, C, H, W) the layer's input; g: (N, O, H, W) its output gradient.
-    dW_n[o, c, ky, kx] = sum_{y, x} g_n[o, y, x] * x_pad_n[c, y + ky, x + kx]. With Wp = W + 2,
-    output position (y, x) reads the flattened padded input at ky*Wp + kx + (y*Wp + x), so on
-    a "wide" layout (g zero-padded to width Wp) every offset (ky, kx) is one strided slice of
-    the flattened input and one batched matmul: no im2col copy (``F.unfold``) is made.
+    Returns:
+        (B, O, C / groups, kh, kw), in the layout of ``module.weight``.
     """
     N, C, H, W = x.shape
-    Wp = W + 2
-    L = H * Wp
-    xp = F.pad(x, (1, 1, 1, 2)).flatten(2)  # (N, C, (H + 3) * Wp): a spare row for the last offsets
-    gw = F.pad(g, (0, 2)).flatten(2)  # (N, O, H * Wp), zero in the two extra columns
-    out = torch.empty(N, g.shape[1], C, 3, 3, device=x.device, dtype=torch.promote_types(x.dtype, g.dtype))
-    for ky in range(3):
-        for kx in range(3):
-            off = ky * Wp + kx
-            out[..., ky, kx] = torch.bmm(gw, xp[:, :, off : off + L].transpose(1, 2))
-    return out
+    B, O = N // draws, g.shape[1]
+
+    def stack(t: torch.Tensor) -> torch.Tensor:  # (B*D, K, h, w) -> (D, B*K, h, w)
+        if draws == 1:
+            return t.reshape(1, -1, *t.shape[2:])
+        return t.reshape(B, draws, *t.shape[1:]).transpose(0, 1).reshape(draws, -1, *t.shape[2:])
+
+    w = module.weight
+    _, grad_w, _ = torch.ops.aten.convolution_backward(
+        stack(g).contiguous(), stack(x).contiguous(), w.new_empty(B * O, *w.shape[1:]), None,
+        module.stride, module.padding, module.dilation, False, (0, 0), B * module.groups, (False, True, False))
+    return grad_w.view(B, O, *w.shape[1:])
 
 
 def _check_supported(module: nn.Module, name: str, attrs: dict[str, str], blocks: dict[str, LayerBlock]) -> None:
     """Refuse parameters whose per-example gradient the hooks cannot form."""
     ok = set(attrs) <= {"weight", "bias"}
     if isinstance(module, nn.Conv2d):
-        ok = ok and module.groups == 1 and module.padding_mode == "zeros" and ("weight" not in attrs or attrs["weight"] in blocks)
+        ok = ok and module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str) and ("weight" not in attrs or attrs["weight"] in blocks)
     elif isinstance(module, nn.Linear):
         ok = ok and ("weight" not in attrs or attrs["weight"] in blocks)
     elif isinstance(module, nn.GroupNorm):
@@ -407,7 +412,7 @@ def example_grads_from_hooks(
 
     One forward and backward per chunk of examples, with no parameter requiring a gradient;
     the hooks form each layer's per-example weight gradient from its input and output
-    gradient (3x3 convolutions by :func:`conv3x3_weight_grads`, no im2col), and biases and
+    gradient (convolutions by :func:`conv_weight_grads`, no im2col), and biases and
     norm parameters as in the factorized projection. Needs :func:`hooks_support`.
     """
     shapes = {k: tuple(v.shape) for k, v in params.items()}

@@ -134,6 +134,19 @@ def checkpoint_projector(
     return make_projector(config.proj_kind, dim_in, config.proj_dim, config.proj_seed + m, config.sjlt_nnz, device, shapes)
 
 
+#: Bytes of per-example gradients held at once by :func:`auto_chunk_size`, and rows (examples x draws) per pass.
+CHUNK_GRAD_BYTES = 1 << 30
+CHUNK_MAX_ROWS = 512
+
+
+def auto_chunk_size(num_params: int, num_draws: int, max_examples: int = 64) -> int:
+    """Examples per per-example-gradient pass: as many as fit 1 GiB of (chunk, P) float32 gradients and
+    512 forward rows (chunk x draws), at most ``max_examples`` (larger passes run the batched
+    kernels closer to their peak: 64 examples are ~10 % faster than 32 on the bundled UNet)."""
+    by_memory = CHUNK_GRAD_BYTES // (4 * max(num_params, 1))
+    return int(max(1, min(max_examples, by_memory, CHUNK_MAX_ROWS // max(num_draws, 1))))
+
+
 def featurize(
     models: list[DiffusionModel],
     dataset: ImageDataset,
@@ -141,7 +154,7 @@ def featurize(
     config: FeaturizeConfig = FeaturizeConfig(),
     *,
     batch_size: int = 64,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
     rank: int = 0,
     world_size: int = 1,
     finalize: bool = True,
@@ -155,7 +168,7 @@ def featurize(
         dataset: train images at the model's pixel size (for latent models also a
             :class:`~attribution.latents.LatentDataset` of the same VAE).
         batch_size: examples written to the store per flush (rows buffered before projecting).
-        chunk_size: examples per vmapped gradient call (memory budget).
+        chunk_size: examples per per-example-gradient pass (memory budget); None: :func:`auto_chunk_size`.
         rank, world_size: shard rows by ``i % world_size == rank`` (torchrun workers).
         finalize: compute the kernels once all rows are done (rank 0 only).
         progress: called with (rows done, rows total) of this shard.
@@ -189,6 +202,7 @@ def featurize(
             log("the dataset has no captions: train examples are conditioned on the empty prompt")
         params = select_params(model, config.param_filter)
         projector = checkpoint_projector(config, spec.num_params, m, model.device, params)
+        chunk = chunk_size or auto_chunk_size(spec.num_params, config.num_draws)
         skipped = len(dataset) // world_size - len(pending[m])
         if skipped > 0:
             log(f"checkpoint {m}: found {skipped} finished rows, resuming")
@@ -197,7 +211,7 @@ def featurize(
             x0 = data.images(idx)
             ts, noises = draw_timesteps_and_noise(idx, config, model.num_train_timesteps, model.image_shape)
             cond = caption_embeddings(model, dataset, idx)
-            grads = projected_example_grads(projector, model, params, output, x0, ts, noises, chunk_size, cond)
+            grads = projected_example_grads(projector, model, params, output, x0, ts, noises, chunk, cond)
             rows = grads.cpu().numpy()
             store.write_rows(m, idx, rows)
             done_rows += len(idx)

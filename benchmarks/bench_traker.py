@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": "digits",
             "n": n,
             "batch_size": 64,
-            "chunk_size": 32,
+            "chunk_size": None,  # featurize chooses (auto_chunk_size)
             "ours_projections": ["sjlt", "factorized", "gaussian"],
             # (variant, featurize batch, N override)
             "trak_variants": [("default", 64, None), ("tuned", 128, None), ("ours_matrix", 128, None)],
@@ -725,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": "digits",
             "n": args.n,
             "batch_size": 64,
-            "chunk_size": 32,
+            "chunk_size": None,  # featurize chooses (auto_chunk_size)
             "ours_projections": ["sjlt", "factorized"],
             "trak_variants": [],
             "exact": False,
@@ -743,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": "random3",
             "n": n,
             "batch_size": n,
-            "chunk_size": 16,
+            "chunk_size": None,  # featurize chooses (auto_chunk_size)
             "ours_projections": ["sjlt", "factorized", "gaussian"],
             # traker default: batches of 32 (one call, the matrix regenerated per call; timed on 32 examples);
             # tuned: the whole N in one call (one matrix generation). A single-block matrix (p x d fp32,

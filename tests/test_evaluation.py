@@ -357,3 +357,31 @@ def test_bench_timestep_ablation(tiny_bench):
     np.savez(bad, truth=z["truth"], subset_ids=z["subset_ids"], subsets=~z["subsets"])
     assert main(["bench", "ablation", "--work", str(work), *q, "--matched-draws", "1", "--half-widths", "0",
                  "--truth", str(bad)]) == 2
+
+
+def test_import_truth_seeds_the_cache_so_only_missing_seeds_retrain(tiny_bench, tmp_path):
+    """`bench import-truth`: a fresh work dir of the same benchmark takes the report's truths; retraining then
+    needs only the full-data checkpoints (and a third seed would need only its own subset models)."""
+    from attribution.cli import main
+    from attribution.evaluation.retrain import lds_jobs
+    from attribution.evaluation.setup import load_prepared
+
+    out = tiny_bench["out"]
+    prep = ["--num-train", "20", "--image-size", "8", "--num-checkpoints", "2", "--epochs", "1",
+            "--block-out-channels", "4", "8"]
+    fresh = tmp_path / "fresh"
+    assert main(["bench", "prepare", "--work", str(fresh), *prep, "--num-subsets", "8"]) == 0
+    assert main(["bench", "import-truth", "--work", str(fresh), "--truth", str(out / "truth.npz")]) == 0
+    config, paths, _, subsets = load_prepared(fresh)
+    z = np.load(out / "truth.npz")
+    for r in range(2):
+        for row, j in enumerate(z["subset_ids"]):
+            np.testing.assert_array_equal(np.load(paths.truth_cache(int(j), r)), z["truth_replicates"][r, row])
+    jobs = lds_jobs(paths, config, subsets, replicates=3)
+    assert [p.name for p, _, _ in jobs] == ["full_s0", "full_s1"] + [f"subset_{j:03d}_r2" for j in range(8)]
+    # a second import keeps the caches; a benchmark with other subsets is refused
+    assert main(["bench", "import-truth", "--work", str(fresh), "--truth", str(out / "truth.npz")]) == 0
+    other = tmp_path / "other"
+    assert main(["bench", "prepare", "--work", str(other), *prep, "--num-subsets", "6"]) == 0
+    assert main(["bench", "import-truth", "--work", str(other), "--truth", str(out / "truth.npz")]) == 2
+    assert not (other / "truth").exists()

@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig
 from attribution.factorized import (
     FactorizedProjector,
-    conv3x3_weight_grads,
+    conv_weight_grads,
     example_grads_from_hooks,
     hooks_support,
     projected_example_grads,
@@ -98,14 +98,20 @@ def test_hook_gradients_equal_vmap_per_example_gradients(tiny_models, attn_model
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
 
-def test_conv3x3_weight_grads_and_unsupported_parameters(tiny_models):
-    """The wide-layout per-example convolution gradient matches autograd; a parameter the hooks cannot form
-    sends featurize back to vmap."""
-    x, g = torch.randn(3, 2, 5, 7), torch.randn(3, 4, 5, 7)
-    w = torch.randn(4, 2, 3, 3, requires_grad=True)
-    for n in range(3):
-        (ref,) = torch.autograd.grad((torch.nn.functional.conv2d(x[n : n + 1], w, padding=1) * g[n : n + 1]).sum(), w)
-        torch.testing.assert_close(conv3x3_weight_grads(x, g)[n], ref, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("kernel,stride,padding,draws", [(3, 1, 1, 1), (3, 2, 1, 2), (1, 1, 0, 3), (3, 1, 0, 1)])
+def test_conv_weight_grads_and_unsupported_parameters(tiny_models, kernel, stride, padding, draws):
+    """The grouped per-example convolution gradient matches autograd, summed over each example's draws; a
+    parameter the hooks cannot form sends featurize back to vmap."""
+    conv = torch.nn.Conv2d(2, 4, kernel, stride=stride, padding=padding)
+    B = 3
+    x = torch.randn(B * draws, 2, 7, 9)
+    g = torch.randn_like(conv(x))
+    got = conv_weight_grads(conv, x, g, draws)
+    assert got.shape == (B, 4, 2, kernel, kernel)
+    for n in range(B):
+        rows = slice(n * draws, (n + 1) * draws)
+        (ref,) = torch.autograd.grad((conv(x[rows]) * g[rows]).sum(), conv.weight)
+        torch.testing.assert_close(got[n], ref, rtol=1e-5, atol=1e-5)
     model = tiny_models[0]
     params = dict(select_params(model))
     assert hooks_support(model, params)

@@ -155,6 +155,16 @@ def cmd_truth(args: argparse.Namespace) -> None:
         time.sleep(30)
 
 
+def cmd_import_truth(args: argparse.Namespace) -> None:
+    """Seed the work dir's ground-truth cache from a report's ``truth.npz``, so ``bench retrain --replicates R``
+    trains only the training seeds the file lacks (the subset models of the cached seeds are not needed)."""
+    from .run import import_truth
+
+    _, paths, _, subsets = load_prepared(args.work)
+    written = import_truth(args.truth, paths, subsets)
+    print(f"imported {written} cached subset truths from {args.truth} into {paths.root / 'truth'}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from .report import write_report
 
@@ -434,6 +444,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--wait", action="store_true", help="keep polling until every subset model is done")
     t.add_argument("--reverse", action="store_true", help="visit models from the last (a second worker)")
     t.set_defaults(func=cmd_truth)
+
+    it = common(bsub.add_parser("import-truth", help="seed the ground-truth cache from a report's truth.npz"))
+    it.add_argument("--truth", type=Path, default=Path("benchmarks/results/bench/truth.npz"))
+    it.set_defaults(func=cmd_import_truth)
 
     rp = common(bsub.add_parser("report", help="write report.json, report.md and HTML figures"))
     rp.add_argument("--out", type=Path, default=Path("benchmarks/results/bench"))

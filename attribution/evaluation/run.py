@@ -99,6 +99,31 @@ def ground_truth(
     return truths.mean(axis=0), ids
 
 
+def import_truth(path: Path, paths: BenchPaths, subsets: np.ndarray) -> int:
+    """Write the per-model truth caches held by a report's ``truth.npz`` into ``paths`` (existing caches are kept).
+
+    The file's ``truth_replicates`` (R, m, Q, S) (or ``truth`` (m, Q, S), one seed, in files written before
+    replicates existed) must be for the same subset masks as ``subsets`` (m_all, N).
+
+    Returns:
+        How many cache files were written.
+    """
+    z = np.load(path, allow_pickle=False)
+    truths = z["truth_replicates"] if "truth_replicates" in z.files else z["truth"][None]
+    ids = z["subset_ids"]
+    if ids.max(initial=-1) >= len(subsets) or not np.array_equal(z["subsets"], subsets[ids]):
+        raise ValueError(f"{path} was computed for other subsets than {paths.root}")
+    written = 0
+    for r in range(truths.shape[0]):
+        for row, j in enumerate(ids):
+            cache = paths.truth_cache(int(j), r)
+            if not cache.exists():
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                atomic_save_npy(cache, truths[r, row])
+                written += 1
+    return written
+
+
 @dataclass
 class LdsRun:
     """Inputs of the LDS evaluation, loaded once."""
