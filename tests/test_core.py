@@ -229,6 +229,20 @@ def test_interrupted_featurize_resumes_byte_identical(tiny_models, tiny_dataset,
         np.testing.assert_array_equal(resumed.kernel(m), one_go.kernel(m))
 
 
+def test_chunk_size_changes_speed_not_features(tiny_models, tiny_dataset, tmp_path):
+    """The auto chunk size follows the gradient memory and the rows per pass; features do not depend on it."""
+    from attribution.featurize import auto_chunk_size
+
+    assert auto_chunk_size(263_000, 1) == 64 and auto_chunk_size(263_000, 16) == 32  # 512 rows per pass
+    assert auto_chunk_size(10_300_000, 1) == 26 and auto_chunk_size(10**10, 1) == 1  # 1 GiB of gradients
+    cfg = FeaturizeConfig(proj_dim=32, num_draws=2)
+    auto = featurize(tiny_models, tiny_dataset, tmp_path / "auto", cfg, batch_size=16)
+    small = featurize(tiny_models, tiny_dataset, tmp_path / "small", cfg, batch_size=16, chunk_size=3)
+    for m in range(2):
+        np.testing.assert_allclose(np.asarray(small.features(m), dtype=np.float32),
+                                   np.asarray(auto.features(m), dtype=np.float32), rtol=1e-3, atol=1e-6)
+
+
 def test_mismatched_store_is_refused(tiny_models, tiny_dataset, tiny_model_dirs, tmp_path):
     cfg = FeaturizeConfig(proj_dim=32, num_draws=1)
     featurize(tiny_models, tiny_dataset, tmp_path / "s", cfg)
