@@ -54,6 +54,9 @@ from .models import DiffusionModel
 from .outputs import OutputFn
 from .projection import _block_generator
 
+#: Receives (start, (B, numel) per-example gradients of the parameter slice starting at ``start``).
+Sink = Callable[[int, torch.Tensor], None]
+
 #: Version of the factor shapes and draw order; recorded in factorized stores (``projection_layout``)
 #: so that a store built by another layout is refused instead of scored with a different map.
 #: 2: square-ish factors (r_out ~ r_in).
@@ -170,12 +173,15 @@ class FactorizedProjector:
         self._write_small(out, views)
         return out
 
-    def _write_small(self, out: torch.Tensor, small: dict[str, torch.Tensor]) -> None:
+    def _write_small(self, out: torch.Tensor | None, small: dict[str, torch.Tensor], sink: Sink | None = None) -> None:
         """Write the small parameters' (B, numel) gradients ``small[name]``: projected into the last d_s
-        columns, or (exact) each at its own place."""
+        columns, or (exact) each at its own place, or (exact with ``sink``) handed to ``sink``."""
         if self.exact:
             for k in self.small:
-                out[:, self.starts[k] : self.starts[k] + small[k].shape[1]] = small[k]
+                if sink is not None:
+                    sink(self.starts[k], small[k])
+                else:
+                    out[:, self.starts[k] : self.starts[k] + small[k].shape[1]] = small[k]
             return
         tail = out[:, self.dim_out - self.d_small :]
         if not self.small:
@@ -195,7 +201,8 @@ class FactorizedProjector:
         mask: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        sink: Sink | None = None,
+    ) -> torch.Tensor | None:
         """Projected gradients of the draw-averaged output, one row per example, without per-example gradients.
 
         Same arguments and meaning as :func:`attribution.gradients.per_example_grads`
@@ -203,12 +210,17 @@ class FactorizedProjector:
         cond (B|1, L, D)); equals ``self.project(per_example_grads(...))`` up to rounding.
 
         ``out``: an optional (B, d) float32 buffer to write into (it is overwritten).
+        ``sink`` (exact mode only): instead of writing rows, call ``sink(start, grads)`` with each
+        parameter's (B, numel) per-example gradient, ``start`` its place in the flattened gradient
+        (a module called twice hands over two parts to add).
 
         Returns:
-            (B, d) float32 (``out`` when given).
+            (B, d) float32 (``out`` when given), or None with ``sink``.
         """
         if tuple(params) != tuple(self.shapes):
             raise ValueError("params differ from those the factorized projection was built for")
+        if sink is not None and not self.exact:
+            raise ValueError("a gradient sink needs the exact (identity-factor) mode")
         device = model.device
         B, D = timesteps.shape
         cond = _check_cond(model, cond, B)
@@ -218,11 +230,12 @@ class FactorizedProjector:
         c = None if cond is None else cond.repeat_interleave(D, 0)
         m = None if mask is None else mask.to(device=device, dtype=torch.float32)[None]
         # every block's first write copies (no zero fill); blocks the pass never reached are zeroed after it
-        out = torch.empty(B, self.dim_out, device=device) if out is None else out
+        if sink is None and out is None:
+            out = torch.empty(B, self.dim_out, device=device)
         small: dict[str, torch.Tensor] = {k: torch.zeros(B, math.prod(self.shapes[k]), device=device) for k in self.small}
         # Nothing requires gradients but the hooks' zero leaves: no weight gradient is formed.
         frozen = {k: v.detach() for k, v in model.unet.named_parameters()}
-        hooks = _LayerHooks(self, model.unet, out, small, B, D)
+        hooks = _LayerHooks(self, model.unet, out, small, B, D, sink)
         try:
             eps_pred = functional_call(model.unet, frozen, (x_t, timesteps.to(device).reshape(-1)), model.unet_kwargs(c)).sample
             if not hooks.leaves:
@@ -231,11 +244,12 @@ class FactorizedProjector:
             torch.autograd.grad(value, hooks.leaves, allow_unused=True)
         finally:
             hooks.remove()
-        for b in self.blocks:
-            if b.name not in hooks.written:
-                out[:, b.offset : b.offset + b.r_out * b.r_in].zero_()
-        self._write_small(out, small)
-        return out
+        if sink is None:
+            for b in self.blocks:
+                if b.name not in hooks.written:
+                    out[:, b.offset : b.offset + b.r_out * b.r_in].zero_()
+        self._write_small(out, small, sink)
+        return None if sink is not None else out
 
 
 class _LayerHooks:
@@ -248,9 +262,9 @@ class _LayerHooks:
     adds the per-example projected / exact gradients into ``out`` and ``small``.
     """
 
-    def __init__(self, proj: FactorizedProjector, unet: nn.Module, out: torch.Tensor,
-                 small: dict[str, torch.Tensor], batch: int, draws: int):
-        self.proj, self.out, self.small, self.B, self.D = proj, out, small, batch, draws
+    def __init__(self, proj: FactorizedProjector, unet: nn.Module, out: torch.Tensor | None,
+                 small: dict[str, torch.Tensor], batch: int, draws: int, sink: Sink | None = None):
+        self.proj, self.out, self.small, self.B, self.D, self.sink = proj, out, small, batch, draws, sink
         self.leaves: list[torch.Tensor] = []
         self.handles = []
         self.written: set[str] = set()  # blocks of ``out`` written so far (later calls of a module add)
@@ -267,6 +281,19 @@ class _LayerHooks:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+    def _write(self, name: str, offset: int, feat: torch.Tensor) -> None:
+        """Put one block's (B, width) rows at ``offset``: to the sink, or into ``out`` (copied the first time,
+        added after)."""
+        if self.sink is not None:
+            self.sink(offset, feat)
+            return
+        target = self.out[:, offset : offset + feat.shape[1]]
+        if name in self.written:
+            target += feat
+        else:
+            target.copy_(feat)
+            self.written.add(name)
 
     def _per_example(self, rows: torch.Tensor) -> torch.Tensor:
         """(B*D, ...) -> (B, ...): sum each example's D draws (the 1/D is in the objective)."""
@@ -314,12 +341,7 @@ class _LayerHooks:
                     else:
                         gp = g_pos if exact else torch.matmul(self.proj.p_out[weight], g_pos)  # (N, r_out, P)
                         feat = self._per_example(torch.bmm(gp, a.transpose(1, 2)))  # (B, r_out, r_in)
-                    target = self.out[:, block.offset : block.offset + block.r_out * block.r_in]
-                    if weight in self.written:
-                        target += feat.flatten(1)
-                    else:
-                        target.copy_(feat.flatten(1))
-                        self.written.add(weight)
+                    self._write(weight, block.offset, feat.flatten(1))
                 elif x_hat is not None:
                     xh = x_hat.flatten(2) if channels_first else x_hat.reshape(x_hat.shape[0], -1, x_hat.shape[-1]).transpose(1, 2)
                     self.small[weight] += self._per_example((g_pos * xh).sum(2))
@@ -398,6 +420,14 @@ def hooks_support(model: DiffusionModel, params: dict[str, torch.Tensor]) -> boo
 _EXACT: dict[tuple, FactorizedProjector] = {}
 
 
+def _exact_projector(model: DiffusionModel, params: dict[str, torch.Tensor]) -> FactorizedProjector:
+    shapes = {k: tuple(v.shape) for k, v in params.items()}
+    key = (tuple(shapes.items()), str(model.device))
+    if key not in _EXACT:
+        _EXACT[key] = FactorizedProjector(shapes, 0, seed=0, device=model.device, exact=True)
+    return _EXACT[key]
+
+
 def example_grads_from_hooks(
     model: DiffusionModel,
     params: dict[str, torch.Tensor],
@@ -407,6 +437,7 @@ def example_grads_from_hooks(
     noises: torch.Tensor,
     chunk_size: int = 32,
     cond: torch.Tensor | None = None,
+    projector=None,
 ) -> torch.Tensor:
     """The (B, P) gradients of :func:`~attribution.gradients.per_example_grads`, from batched passes with hooks.
 
@@ -414,18 +445,28 @@ def example_grads_from_hooks(
     the hooks form each layer's per-example weight gradient from its input and output
     gradient (convolutions by :func:`conv_weight_grads`, no im2col), and biases and
     norm parameters as in the factorized projection. Needs :func:`hooks_support`.
+
+    ``projector``: a projector with ``accumulate_columns`` (sjlt built with the parameters'
+    boundaries). Each layer's (B, numel) gradient is then projected as soon as the hook forms
+    it and the (B, P) matrix never exists (on a 10 M-parameter UNet writing it dominated):
+    returns the (B, d) projected rows instead.
     """
-    shapes = {k: tuple(v.shape) for k, v in params.items()}
-    key = (tuple(shapes.items()), str(model.device))
-    if key not in _EXACT:
-        _EXACT[key] = FactorizedProjector(shapes, 0, seed=0, device=model.device, exact=True)
-    proj = _EXACT[key]
-    out = torch.empty(x0.shape[0], proj.dim_in, device=model.device)
-    for s in range(0, x0.shape[0], chunk_size):
+    proj = _exact_projector(model, params)
+    B = x0.shape[0]
+    if projector is None:
+        out = torch.empty(B, proj.dim_in, device=model.device)
+    else:
+        acc_t = torch.zeros(projector.dim_out, B, device=model.device)  # (d, B): the sketch's output layout
+    for s in range(0, B, chunk_size):
         sl = slice(s, s + chunk_size)
         c = cond[sl] if cond is not None and cond.shape[0] > 1 else cond
-        proj.project_examples(model, params, output, x0[sl], timesteps[sl], noises[sl], cond=c, out=out[sl])
-    return out
+        if projector is None:
+            proj.project_examples(model, params, output, x0[sl], timesteps[sl], noises[sl], cond=c, out=out[sl])
+        else:
+            chunk_acc = acc_t[:, sl]
+            proj.project_examples(model, params, output, x0[sl], timesteps[sl], noises[sl], cond=c,
+                                  sink=lambda start, g: projector.accumulate_columns(g, start, chunk_acc))
+    return out if projector is None else acc_t.T.contiguous()
 
 
 def projected_example_grads(
@@ -443,8 +484,8 @@ def projected_example_grads(
 
     A :class:`FactorizedProjector` computes them from batched passes of ``chunk_size``
     examples; any other projector projects the per-example gradients, formed by hooks
-    (:func:`example_grads_from_hooks`) where the model's layers allow it, else by
-    :func:`~attribution.gradients.per_example_grads` (vmap).
+    (:func:`example_grads_from_hooks`; the sjlt sketch takes each layer's gradient straight from its
+    hook) where the model's layers allow it, else by :func:`~attribution.gradients.per_example_grads` (vmap).
     Arguments as in :func:`~attribution.gradients.per_example_grads`.
     """
     if isinstance(projector, FactorizedProjector):
@@ -454,8 +495,12 @@ def projected_example_grads(
             c = cond[sl] if cond is not None and cond.shape[0] > 1 else cond
             rows.append(projector.project_examples(model, params, output, x0[sl], timesteps[sl], noises[sl], cond=c))
         return torch.cat(rows)
-    grads_fn = example_grads_from_hooks if hooks_support(model, params) else per_example_grads
-    return projector.project(grads_fn(model, params, output, x0, timesteps, noises, chunk_size=chunk_size, cond=cond))
+    if not hooks_support(model, params):
+        return projector.project(per_example_grads(model, params, output, x0, timesteps, noises, chunk_size=chunk_size,
+                                                  cond=cond))
+    if hasattr(projector, "accumulate_columns"):  # fused: each layer's gradient projected as its hook forms it
+        return example_grads_from_hooks(model, params, output, x0, timesteps, noises, chunk_size, cond, projector=projector)
+    return projector.project(example_grads_from_hooks(model, params, output, x0, timesteps, noises, chunk_size, cond))
 
 
 def projected_step_grads(

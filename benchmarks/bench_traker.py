@@ -234,7 +234,8 @@ def _trak_task():
 
 def _trak_projector(spec: dict[str, Any], num_params: int):
     """traker projector of the variant: default (None: TRAKer builds BasicProjector, blocks of 100),
-    tuned (BasicProjector with the whole matrix in one block) or ours (our Gaussian matrices)."""
+    tuned (BasicProjector with the whole matrix in one block) or ours_matrix (our default sjlt matrices: the
+    same projection as "ours, sjlt", so the two must agree to rounding)."""
     import torch
     from trak.projectors import AbstractProjector, BasicProjector, ProjectionType
     from trak.utils import vectorize
@@ -256,10 +257,10 @@ def _trak_projector(spec: dict[str, Any], num_params: int):
         from attribution.config import FeaturizeConfig
         from attribution.featurize import checkpoint_projector
 
-        cfg = FeaturizeConfig(proj_kind="gaussian", proj_dim=spec["proj_dim"], num_draws=1, store_dtype="float32")
+        cfg = FeaturizeConfig(proj_kind="sjlt", proj_dim=spec["proj_dim"], num_draws=1, store_dtype="float32")
 
-        class OurGaussianProjector(AbstractProjector):
-            """Our checkpoint projectors P_m (seed proj_seed + m) behind traker's projector API."""
+        class OurProjector(AbstractProjector):
+            """Our sjlt checkpoint projectors P_m (seed proj_seed + m) behind traker's projector API."""
 
             def __init__(self) -> None:
                 super().__init__(num_params, cfg.proj_dim, 0, ProjectionType.normal, "cpu")
@@ -275,7 +276,7 @@ def _trak_projector(spec: dict[str, Any], num_params: int):
             def free_memory(self):
                 pass
 
-        return OurGaussianProjector()
+        return OurProjector()
     raise ValueError(variant)
 
 

@@ -1,17 +1,20 @@
-"""Per-example weight gradients of one 3x3 convolution, four ways (where issue 7's featurize time goes).
+"""Per-example weight gradients of one 3x3 convolution, five ways (where issue 7's featurize time goes).
 
 The sjlt featurize path spends ~78 % of its time in vmap's per-example gradients
 (``benchmarks/README.md`` 00.4). This script times, for layer shapes of the bundled
 UNet, the weight part of that work:
 
-* ``vmap``: ``vmap(grad(<conv(x_i, w), g_i>))``, what featurize does today (forward included);
-* ``shifted``: 9 batched matmuls on a "wide" layout: the output gradient is zero-padded to
-  the padded input's width, so the input window of each kernel offset (ky, kx) is a
-  contiguous slice of the flattened padded input and no im2col copy is made;
+* ``vmap``: ``vmap(grad(<conv(x_i, w), g_i>))``, featurize's path before 2026-11-25 (forward included);
+* ``grouped``: :func:`attribution.factorized.conv_weight_grads`, featurize's path since 2026-11-29:
+  the convolution's own weight-gradient kernel with one group per example (the examples
+  stacked along the channels), so mkldnn forms all B gradients in one call;
+* ``shifted``: 9 batched matmuls on a "wide" layout (the path of 2026-11-25): the output
+  gradient is zero-padded to the padded input's width, so the input window of each kernel
+  offset (ky, kx) is a contiguous slice of the flattened padded input, no im2col copy;
 * ``unfold``: ``F.unfold`` (im2col) + one ``bmm`` (the hook path tried in section 00.4);
 * ``batched``: the summed weight gradient of the batch (what a plain backward computes; the limit).
 
-All four are checked to agree before timing. Run:
+All five are checked to agree before timing. Run:
 ``python benchmarks/per_example_conv_grads.py [--threads 2] [--out results/per_example_conv_grads.json]``
 """
 
@@ -24,6 +27,7 @@ from typing import Callable
 
 import common  # noqa: F401  (puts this checkout first on sys.path)
 import torch
+from attribution.factorized import conv_weight_grads
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
@@ -79,19 +83,22 @@ def main() -> None:
 
         vm = vmap(grad(loss), in_dims=(None, 0, 0))
         ref = vm(w, x, g)
-        for name, out in (("shifted", per_example_shifted(x, g)), ("unfold", per_example_unfold(x, g))):
+        conv = torch.nn.Conv2d(C, O, 3, padding=1, bias=False)
+        for name, out in (("shifted", per_example_shifted(x, g)), ("unfold", per_example_unfold(x, g)),
+                          ("grouped", conv_weight_grads(conv, x, g))):
             torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4, msg=f"{name} disagrees with vmap")
         t = {
             "vmap": timed_ms(lambda: vm(w, x, g), args.repeats),
+            "grouped": timed_ms(lambda: conv_weight_grads(conv, x, g), args.repeats),
             "shifted": timed_ms(lambda: per_example_shifted(x, g), args.repeats),
             "unfold": timed_ms(lambda: per_example_unfold(x, g), args.repeats),
             "batched": timed_ms(lambda: torch.nn.grad.conv2d_weight(x, w.shape, g, padding=1), args.repeats),
         }
         results.append({"B": B, "C_in": C, "C_out": O, "H": H, "ms": t})
-        rows.append([f"{B}x{C}->{O} @ {H}x{H}", *(f"{t[k]:.2f}" for k in ("vmap", "shifted", "unfold", "batched")),
-                     f"{t['vmap'] / t['shifted']:.2f}x"])
-    table = common.print_table(rows, ["layer (B x C_in -> C_out @ H x W)", "vmap ms", "shifted ms", "unfold ms",
-                                      "batched ms", "vmap / shifted"])
+        rows.append([f"{B}x{C}->{O} @ {H}x{H}", *(f"{t[k]:.2f}" for k in ("vmap", "grouped", "shifted", "unfold", "batched")),
+                     f"{t['grouped'] / t['batched']:.2f}x"])
+    table = common.print_table(rows, ["layer (B x C_in -> C_out @ H x W)", "vmap ms", "grouped ms", "shifted ms", "unfold ms",
+                                      "batched ms", "grouped / batched"])
     out = {"machine": common.machine_info(), "threads": args.threads, "repeats": args.repeats, "layers": results,
            "table": table}
     with open(args.out, "w") as f:

@@ -20,6 +20,7 @@ from attribution.featurize import draw_timesteps_and_noise, featurize
 from attribution.gradients import per_example_grads, per_step_grads, select_params
 from attribution.models import load_models
 from attribution.outputs import get_output
+from attribution.projection import make_projector
 from attribution.scoring import Scorer, query_noises
 from attribution.trajectory import sample_trajectory
 
@@ -179,3 +180,21 @@ def test_store_of_another_factorized_layout_is_refused(tiny_models, tiny_dataset
     path.write_text(json.dumps(manifest))
     with pytest.raises(StoreError, match="layout differs"):
         featurize(tiny_models[:1], tiny_dataset, tmp_path / "s", cfg)
+
+
+def test_sjlt_takes_each_layer_gradient_from_its_hook(tiny_models, attn_model):
+    """Fused featurize: the sjlt sketch built with parameter edges projects every hook's gradient on its own;
+    the rows equal projecting the vmap per-example gradients with the same matrix."""
+    for model in (tiny_models[0], attn_model):
+        params = select_params(model)
+        shapes = _shapes(params)
+        p = sum(v.numel() for v in params.values())
+        fused_proj = make_projector("sjlt", p, 64, seed=3, shapes=shapes)
+        plain_proj = make_projector("sjlt", p, 64, seed=3)
+        torch.testing.assert_close(fused_proj.matrix(), plain_proj.matrix(), rtol=0, atol=0)  # same matrix
+        assert len(fused_proj.column_blocks) > len(plain_proj.column_blocks)  # an edge at every parameter
+        x0, ts, noises = _inputs(model, n=5)
+        ref = plain_proj.project(per_example_grads(model, params, get_output("loss"), x0, ts, noises))
+        got = projected_example_grads(fused_proj, model, params, get_output("loss"), x0, ts, noises, chunk_size=2)
+        assert got.shape == (5, 64) and ref.abs().max() > 0
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))

@@ -91,3 +91,18 @@ def test_streamed_chunks_and_chunk_size_invariance(tiny_models, store):
         assert big.shape == (3, 24) and np.abs(big).max() > 0
         # float32 sums in another order: rounding ~1e-6 of the largest score; a chunking bug is O(1)
         np.testing.assert_allclose(small, big, rtol=1e-5, atol=1e-5 * np.abs(big).max())
+
+
+def test_sjlt_column_slices_need_block_edges():
+    """``accumulate_columns`` projects a slice that starts and ends on block edges, and refuses any other."""
+    proj = SparseSignProjector(40_000, 64, seed=1, boundaries=[5, 17_000])
+    assert [(a, b) for a, b, _ in proj.column_blocks] == [(0, 5), (5, 16_384), (16_384, 17_000), (17_000, 32_768),
+                                                          (32_768, 40_000)]
+    part = torch.randn(3, 17_000 - 5, generator=torch.Generator().manual_seed(0))
+    acc = torch.zeros(64, 3)
+    proj.accumulate_columns(part, 5, acc)
+    torch.testing.assert_close(acc, proj.matrix()[:, 5:17_000] @ part.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="column 6 is not a block edge"):
+        proj.accumulate_columns(part[:, 1:], 6, acc)
+    with pytest.raises(ValueError, match="column 17001 is not a block edge"):
+        proj.accumulate_columns(torch.randn(3, 16_996), 5, acc)
