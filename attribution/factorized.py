@@ -420,6 +420,13 @@ def hooks_support(model: DiffusionModel, params: dict[str, torch.Tensor]) -> boo
 _EXACT: dict[tuple, FactorizedProjector] = {}
 
 
+def _chunks(n: int, chunk_size: int, cond: torch.Tensor | None):
+    """(row slice, its conditioning) for each chunk of ``n`` examples; ``cond`` (n|1, L, D) or None."""
+    for s in range(0, n, chunk_size):
+        sl = slice(s, s + chunk_size)
+        yield sl, (cond[sl] if cond is not None and cond.shape[0] > 1 else cond)
+
+
 def _exact_projector(model: DiffusionModel, params: dict[str, torch.Tensor]) -> FactorizedProjector:
     shapes = {k: tuple(v.shape) for k, v in params.items()}
     key = (tuple(shapes.items()), str(model.device))
@@ -457,9 +464,7 @@ def example_grads_from_hooks(
         out = torch.empty(B, proj.dim_in, device=model.device)
     else:
         acc_t = torch.zeros(projector.dim_out, B, device=model.device)  # (d, B): the sketch's output layout
-    for s in range(0, B, chunk_size):
-        sl = slice(s, s + chunk_size)
-        c = cond[sl] if cond is not None and cond.shape[0] > 1 else cond
+    for sl, c in _chunks(B, chunk_size, cond):
         if projector is None:
             proj.project_examples(model, params, output, x0[sl], timesteps[sl], noises[sl], cond=c, out=out[sl])
         else:
@@ -489,12 +494,8 @@ def projected_example_grads(
     Arguments as in :func:`~attribution.gradients.per_example_grads`.
     """
     if isinstance(projector, FactorizedProjector):
-        rows = []
-        for s in range(0, x0.shape[0], chunk_size):
-            sl = slice(s, s + chunk_size)
-            c = cond[sl] if cond is not None and cond.shape[0] > 1 else cond
-            rows.append(projector.project_examples(model, params, output, x0[sl], timesteps[sl], noises[sl], cond=c))
-        return torch.cat(rows)
+        return torch.cat([projector.project_examples(model, params, output, x0[sl], timesteps[sl], noises[sl], cond=c)
+                          for sl, c in _chunks(x0.shape[0], chunk_size, cond)])
     if not hooks_support(model, params):
         return projector.project(per_example_grads(model, params, output, x0, timesteps, noises, chunk_size=chunk_size,
                                                   cond=cond))
