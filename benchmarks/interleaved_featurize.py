@@ -7,8 +7,9 @@ round's ratios are measured under the same load:
 * ``limit``: plain batched forward+backward of the mean loss (parameters requiring grad);
 * ``factorized``: ``FactorizedProjector.project_examples`` (one batched pass with hooks);
 * ``vmap+sjlt``: ``per_example_grads`` (torch.func vmap) then the sparse sketch;
-* ``hooks+sjlt``: ``example_grads_from_hooks`` (one batched pass, per-example weight gradients
-  formed by the layer hooks; featurize's default path since 2026-11-25) then the sparse sketch.
+* ``hooks+sjlt``: ``projected_example_grads`` with the sjlt sketch, featurize's default path:
+  one batched pass per chunk whose layer hooks form each layer's per-example gradients
+  (convolutions by the grouped weight-gradient kernel) and project them at once.
 
 Usage::
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", type=Path, default=common.REPO / "assets" / "ensemble" / "ddpm-seed0")
     p.add_argument("--n", type=int, default=128)
-    p.add_argument("--batch", type=int, default=32, help="examples per call (the vmap chunk too)")
+    p.add_argument("--batch", type=int, default=64, help="examples per call (the gradient chunk too; featurize's auto chunk is 64 here)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--proj-dim", type=int, default=2048)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from attribution.config import FeaturizeConfig
-    from attribution.factorized import example_grads_from_hooks
+    from attribution.factorized import projected_example_grads
     from attribution.featurize import checkpoint_projector, draw_timesteps_and_noise
     from attribution.gradients import num_params, per_example_grads, select_params
     from attribution.models import load_models
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                                           model.image_shape)
     out = get_output("loss")
     fact = checkpoint_projector(FeaturizeConfig(proj_kind="factorized", proj_dim=args.proj_dim), p_all, 0, "cpu", params)
-    sjlt = checkpoint_projector(FeaturizeConfig(proj_kind="sjlt", proj_dim=args.proj_dim), p_all, 0, "cpu")
+    sjlt = checkpoint_projector(FeaturizeConfig(proj_kind="sjlt", proj_dim=args.proj_dim), p_all, 0, "cpu", params)
 
     def limit(sl):
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -75,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         "factorized": lambda sl: fact.project_examples(model, params, out, x0[sl], ts[sl], noises[sl]),
         "vmap+sjlt": lambda sl: sjlt.project(per_example_grads(model, params, out, x0[sl], ts[sl], noises[sl],
                                                                chunk_size=args.batch)),
-        "hooks+sjlt": lambda sl: sjlt.project(example_grads_from_hooks(model, params, out, x0[sl], ts[sl], noises[sl],
-                                                                       chunk_size=args.batch)),
+        "hooks+sjlt": lambda sl: projected_example_grads(sjlt, model, params, out, x0[sl], ts[sl], noises[sl],
+                                                         chunk_size=args.batch),
     }
     for fn in methods.values():  # warm-up
         fn(slice(0, 8))
