@@ -301,6 +301,7 @@ def test_bench_pipeline_end_to_end(tiny_bench):
     assert all(len(v) == 2 for v in removals.values())
     md = (out / "report.md").read_text()
     assert "| journey |" in md and "Retrain without top-k" in md and "| seed vs seed (1 pair(s)) |" in md
+    assert "Queries: 3 reported + 2 validation samples" in md
     assert "| query vs query |" in md
     assert "removal minus random" in md and "Query-specific LDS" in md
     assert set(lds["analyses"]["query_specific_lds"]) == set(methods)
@@ -385,3 +386,24 @@ def test_import_truth_seeds_the_cache_so_only_missing_seeds_retrain(tiny_bench, 
     assert main(["bench", "prepare", "--work", str(other), *prep, "--num-subsets", "6"]) == 0
     assert main(["bench", "import-truth", "--work", str(other), "--truth", str(out / "truth.npz")]) == 2
     assert not (other / "truth").exists()
+
+
+def test_coupled_benchmark_trains_subset_models_coupled(tmp_path):
+    """`bench prepare --coupled`: recorded in the config (older configs without the key still open) and every
+    subset model replays the full-data run of its seed."""
+    from attribution.cli import main
+    from attribution.evaluation.setup import load_prepared
+
+    prep = ["--num-train", "20", "--image-size", "8", "--num-subsets", "2", "--num-checkpoints", "1", "--epochs", "1",
+            "--block-out-channels", "4", "8"]
+    work = tmp_path / "coupled"
+    assert main(["bench", "prepare", "--work", str(work), *prep, "--coupled"]) == 0
+    assert json.loads((work / "config.json").read_text())["subset_coupled"] is True
+    assert main(["bench", "retrain", "--work", str(work), "--limit", "2"]) == 0
+    record = json.loads((work / "models" / "subset_000" / "train_config.json").read_text())
+    _, _, _, subsets = load_prepared(work)
+    assert record["coupled_subset"] == np.flatnonzero(subsets[0]).tolist()
+    plain = tmp_path / "plain"
+    assert main(["bench", "prepare", "--work", str(plain), *prep]) == 0
+    assert "subset_coupled" not in json.loads((plain / "config.json").read_text())
+    assert main(["bench", "prepare", "--work", str(plain), *prep, "--coupled"]) == 2  # other settings: refused

@@ -24,6 +24,7 @@ def _config_from_args(args: argparse.Namespace) -> BenchConfig:
         image_size=args.image_size,
         num_subsets=args.num_subsets,
         checkpoint_seeds=tuple(range(args.num_checkpoints)),
+        subset_coupled=args.coupled,
         train=replace(base.train, epochs=args.epochs, block_out_channels=tuple(args.block_out_channels)),
     )
 
@@ -47,7 +48,7 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     jobs = lds_jobs(paths, config, subsets, args.limit, args.replicates)
     shard, num_shards = _shard(args)
-    spent = train_jobs(jobs[shard::num_shards], dataset, config.train, log=tqdm.write)
+    spent = train_jobs(jobs[shard::num_shards], dataset, config.train, log=tqdm.write, coupled=config.subset_coupled)
     print(f"retraining done: {spent:.0f} s training, {time.perf_counter() - t0:.0f} s wall")
 
 
@@ -385,6 +386,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-checkpoints", type=int, default=len(base.checkpoint_seeds))
     p.add_argument("--epochs", type=int, default=base.train.epochs)
     p.add_argument("--block-out-channels", type=int, nargs="+", default=list(base.train.block_out_channels))
+    p.add_argument("--coupled", action="store_true",
+                   help="subset models replay the full-data run of their seed without the other rows (less training noise)")
     p.set_defaults(func=cmd_prepare)
 
     r = common(bsub.add_parser("retrain", help="train full-data checkpoints and subset models (resumable)"))

@@ -295,7 +295,9 @@ def write_report(work: Path, out_dir: Path) -> Path:
         f"Training set: {b['num_train']} bundled digits (stratified), average-pooled to {b['image_size']}x{b['image_size']}; "
         f"UNet2DModel block_out_channels {b['train']['block_out_channels']}, {b['train']['epochs']} epochs; "
         f"{len(b['checkpoint_seeds'])} full-data checkpoints; {lds['num_subsets']} random 50 % subsets ("
-        + _replicates_phrase(lds.get("truth_replicates", 1), b["subset_train_seed"]) + "). Queries: {lds['num_queries']} reported + {lds['num_val_queries']} validation samples of "
+        + _replicates_phrase(lds.get("truth_replicates", 1), b["subset_train_seed"])
+        + ("; coupled: each replays the full-data run of its seed without the other rows" if b.get("subset_coupled") else "")
+        + f"). Queries: {lds['num_queries']} reported + {lds['num_val_queries']} validation samples of "
         f"checkpoint 0 (DDIM 50 steps); K = {lds['num_resamples']} noises; settings (draws, ridge, sign) chosen on the "
         "validation samples only. Featurize base: " + ", ".join(f"{k}={v}" for k, v in lds["featurize"].items()
                                                                if k in ("proj_kind", "proj_dim", "timestep_sampling"))

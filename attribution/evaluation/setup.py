@@ -45,6 +45,9 @@ class BenchConfig:
         subset_fraction: fraction kept per subset (stratified by class).
         subset_seed: seed of the subsets.
         subset_train_seed: training seed of every subset model (one model per subset).
+        subset_coupled: subset models replay the full-data run of their training seed without
+            the rows outside the subset (same shuffling, timesteps, noises; ``train_ddpm(coupled=True)``),
+            so the truth measures the subset's data alone, not a new random stream.
         checkpoint_seeds: training seeds of the full-data checkpoints used for attribution.
         train: the training recipe shared by every model.
     """
@@ -56,6 +59,7 @@ class BenchConfig:
     subset_fraction: float = 0.5
     subset_seed: int = 0
     subset_train_seed: int = 0
+    subset_coupled: bool = False
     checkpoint_seeds: tuple[int, ...] = (0, 1, 2)
     train: TrainConfig = field(default_factory=_default_train)
 
@@ -72,6 +76,8 @@ class BenchConfig:
         d = asdict(self)
         d["checkpoint_seeds"] = list(self.checkpoint_seeds)
         d["train"]["block_out_channels"] = list(self.train.block_out_channels)
+        if not self.subset_coupled:  # written only when set: benchmarks prepared before it existed still match
+            del d["subset_coupled"]
         return d
 
     @classmethod
