@@ -101,5 +101,6 @@ if ab_rows:
         "\"log-stratified draws\" swap that choice. \"Matched\" scores step s against features "
         "drawn only around that step's timestep (one store per step); \"M = m\" averages only the first m "
         "checkpoints; \"d = n\" and \"factorized\" change the projection." + ridge_text
+        + f" Ground truth of these rows: {report['ablation'].get('truth_replicates', 1)} training seed(s) per subset."
     )
     st.dataframe(ab_rows, hide_index=True, use_container_width=True, height=35 * (len(ab_rows) + 1) + 3)

@@ -157,7 +157,10 @@ def ablation_table(report: dict) -> str:
     rows = ablation_rows(report)
     if not rows:
         return "_not run_"
-    lines = [_markdown(rows)]
+    reps = report["ablation"].get("truth_replicates", 1)
+    lines = [f"Ground truth of these rows: {reps} training seed(s) per subset"
+             + (" (an earlier run than the main table's)" if reps != report["lds"].get("truth_replicates", 1) else "")
+             + ".", "", _markdown(rows)]
     ridges = ablation_ridges(report)
     if ridges:
         lines += ["", "Ridge grid of the ablation: " + ", ".join(f"{r:g}" for r in ridges) + "."]
