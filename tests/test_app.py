@@ -501,3 +501,20 @@ def test_evaluate_without_a_report(app_bundle, ws, tmp_path, monkeypatch):
     monkeypatch.setenv("ATTRIBUTION_BENCH_REPORT", str(tmp_path))
     at = make_app("evaluate")
     assert "No benchmark report" in texts(at) and not at.dataframe
+
+
+def test_evaluate_chooses_between_reports(app_bundle, ws, tiny_bench, tmp_path, monkeypatch):
+    """A sibling report (bench-coupled) is offered beside the default one; choosing it shows its set-up."""
+    report = json.loads((tiny_bench["out"] / "report.json").read_text())
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "report.json").write_text(json.dumps(report))
+    report["lds"]["bench"]["subset_coupled"] = True
+    report["lds"]["num_subsets"] = 7
+    (tmp_path / "bench-coupled").mkdir()
+    (tmp_path / "bench-coupled" / "report.json").write_text(json.dumps(report))
+    monkeypatch.setenv("ATTRIBUTION_BENCH_REPORT", str(tmp_path / "bench"))
+    at = make_app("evaluate")
+    assert [str(o) for o in at.radio(key="evaluate_report").options][1].startswith("bench-coupled: coupled retraining")
+    assert "8 retrained 50 % subsets" in texts(at)
+    at.radio(key="evaluate_report").set_value(tmp_path / "bench-coupled").run()
+    assert not at.exception and "7 retrained 50 % subsets" in texts(at)

@@ -19,6 +19,8 @@ from attribution.evaluation.report import (
     lds_rows,
     load_report,
     query_specific_rows,
+    report_dirs,
+    report_label,
 )
 
 ui.page_header(
@@ -28,7 +30,11 @@ ui.page_header(
 )
 
 directory = Path(os.environ.get("ATTRIBUTION_BENCH_REPORT", DEFAULT_REPORT_DIR))
-report = load_report(directory)
+reports = {d: r for d in report_dirs(directory) if (r := load_report(d)) is not None}
+if len(reports) > 1:
+    directory = st.radio("Benchmark", list(reports), format_func=lambda d: f"{d.name}: {report_label(reports[d])}",
+                         horizontal=True, key="evaluate_report")
+report = reports.get(directory)
 if report is None:
     st.info(
         f"No benchmark report in `{directory}` yet. Run `attribution bench prepare`, `retrain`, `lds`, "

@@ -26,6 +26,21 @@ def load_report(directory: Path = DEFAULT_REPORT_DIR) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def report_dirs(directory: Path = DEFAULT_REPORT_DIR) -> list[Path]:
+    """``directory`` and its siblings named ``<its name>-<variant>`` (e.g. ``bench-coupled``) that hold a report."""
+    directory = Path(directory)
+    siblings = sorted(p for p in directory.parent.glob(f"{directory.name}-*") if (p / REPORT_JSON).exists())
+    return [directory] + siblings
+
+
+def report_label(report: dict) -> str:
+    """How a report's subset models were retrained, in a few words (to choose between reports)."""
+    lds = report["lds"]
+    how = "coupled retraining" if lds["bench"].get("subset_coupled") else "independent retraining"
+    reps = lds.get("truth_replicates", 1)
+    return f"{how}, {reps} training seed{'s' if reps > 1 else ''} per subset"
+
+
 def lds_rows(report: dict) -> list[dict]:
     """The LDS table as rows for display: method, per-step "mean ± se", overall, chosen setting."""
     lds = report["lds"]
