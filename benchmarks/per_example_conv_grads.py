@@ -5,17 +5,20 @@ The sjlt featurize path spends ~78 % of its time in vmap's per-example gradients
 UNet, the weight part of that work:
 
 * ``vmap``: ``vmap(grad(<conv(x_i, w), g_i>))``, featurize's path before 2026-11-25 (forward included);
-* ``grouped``: :func:`attribution.factorized.conv_weight_grads`, featurize's path since 2026-11-29:
+* ``grouped``: :func:`attribution.factorized.grouped_weight_grads`, featurize's path since 2026-11-29:
   the convolution's own weight-gradient kernel with one group per example (the examples
   stacked along the channels), so mkldnn forms all B gradients in one call;
 * ``shifted``: 9 batched matmuls on a "wide" layout (the path of 2026-11-25): the output
   gradient is zero-padded to the padded input's width, so the input window of each kernel
   offset (ky, kx) is a contiguous slice of the flattened padded input, no im2col copy;
-* ``unfold``: ``F.unfold`` (im2col) + one ``bmm`` (the hook path tried in section 00.4);
+* ``unfold``: :func:`attribution.factorized.unfold_weight_grads`, ``F.unfold`` (im2col) + one ``bmm``
+  (tried in section 00.4; since 2026-11-30 featurize's path for wide layers on small maps, the
+  ``chosen`` column says which of the two :func:`~attribution.factorized.conv_weight_grads` takes);
 * ``batched``: the summed weight gradient of the batch (what a plain backward computes; the limit).
 
 All five are checked to agree before timing. Run:
-``python benchmarks/per_example_conv_grads.py [--threads 2] [--out results/per_example_conv_grads.json]``
+``python benchmarks/per_example_conv_grads.py [--shapes bundled|large] [--threads 2] [--out results/per_example_conv_grads.json]``
+(``large``: the 3x3 layers of the 10.3 M UNet of ``bench_traker.py`` at its chunk of 26 examples).
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ from typing import Callable
 
 import common  # noqa: F401  (puts this checkout first on sys.path)
 import torch
-from attribution.factorized import conv_weight_grads
+from attribution.factorized import grouped_weight_grads, unfold_weight_grads, use_unfold
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-SHAPES = [(32, 16, 16, 32), (32, 32, 32, 16), (32, 32, 32, 8), (32, 1, 16, 32)]  # (B, C_in, C_out, H = W)
+SHAPES = {  # (B, C_in, C_out, H = W)
+    "bundled": [(32, 16, 16, 32), (32, 32, 32, 16), (32, 32, 32, 8), (32, 1, 16, 32)],
+    "large": [(26, 80, 80, 32), (26, 160, 160, 16), (26, 240, 160, 16), (26, 240, 240, 8), (26, 480, 240, 8)],
+}
 
 
 def per_example_shifted(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -53,11 +59,6 @@ def per_example_shifted(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def per_example_unfold(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    a = F.unfold(x, 3, padding=1)  # (B, C * 9, H * W)
-    return torch.bmm(g.flatten(2), a.transpose(1, 2)).view(x.shape[0], g.shape[1], x.shape[1], 3, 3)
-
-
 def timed_ms(f: Callable[[], object], repeats: int) -> float:
     f()
     t0 = time.perf_counter()
@@ -68,14 +69,16 @@ def timed_ms(f: Callable[[], object], repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default="bundled")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--out", default=str(common.RESULTS / "per_example_conv_grads.json"))
+    ap.add_argument("--out", help="default: results/per_example_conv_grads[_large].json")
     args = ap.parse_args()
+    args.out = args.out or str(common.RESULTS / f"per_example_conv_grads{'' if args.shapes == 'bundled' else '_' + args.shapes}.json")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows, results = [], []
-    for B, C, O, H in SHAPES:
+    for B, C, O, H in SHAPES[args.shapes]:
         x, g, w = torch.randn(B, C, H, H), torch.randn(B, O, H, H), torch.randn(O, C, 3, 3)
 
         def loss(w: torch.Tensor, xi: torch.Tensor, gi: torch.Tensor) -> torch.Tensor:
@@ -84,22 +87,23 @@ def main() -> None:
         vm = vmap(grad(loss), in_dims=(None, 0, 0))
         ref = vm(w, x, g)
         conv = torch.nn.Conv2d(C, O, 3, padding=1, bias=False)
-        for name, out in (("shifted", per_example_shifted(x, g)), ("unfold", per_example_unfold(x, g)),
-                          ("grouped", conv_weight_grads(conv, x, g))):
+        for name, out in (("shifted", per_example_shifted(x, g)), ("unfold", unfold_weight_grads(conv, x, g)),
+                          ("grouped", grouped_weight_grads(conv, x, g))):
             torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4, msg=f"{name} disagrees with vmap")
         t = {
             "vmap": timed_ms(lambda: vm(w, x, g), args.repeats),
-            "grouped": timed_ms(lambda: conv_weight_grads(conv, x, g), args.repeats),
+            "grouped": timed_ms(lambda: grouped_weight_grads(conv, x, g), args.repeats),
             "shifted": timed_ms(lambda: per_example_shifted(x, g), args.repeats),
-            "unfold": timed_ms(lambda: per_example_unfold(x, g), args.repeats),
+            "unfold": timed_ms(lambda: unfold_weight_grads(conv, x, g), args.repeats),
             "batched": timed_ms(lambda: torch.nn.grad.conv2d_weight(x, w.shape, g, padding=1), args.repeats),
         }
-        results.append({"B": B, "C_in": C, "C_out": O, "H": H, "ms": t})
+        chosen = "unfold" if use_unfold(conv, g) else "grouped"
+        results.append({"B": B, "C_in": C, "C_out": O, "H": H, "ms": t, "chosen": chosen})
         rows.append([f"{B}x{C}->{O} @ {H}x{H}", *(f"{t[k]:.2f}" for k in ("vmap", "grouped", "shifted", "unfold", "batched")),
-                     f"{t['grouped'] / t['batched']:.2f}x"])
+                     chosen, f"{t[chosen] / t['batched']:.2f}x"])
     table = common.print_table(rows, ["layer (B x C_in -> C_out @ H x W)", "vmap ms", "grouped ms", "shifted ms", "unfold ms",
-                                      "batched ms", "grouped / batched"])
-    out = {"machine": common.machine_info(), "threads": args.threads, "repeats": args.repeats, "layers": results,
+                                      "batched ms", "chosen", "chosen / batched"])
+    out = {"machine": common.machine_info(), "shapes": args.shapes, "threads": args.threads, "repeats": args.repeats, "layers": results,
            "table": table}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from attribution import factorized
 from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig
 from attribution.factorized import (
     FactorizedProjector,
@@ -109,10 +110,17 @@ def test_conv_weight_grads_and_unsupported_parameters(tiny_models, kernel, strid
     g = torch.randn_like(conv(x))
     got = conv_weight_grads(conv, x, g, draws)
     assert got.shape == (B, 4, 2, kernel, kernel)
+    wide = torch.nn.Conv2d(128, 3, kernel, stride=stride, padding=padding)  # fan-in >= 1024 on a small map: im2col path
+    xw = torch.randn(B * draws, 128, 5, 4)
+    gw = torch.randn_like(wide(xw))
+    assert kernel == 1 or factorized.use_unfold(wide, gw)
+    got_wide = conv_weight_grads(wide, xw, gw, draws)
     for n in range(B):
         rows = slice(n * draws, (n + 1) * draws)
         (ref,) = torch.autograd.grad((conv(x[rows]) * g[rows]).sum(), conv.weight)
         torch.testing.assert_close(got[n], ref, rtol=1e-5, atol=1e-5)
+        (ref,) = torch.autograd.grad((wide(xw[rows]) * gw[rows]).sum(), wide.weight)
+        torch.testing.assert_close(got_wide[n], ref, rtol=1e-4, atol=1e-4)
     model = tiny_models[0]
     params = dict(select_params(model))
     assert hooks_support(model, params)
