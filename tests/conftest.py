@@ -107,7 +107,7 @@ def tiny_bench(tmp_path_factory) -> dict:
          "--num-checkpoints", "2", "--epochs", "1", "--block-out-channels", "4", "8"],
         ["bench", "retrain", *w, "--replicates", "2"],
         ["bench", "lds", *w, *q, "--methods", *methods, "--replicates", "2"],
-        ["bench", "counterfactual", *w, *q, "--num-cf-queries", "1", "--ks", "2", "--kinds", "journey", "random",
+        ["bench", "counterfactual", *w, *q, "--num-cf-queries", "1", "--ks", "2", "--kinds", "journey", "journey-bottom", "random",
          "--cf-num-draws", "1", "--cf-train-seeds", "0", "1", "--coupled"],
         ["bench", "report", *w, "--out", str(out)],
     ]

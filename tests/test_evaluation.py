@@ -291,14 +291,15 @@ def test_bench_pipeline_end_to_end(tiny_bench):
         chosen = [s for s in r["selection"] if s["num_draws"] == r["num_draws"] and s["ridge"] == r["ridge"] and s["sign"] == r["sign"]]
         assert chosen[0]["val_lds"] == best
     cf = json.loads((work / "counterfactual.json").read_text())
-    assert cf["models_done"] == cf["models_expected"] == 4  # (journey, random) x training seeds 0, 1
+    assert cf["models_done"] == cf["models_expected"] == 6  # (journey, journey-bottom, random) x training seeds 0, 1
     assert {r["train_seed"] for r in cf["rows"]} == {0, 1} and len(list((work / "models").glob("cf_q002_journey_k2_s1c_*"))) == 1
-    assert [(r["kind"], r["n"]) for r in cf["paired_with_random"]] == [("journey", 1)] and cf["coupled"]
+    assert [(r["kind"], r["n"]) for r in cf["paired_with_random"]] == [("journey", 1), ("journey-bottom", 1)] and cf["coupled"]
     # removals ranked with the ridge the LDS selection chose (draws given on the command line)
     assert cf["settings"]["journey"] == {"num_draws": 1, "ridge": lds["methods"]["journey"]["ridge"]}
     assert all(r["pixel_l2"] > 0 for r in cf["rows"])
     removals = json.loads((work / "removals.json").read_text())
     assert all(len(v) == 2 for v in removals.values())
+    assert not set(removals["cf_q002_journey_k2"]) & set(removals["cf_q002_journey-bottom_k2"])  # the two ends
     md = (out / "report.md").read_text()
     assert "| journey |" in md and "Retrain without top-k" in md and "| seed vs seed (1 pair(s)) |" in md
     assert "Queries: 3 reported + 2 validation samples" in md

@@ -176,6 +176,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     from ..classifier import load_classifier
     from ..outputs import get_method
     from .counterfactual import (
+        BOTTOM,
         CounterfactualSpec,
         measure,
         paired_with_random,
@@ -200,8 +201,14 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
                               ks=tuple(args.ks), kinds=tuple(args.kinds), train_seeds=train_seeds, coupled=args.coupled)
     col = list(run.spec.steps).index(spec.step)
     scores, settings = {}, {}
-    for kind in spec.kinds:
+    for kind in sorted(spec.kinds, key=lambda k: k.endswith(BOTTOM)):  # a "-bottom" kind after its method
         if kind == "random":
+            continue
+        if kind.endswith(BOTTOM):  # the same ranking from the other end: the k most negative scores
+            base = kind.removesuffix(BOTTOM)
+            if base not in scores:
+                raise ValueError(f"--kinds {kind} needs {base} among the kinds too")
+            scores[kind] = -scores[base]
             continue
         if kind in SIMILARITY:
             scores[kind] = similarity_scores(kind, run.dataset, run.queries, run.spec)[:, col]
@@ -412,7 +419,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--num-cf-queries", type=int, default=2, help="reported queries used (the first ones)")
     c.add_argument("--step", type=int, default=22, help="step whose scores choose the removals")
     c.add_argument("--ks", type=int, nargs="+", default=[50, 25])
-    c.add_argument("--kinds", nargs="+", default=["journey", "random", "pixel", "embedding"])
+    c.add_argument("--kinds", nargs="+", default=["journey", "random", "pixel", "embedding"],
+                   help="methods whose top-k are removed, 'random', and METHOD-bottom: METHOD's k most negative scores "
+                        "(a direct check of the sign convention: top-k removal should raise f_t, bottom-k lower it)")
     c.add_argument("--cf-num-draws", type=int, help="draws of the stores ranking the removals (default: as chosen by `bench lds`)")
     c.add_argument("--cf-ridge", type=float, help="relative ridge of the ranking (default: as chosen by `bench lds`)")
     c.add_argument("--cf-train-seeds", type=int, nargs="+",

@@ -38,6 +38,7 @@ from .queries import QuerySet, QuerySpec, step_outputs
 from .retrain import train_jobs
 
 Log = Callable[[str], None]
+BOTTOM = "-bottom"  # kind suffix: remove a method's k lowest scores instead of its k highest
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class CounterfactualSpec:
         query_rows: rows of the query set (reported queries only).
         step: the step whose scores choose the removals.
         ks: numbers of removed examples.
-        kinds: ranking rules ("random" = k examples drawn with a seed per query and k).
+        kinds: ranking rules ("random" = k examples drawn with a seed per query and k; "METHOD-bottom" =
+            the k most negative scores of METHOD, whose effect on f_t should be opposite to its top k).
         seed: seed of the random removals.
         train_seeds: training seeds of every removal model; each must be the seed of a
             full-data checkpoint (its reference). The first is checkpoint 0's.

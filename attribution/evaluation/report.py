@@ -199,7 +199,8 @@ def counterfactual_table(report: dict) -> str:
     paired = counterfactual_paired_rows(report)
     if paired:
         lines += ["", "Paired with random removal of the same k (same queries and seeds): the rule's value minus "
-                  "random's (positive = the rule's top-k moved the sample more / raised f_t more).", "", _markdown(paired)]
+                  "random's (positive = the rule's k removals moved the sample more / raised f_t more). A method's top-k "
+                  "should raise f_t and its METHOD-bottom k (its most negative scores) lower it.", "", _markdown(paired)]
     return "\n".join(lines)
 
 
