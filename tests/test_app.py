@@ -475,8 +475,8 @@ def test_evaluate_shows_the_report(app_bundle, ws, tiny_bench, monkeypatch):
     assert len(tables) == 4  # LDS, query-specific LDS, counterfactual, counterfactual paired with random removal
     assert set(tables[0]["method"]) == set(tables[1]["method"]) == set(report["lds"]["methods"])
     assert "s.e. over subsets" in tables[0].columns
-    assert set(tables[2]["removal"]) == {"journey", "random"} and set(tables[2]["training seeds"]) == {2}
-    assert list(tables[3]["removal minus random"]) == ["journey"]
+    assert set(tables[2]["removal"]) == {"journey", "journey-bottom", "random"} and set(tables[2]["training seeds"]) == {2}
+    assert list(tables[3]["removal minus random"]) == ["journey", "journey-bottom"]
     assert "Two seeds of the same subsets agree" in texts(at)
     specs = plotly_specs(at)
     assert any("LDS per step" in s for s in specs) and any("Retrain without top-k" in s for s in specs)

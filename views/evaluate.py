@@ -83,7 +83,9 @@ if cf_rows:
     paired = counterfactual_paired_rows(report)
     if paired:
         st.caption("Each rule minus random removal of the same number of images, on the same queries and seeds "
-                   "(positive: its top-k mattered more than random images).")
+                   "(positive: its removals mattered more than random images). A rule named METHOD-bottom removes "
+                   "METHOD's most negative scores instead of its top ones: by the sign convention its Δf_t should be "
+                   "negative where the top-k's is positive.")
         st.dataframe(paired, hide_index=True, use_container_width=True)
     left, right = st.columns(2)
     left.plotly_chart(counterfactual_figure(report, "pixel_l2"), use_container_width=True)
