@@ -472,11 +472,12 @@ def test_evaluate_shows_the_report(app_bundle, ws, tiny_bench, monkeypatch):
     at = make_app("evaluate")
     report = json.loads((tiny_bench["out"] / "report.json").read_text())
     tables = [df.value for df in at.dataframe]
-    assert len(tables) == 4  # LDS, query-specific LDS, counterfactual, counterfactual paired with random removal
+    assert len(tables) == 5  # LDS, query-specific LDS, counterfactual, paired with random removal, and per seed
     assert set(tables[0]["method"]) == set(tables[1]["method"]) == set(report["lds"]["methods"])
     assert "s.e. over subsets" in tables[0].columns
     assert set(tables[2]["removal"]) == {"journey", "journey-bottom", "random"} and set(tables[2]["training seeds"]) == {2}
     assert list(tables[3]["removal minus random"]) == ["journey", "journey-bottom"]
+    assert list(tables[4]["training seed"]) == [0, 0, 1, 1]
     assert "Two seeds of the same subsets agree" in texts(at)
     specs = plotly_specs(at)
     assert any("LDS per step" in s for s in specs) and any("Retrain without top-k" in s for s in specs)
@@ -493,8 +494,8 @@ def test_evaluate_shows_the_ablations(app_bundle, ws, tiny_bench, tmp_path, monk
     monkeypatch.setenv("ATTRIBUTION_BENCH_REPORT", str(tmp_path))
     at = make_app("evaluate")
     tables = [df.value for df in at.dataframe]
-    assert len(tables) == 5 and list(tables[4]["variant"]) == ["journey all timesteps", "journey M = 1"]
-    assert f"t={lds['timesteps'][0]}" in tables[4].columns
+    assert len(tables) == 6 and list(tables[5]["variant"]) == ["journey all timesteps", "journey M = 1"]
+    assert f"t={lds['timesteps'][0]}" in tables[5].columns
 
 
 def test_evaluate_without_a_report(app_bundle, ws, tmp_path, monkeypatch):

@@ -135,7 +135,7 @@ def test_replicate_agreement_measures_truth_noise():
 
 
 def test_counterfactual_summary_averages_seeds_then_pairs_with_random():
-    from attribution.evaluation.counterfactual import paired_with_random, summarize_rows
+    from attribution.evaluation.counterfactual import paired_by_seed, paired_with_random, summarize_rows
 
     def row(q, kind, seed, l2):
         return {"query": q, "kind": kind, "k": 5, "train_seed": seed, "pixel_l2": l2, "feature_dist": 2 * l2,
@@ -152,6 +152,10 @@ def test_counterfactual_summary_averages_seeds_then_pairs_with_random():
     assert paired["kind"] == "journey" and paired["n"] == 2
     assert paired["pixel_l2"] == pytest.approx(1.0) and paired["pixel_l2_se"] == pytest.approx(0.0)
     assert paired["delta_f"] == pytest.approx(0.1) and paired["class_changed"] == pytest.approx(0.25)
+    # within each seed: seed 0 moves 2.0 and 1.0 more (mean 1.5), seed 1 moves 0.0 and 1.0 more (mean 0.5)
+    by_seed = {r["train_seed"]: r for r in paired_by_seed(rows)}
+    assert by_seed[0]["pixel_l2"] == pytest.approx(1.5) and by_seed[1]["pixel_l2"] == pytest.approx(0.5)
+    assert by_seed[0]["n"] == by_seed[1]["n"] == 2 and by_seed[0]["kind"] == "journey"
 
 
 def test_removal_models_are_named_by_what_they_removed():
@@ -304,7 +308,7 @@ def test_bench_pipeline_end_to_end(tiny_bench):
     assert "| journey |" in md and "Retrain without top-k" in md and "| seed vs seed (1 pair(s)) |" in md
     assert "Queries: 3 reported + 2 validation samples" in md
     assert "| query vs query |" in md
-    assert "removal minus random" in md and "Query-specific LDS" in md
+    assert "removal minus random" in md and "Query-specific LDS" in md and "within each training seed" in md
     assert set(lds["analyses"]["query_specific_lds"]) == set(methods)
     assert all(-1 <= r["overall_crossfit"] <= 1 and r["overall_se_subsets"] > 0 for r in lds["methods"].values())
     z = np.load(out / "truth.npz")
