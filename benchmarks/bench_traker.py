@@ -481,7 +481,7 @@ def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
         if not isinstance(value, (int, float)) or len(vals) != len(runs):
             continue
-        if key.endswith("per_s") or key == "peak_rss_bytes":
+        if key.endswith(("per_s", "per_s_warm")) or key == "peak_rss_bytes":
             out[key] = max(vals)
         elif key.endswith("_s") and key != "process_wall_s":
             out[key] = min(vals)
