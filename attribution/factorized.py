@@ -362,6 +362,7 @@ UNFOLD_MAX_POSITIONS = 64  # H' * W'
 
 
 def use_unfold(module: nn.Conv2d, g: torch.Tensor) -> bool:
+    """Whether :func:`conv_weight_grads` takes im2col for this layer; g (N, O, H', W') its output gradient."""
     fan_in = module.weight[0].numel()
     return g.device.type == "cpu" and fan_in >= UNFOLD_MIN_FAN_IN and g.shape[2] * g.shape[3] <= UNFOLD_MAX_POSITIONS
 
