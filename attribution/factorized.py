@@ -364,7 +364,8 @@ UNFOLD_MAX_POSITIONS = 64  # H' * W'
 def use_unfold(module: nn.Conv2d, g: torch.Tensor) -> bool:
     """Whether :func:`conv_weight_grads` takes im2col for this layer; g (N, O, H', W') its output gradient."""
     fan_in = module.weight[0].numel()
-    return g.device.type == "cpu" and fan_in >= UNFOLD_MIN_FAN_IN and g.shape[2] * g.shape[3] <= UNFOLD_MAX_POSITIONS
+    return (module.groups == 1 and g.device.type == "cpu" and fan_in >= UNFOLD_MIN_FAN_IN
+            and g.shape[2] * g.shape[3] <= UNFOLD_MAX_POSITIONS)
 
 
 def conv_weight_grads(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, draws: int = 1) -> torch.Tensor:
@@ -380,7 +381,7 @@ def conv_weight_grads(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, draws
     Returns:
         (B, O, C / groups, kh, kw), in the layout of ``module.weight``.
     """
-    if module.groups == 1 and use_unfold(module, g):
+    if use_unfold(module, g):
         return unfold_weight_grads(module, x, g, draws)
     return grouped_weight_grads(module, x, g, draws)
 
@@ -482,7 +483,7 @@ def example_grads_from_hooks(
 
     One forward and backward per chunk of examples, with no parameter requiring a gradient;
     the hooks form each layer's per-example weight gradient from its input and output
-    gradient (convolutions by :func:`conv_weight_grads`, no im2col), and biases and
+    gradient (convolutions by :func:`conv_weight_grads`), and biases and
     norm parameters as in the factorized projection. Needs :func:`hooks_support`.
 
     ``projector``: a projector with ``accumulate_columns`` (sjlt built with the parameters'
