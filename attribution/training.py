@@ -59,11 +59,11 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def _save_state(partial: Path, epoch: int, unet, ema, opt: torch.optim.Adam) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in unet.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.items()})
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.items()})
     for i, st in opt.state_dict()["state"].items():
         for name, v in st.items():
-            tensors[f"opt.{i}.{name}"] = torch.as_tensor(v).contiguous()
+            tensors[f"opt.{i}.{name}"] = torch.as_tensor(v).cpu().contiguous()
     tmp = partial / f".state.tmp{os.getpid()}"
     try:
         save_file(tensors, str(tmp), metadata={"epoch": str(epoch)})
@@ -82,7 +82,7 @@ def _load_state(partial: Path, unet, ema, opt: torch.optim.Adam) -> int:
 
     with safe_open(str(path), "pt") as f:
         epoch = int(f.metadata()["epoch"])
-    tensors = load_file(str(path))
+    tensors = load_file(str(path), device=str(next(unet.parameters()).device))
     unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     for k in ema:
         ema[k].copy_(tensors[f"ema.{k}"])
@@ -121,6 +121,7 @@ def train_ddpm(
     progress: Progress | None = None,
     log: Callable[[str], None] = lambda s: None,
     coupled: bool = False,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Train a DDPM on ``images`` (or the rows where ``subset`` is True) and save it.
 
@@ -135,6 +136,10 @@ def train_ddpm(
             from each minibatch, instead of a fresh run over the subset. Subset models
             of one seed then differ only through their data, not through the random
             stream (much less retraining noise in counterfactual measurements).
+        device: where the UNet trains. The random draws (shuffling, timesteps, noises) are
+            made on the CPU from the same generators whatever the device, so a CUDA run
+            follows the same stream as a CPU run and differs only by float rounding; the
+            saved state is on the CPU, so a run can resume on another device.
 
     Returns:
         ``out_dir``.
@@ -171,15 +176,17 @@ def train_ddpm(
     partial.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(partial / "train_config.json", settings.encode())
 
+    device = torch.device(device)
     torch.manual_seed(config.seed)
-    unet = make_unet(tuple(images.shape[1:]), config)
+    unet = make_unet(tuple(images.shape[1:]), config).to(device)
     sched = DDPMScheduler(num_train_timesteps=config.num_train_timesteps)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.Adam(unet.parameters(), lr=config.lr)
     start_epoch = _load_state(partial, unet, ema, opt)
     if start_epoch:
         log(f"resuming {out_dir} after epoch {start_epoch}")
-    abar = sched.alphas_cumprod.float()
+    abar = sched.alphas_cumprod.float().to(device)
+    images_dev = images.to(device)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
     t0 = time.perf_counter()
@@ -190,14 +197,14 @@ def train_ddpm(
         for b in range(steps_per_epoch):
             step = epoch * steps_per_epoch + b
             idx = perm[b * config.batch_size : (b + 1) * config.batch_size]
-            x0 = images[idx]
             t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=g)
-            eps = torch.randn(x0.shape, generator=g)
+            eps = torch.randn((len(idx), *images.shape[1:]), generator=g)
             if keep is not None:  # the full run's draws, restricted to the subset's rows
                 rows = keep[idx]
                 if not rows.any():
                     continue
-                x0, t, eps = x0[rows], t[rows], eps[rows]
+                idx, t, eps = idx[rows], t[rows], eps[rows]
+            x0, t, eps = images_dev[idx.to(device)], t.to(device), eps.to(device)
             a = abar[t].view(-1, 1, 1, 1)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
             loss = torch.nn.functional.mse_loss(unet(x_t, t).sample, eps)
@@ -220,7 +227,7 @@ def train_ddpm(
         log(f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
 
     unet.load_state_dict(ema)
-    unet.eval()
+    unet.eval().cpu()
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -73,9 +73,21 @@ def _load(spec: dict[str, Any]):
     from attribution.models import load_models
 
     torch.manual_seed(0)
-    models = load_models([Path(p) for p in spec["model_dirs"]], "cpu")
+    models = load_models([Path(p) for p in spec["model_dirs"]], _device(spec))
     ds = common.make_dataset(spec["data"], spec["n"])
     return models, ds
+
+
+def _device(spec: dict[str, Any]) -> str:
+    return spec.get("device", "cpu")
+
+
+def _sync(spec: dict[str, Any]) -> None:
+    """Wait for queued GPU work, so a wall-clock reading after it is honest (no-op on the CPU)."""
+    import torch
+
+    if _device(spec).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _trajectory(model):
@@ -117,13 +129,17 @@ def worker_limit(spec: dict[str, Any]) -> dict[str, Any]:
     for model in models:
         model.unet.requires_grad_(True)
     # warm-up (allocator, oneDNN primitive caches)
+    dev = models[0].device
+    x0_all, ts, noises = x0_all.to(dev), ts.to(dev), noises.to(dev)
     fwd_bwd(models[0].unet, models[0].alphas_cumprod, x0_all[:bs], ts[:bs], noises[:bs])
+    _sync(spec)
     t0 = time.perf_counter()
     for model in models:
         ab = model.alphas_cumprod
         for s in range(0, n, bs):
             model.unet.zero_grad(set_to_none=True)
             fwd_bwd(model.unet, ab, x0_all[s : s + bs], ts[s : s + bs], noises[s : s + bs])
+    _sync(spec)
     dt = time.perf_counter() - t0
     out["train_s"] = dt
     out["train_rows"] = n * len(models)
@@ -135,14 +151,17 @@ def worker_limit(spec: dict[str, Any]) -> dict[str, Any]:
         qn = query_noises(steps, K, 0, tuple(traj.x0_hat.shape[1:]))  # (S, K, C, H, W)
         x0 = traj.x0_hat[:, None].expand(-1, K, -1, -1, -1).reshape(-1, *traj.x0_hat.shape[1:])
         tq = traj.timesteps[:, None].expand(-1, K).reshape(-1)
-        eq = qn.reshape(-1, *qn.shape[2:])
+        eq = qn.reshape(-1, *qn.shape[2:]).to(dev)
+        x0, tq = x0.to(dev), tq.to(dev)
         rows = QUERY_CHUNK * K
+        _sync(spec)
         t0 = time.perf_counter()
         for model in models:
             ab = model.alphas_cumprod
             for s in range(0, x0.shape[0], rows):
                 model.unet.zero_grad(set_to_none=True)
                 fwd_bwd(model.unet, ab, x0[s : s + rows], tq[s : s + rows], eq[s : s + rows])
+        _sync(spec)
         out["query_all_steps_s"] = time.perf_counter() - t0
     return out
 
@@ -161,7 +180,8 @@ def worker_ours_featurize(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"rss_after_load_bytes": rss0, "num_params": num_params(select_params(models[0]))}
     if spec["proj_kind"] == "sjlt":  # how long building the sparse sketch takes (part of featurize below)
         t0 = time.perf_counter()
-        checkpoint_projector(cfg, out["num_params"], 0, "cpu")
+        checkpoint_projector(cfg, out["num_params"], 0, _device(spec))
+        _sync(spec)
         out["projector_build_s"] = time.perf_counter() - t0
     def featurize_into(directory: Path):
         t0 = time.perf_counter()
@@ -261,7 +281,7 @@ def _trak_projector(spec: dict[str, Any], num_params: int):
             proj_dim=spec["proj_dim"],
             seed=0,
             proj_type=ProjectionType.normal,
-            device="cpu",
+            device=_device(spec),
             block_size=spec.get("trak_block_size", spec["proj_dim"]),
             dtype=torch.float32,
         )
@@ -275,14 +295,14 @@ def _trak_projector(spec: dict[str, Any], num_params: int):
             """Our sjlt checkpoint projectors P_m (seed proj_seed + m) behind traker's projector API."""
 
             def __init__(self) -> None:
-                super().__init__(num_params, cfg.proj_dim, 0, ProjectionType.normal, "cpu")
+                super().__init__(num_params, cfg.proj_dim, 0, ProjectionType.normal, _device(spec))
                 self._projs: dict[int, Any] = {}
 
             def project(self, grads, model_id):
                 if isinstance(grads, dict):
-                    grads = vectorize(grads, device="cpu")
+                    grads = vectorize(grads, device=_device(spec))
                 if model_id not in self._projs:
-                    self._projs[model_id] = checkpoint_projector(cfg, num_params, int(model_id), "cpu")
+                    self._projs[model_id] = checkpoint_projector(cfg, num_params, int(model_id), _device(spec))
                 return self._projs[model_id].project(grads)
 
             def free_memory(self):
@@ -306,7 +326,7 @@ def _traker(spec: dict[str, Any], models, load: bool):
         train_set_size=spec["n"],
         save_dir=spec["trak_dir"],
         load_from_save_dir=load,
-        device="cpu",
+        device=_device(spec),
         projector=_trak_projector(spec, p),
         proj_dim=spec["proj_dim"],
         use_half_precision=False,
@@ -314,13 +334,17 @@ def _traker(spec: dict[str, Any], models, load: bool):
     )
 
 
+def _trak_batch(model, x0, t, eps):
+    """traker's batch ``(x0 (B,C,H,W), sqrt_ab (B,D), sqrt_1mab (B,D), t (B,D), eps (B,D,C,H,W))`` on the
+    model's device (traker calls the model on the batch as given)."""
+    dev = model.device
+    t = t.to(dev)
+    ab = model.alphas_cumprod.index_select(0, t.reshape(-1)).reshape(t.shape)
+    return (x0.to(dev), ab.sqrt(), (1 - ab).sqrt(), t, eps.to(dev))
+
+
 def _train_batch(model, ds, idx, ts, noises):
-    ab = model.alphas_cumprod
-    t = ts[idx]  # (B, 1)
-    flat = t.reshape(-1)
-    sqrt_ab = ab.index_select(0, flat).sqrt().reshape(t.shape)
-    sqrt_1mab = (1 - ab.index_select(0, flat)).sqrt().reshape(t.shape)
-    return (ds.images(idx), sqrt_ab, sqrt_1mab, t, noises[idx])
+    return _trak_batch(model, ds.images(idx), ts[idx], noises[idx])
 
 
 def worker_trak_featurize(spec: dict[str, Any]) -> dict[str, Any]:
@@ -386,12 +410,7 @@ def worker_trak_query(spec: dict[str, Any]) -> dict[str, Any]:
     out["setup_s"] = time.perf_counter() - t0
 
     def batch(model, sl):
-        ab = model.alphas_cumprod
-        t = traj.timesteps[sl][:, None].expand(-1, K).contiguous()
-        flat = t.reshape(-1)
-        sqrt_ab = ab.index_select(0, flat).sqrt().reshape(t.shape)
-        sqrt_1mab = (1 - ab.index_select(0, flat)).sqrt().reshape(t.shape)
-        return (traj.x0_hat[sl], sqrt_ab, sqrt_1mab, t, noises[sl])
+        return _trak_batch(model, traj.x0_hat[sl], traj.timesteps[sl][:, None].expand(-1, K).contiguous(), noises[sl])
 
     def run(exp, step_list):
         for m, model in enumerate(models):
@@ -446,8 +465,8 @@ def worker_exact(spec: dict[str, Any]) -> dict[str, Any]:
         ).double()  # (S, p)
         gram = G @ G.T
         lam = RIDGE * float(torch.trace(gram)) / spec["d_ref"]
-        tau = torch.linalg.solve(gram + lam * torch.eye(n, dtype=gram.dtype), G @ g.T)  # (N, S)
-        total += tau.T.numpy()
+        tau = torch.linalg.solve(gram + lam * torch.eye(n, dtype=gram.dtype, device=gram.device), G @ g.T)  # (N, S)
+        total += tau.T.cpu().numpy()
         del G, g
     np.save(spec["scores_out"], (total / len(models)).astype(np.float32))
     return {"exact_s": time.perf_counter() - t0}
@@ -523,6 +542,7 @@ def run_model(name: str, cfg: dict[str, Any], work: Path, args, log) -> dict[str
         "n": cfg["n"],
         "threads": args.threads,
         "warm_rerun": args.warm_rerun,
+        "device": args.device,
     }
     d = args.proj_dim
     res: dict[str, Any] = {"config": {k: v for k, v in cfg.items() if k != "model_dirs"} | {"model_dirs": base["model_dirs"]}}
@@ -612,6 +632,14 @@ def run_model(name: str, cfg: dict[str, Any], work: Path, args, log) -> dict[str
     return res
 
 
+def _mem(r: dict[str, Any] | None) -> str:
+    """Peak RSS, and the peak GPU allocation where the worker used a GPU."""
+    if not r:
+        return "-"
+    gpu = r.get("peak_gpu_bytes")
+    return common.fmt_bytes(r["peak_rss_bytes"]) + (f" / GPU {common.fmt_bytes(gpu)}" if gpu is not None else "")
+
+
 def _busy(r: dict[str, Any]) -> str:
     v = r.get("others_busy_cores")
     vals = v if isinstance(v, list) else [v]
@@ -626,7 +654,7 @@ def tables(results: dict[str, Any]) -> str:
         lim = res["limit"]
         out.append(f"\n### {name}: {cfg['description']}, N = {cfg['n']}, M = {cfg['num_checkpoints']}, d = {results['proj_dim']}\n")
         rows = [["plain batched fwd+bwd (limit proxy)", f"{lim['train_examples_per_s']:.1f}", "1.00", "(warm)", "-",
-                 common.fmt_bytes(lim["peak_rss_bytes"]), "-",
+                 _mem(lim), "-",
                  f"{lim['query_all_steps_s']:.2f}" if "query_all_steps_s" in lim else "-", "-", "-",
                  _busy(lim)]]
         labels = [(f"ours_{k}", f"ours, {k}") for k in cfg["ours_projections"]]
@@ -641,8 +669,8 @@ def tables(results: dict[str, Any]) -> str:
                 f"{f['examples_per_s'] / lim['train_examples_per_s']:.2f}",
                 f"{warm:.1f} ({warm / lim['train_examples_per_s']:.2f})" if warm else "-",
                 f"{f['finalize_s']:.2f}",
-                common.fmt_bytes(f["peak_rss_bytes"]),
-                common.fmt_bytes(q["peak_rss_bytes"]) if q else "-",
+                _mem(f),
+                _mem(q),
                 f"{q['query_all_steps_s']:.2f}" if q else "-",
                 f"{q['first_call_one_step_s']:.2f}" if q else "-",
                 f"{q['one_step_new_mask_s']:.3f}" if q and "one_step_new_mask_s" in q else "-",
@@ -687,6 +715,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-warm-rerun", dest="warm_rerun", action="store_false",
                    help="skip the second featurize in each worker (the warm-process throughput column)")
     p.add_argument("--trak-variants", nargs="+", help="run only these traker variants (default, tuned, ours_matrix, tuned_batch)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda: where every method runs (traker's default on cuda is its CudaProjector when "
+                        "fast_jl is installed, else BasicProjector)")
+    p.add_argument("--batch-size", type=int, default=64, help="featurize batch of ours, traker default and the limit (default model)")
     p.add_argument("--out", type=Path, default=common.RESULTS / "bench_traker.json")
     p.add_argument("--work", type=Path, help="scratch directory (default: a fresh one under /tmp)")
     args = p.parse_args(argv)
@@ -734,11 +766,12 @@ def main(argv: list[str] | None = None) -> int:
             "model_dirs": dirs,
             "data": "digits",
             "n": n,
-            "batch_size": 64,
+            "batch_size": args.batch_size,
             "chunk_size": None,  # featurize chooses (auto_chunk_size)
             "ours_projections": ["sjlt", "factorized", "gaussian"],
             # (variant, featurize batch, N override)
-            "trak_variants": [("default", 64, None), ("tuned", 128, None), ("ours_matrix", 128, None)],
+            "trak_variants": [("default", args.batch_size, None), ("tuned", 2 * args.batch_size, None),
+                              ("ours_matrix", 2 * args.batch_size, None)],
             "trak_query_variants": ["default", "tuned", "ours_matrix"],
             "high_d": [] if (args.no_high_d or args.quick) else [8192, 16384],
             "exact": True,
@@ -758,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_dirs": dirs,
             "data": "digits",
             "n": args.n,
-            "batch_size": 64,
+            "batch_size": args.batch_size,
             "chunk_size": None,  # featurize chooses (auto_chunk_size)
             "ours_projections": ["sjlt", "factorized"],
             "trak_variants": [],

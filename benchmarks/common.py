@@ -43,6 +43,15 @@ def machine_info() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "loadavg_at_start": os.getloadavg(),
     }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda_version"] = torch.version.cuda
+    try:
+        import fast_jl  # noqa: F401 - traker's CUDA projector, when built
+
+        info["fast_jl"] = True
+    except ImportError:
+        info["fast_jl"] = False
     try:
         import diffusers
 
@@ -108,6 +117,9 @@ def timed(store: dict[str, float], key: str) -> Iterator[None]:
 def emit_result(result: dict[str, Any]) -> None:
     """Print a worker's result as one marked JSON line (read back by :func:`run_worker`)."""
     result.setdefault("peak_rss_bytes", peak_rss_bytes())
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        result.setdefault("peak_gpu_bytes", torch.cuda.max_memory_allocated())
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 

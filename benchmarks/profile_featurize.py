@@ -32,12 +32,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
+def _sync() -> None:
+    """On a GPU, wait for queued kernels so each part's wall time is its own (this removes the
+    overlap of the parts, so the GPU total is a little above an unprofiled run's)."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timer(acc: dict[str, float], key: str, fn):
     def wrapped(*a, **k):
+        _sync()
         t0 = time.perf_counter()
         try:
             return fn(*a, **k)
         finally:
+            _sync()
             acc[key] += time.perf_counter() - t0
 
     return wrapped
@@ -81,7 +92,8 @@ def profile_once(models, ds, proj_kind: str, proj_dim: int, batch_size: int, chu
         if torch_profiler:
             from torch.profiler import ProfilerActivity, profile
 
-            prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
+            gpu = models[0].device.type == "cuda"
+            prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else []), record_shapes=False)
             prof.__enter__()
         import resource
 
@@ -105,7 +117,8 @@ def profile_once(models, ds, proj_kind: str, proj_dim: int, batch_size: int, chu
                            "others_busy_cores": round(max(0.0, others), 2),
                            "examples_per_s": len(ds) * len(models) / total, "parts_s": parts}
     if prof is not None:
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        sort = "self_cuda_time_total" if models[0].device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=15)
         out["torch_profiler_top_ops"] = table
     return out
 
@@ -134,7 +147,7 @@ def sweep(models, ds, proj_dim: int) -> dict[str, Any]:
         out["grad_examples_per_s_by_chunk"][chunk] = n / (time.perf_counter() - t0)
     from attribution.factorized import projected_example_grads
 
-    fact = checkpoint_projector(FeaturizeConfig(proj_kind="factorized", proj_dim=proj_dim), p, 0, "cpu", params)
+    fact = checkpoint_projector(FeaturizeConfig(proj_kind="factorized", proj_dim=proj_dim), p, 0, model.device, params)
     out["factorized_examples_per_s_by_chunk"] = {}
     for chunk in (16, 32, 64):
         t0 = time.perf_counter()
@@ -176,9 +189,9 @@ def sweep(models, ds, proj_dim: int) -> dict[str, Any]:
         torch.nn.functional.mse_loss(unet(xt, tr[s : s + 200]).sample, er[s : s + 200]).backward()
     out["query_limit_batched_fwd_bwd_s"] = time.perf_counter() - t0
     unet.requires_grad_(False)
-    g = torch.randn(256, p)
+    g = torch.randn(256, p, device=model.device)
     for kind in ("sjlt", "gaussian"):
-        proj = checkpoint_projector(FeaturizeConfig(proj_kind=kind, proj_dim=proj_dim), p, 0, "cpu")
+        proj = checkpoint_projector(FeaturizeConfig(proj_kind=kind, proj_dim=proj_dim), p, 0, model.device)
         proj.project(g[:16])  # builds / caches the matrix
         for rows in (16, 64, 256):
             reps = max(1, 256 // rows)
@@ -200,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path, help="a default-model checkpoint (default: random weights)")
     p.add_argument("--torch-profiler", action="store_true")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", type=Path, default=common.RESULTS / "profile_featurize.json")
     args = p.parse_args(argv)
 
@@ -207,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="profile_featurize_"))
     model_dir = args.model_dir or common.save_random_pipeline(work / "model", (1, 32, 32), (16, 32, 32), 1)
-    models = load_models([model_dir])
+    models = load_models([model_dir], args.device)
     ds = common.make_dataset("digits", args.n)
     result: dict[str, Any] = {"machine": common.machine_info(), "other_cpu_users": common.other_cpu_users(),
                               "command": " ".join([os.path.basename(sys.executable)] + sys.argv),

@@ -344,11 +344,3 @@ def test_masks_are_validated(tiny_models, tiny_dataset, tmp_path):
     masked = scorer.score(traj, [1], mask=mask).scores
     full = scorer.score(traj, [1]).scores
     assert masked.shape == full.shape and not np.allclose(masked, full)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-def test_cpu_and_cuda_agree(tiny_model_dirs, tiny_dataset, tmp_path):
-    cfg = FeaturizeConfig(proj_dim=32, num_draws=2, store_dtype="float32")
-    cpu = featurize(load_models(tiny_model_dirs, "cpu"), tiny_dataset, tmp_path / "cpu", cfg)
-    gpu = featurize(load_models(tiny_model_dirs, "cuda"), tiny_dataset, tmp_path / "gpu", cfg)
-    np.testing.assert_allclose(np.asarray(gpu.features(0)), np.asarray(cpu.features(0)), rtol=1e-3, atol=1e-5)

@@ -33,9 +33,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _featurize_args(model_dirs, data: Path, store: Path, proj_dim: int = 64) -> list[str]:
+def _featurize_args(model_dirs, data: Path, store: Path, proj_dim: int = 64, device: str = "cpu") -> list[str]:
     args = ["featurize", "--data", str(data), "--store", str(store), "--proj-dim", str(proj_dim),
-            "--num-draws", "2", "--batch-size", str(BATCH), "--device", "cpu"]
+            "--num-draws", "2", "--batch-size", str(BATCH), "--device", device]
     for d in model_dirs:
         args += ["--model", str(d)]
     return args
@@ -121,3 +121,18 @@ def test_mismatching_store_stops_every_rank(setup, tiny_model_dirs):
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "proj_dim" in out and "differs" in out
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device on this machine")
+def test_nccl_ranks_on_gpus_build_the_cpu_store(setup, tiny_model_dirs):
+    """One rank per GPU (nccl): the same store as the single-process CPU build, up to float rounding."""
+    import torch
+
+    root, data, ref = setup
+    store = root / "nccl"
+    proc = _torchrun(tiny_model_dirs, data, store, nproc=torch.cuda.device_count(), device="cuda")
+    _check(proc)
+    assert "store ready" in proc.stdout
+    for m in range(2):
+        a, b = np.load(ref / f"features_{m}.npy"), np.load(store / f"features_{m}.npy")
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5 * np.abs(a).max())

@@ -48,7 +48,10 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     jobs = lds_jobs(paths, config, subsets, args.limit, args.replicates)
     shard, num_shards = _shard(args)
-    spent = train_jobs(jobs[shard::num_shards], dataset, config.train, log=tqdm.write, coupled=config.subset_coupled)
+    from ..models import resolve_device
+
+    spent = train_jobs(jobs[shard::num_shards], dataset, config.train, log=tqdm.write, coupled=config.subset_coupled,
+                       device=resolve_device(args.device))
     print(f"retraining done: {spent:.0f} s training, {time.perf_counter() - t0:.0f} s wall")
 
 
@@ -143,13 +146,14 @@ def cmd_lds(args: argparse.Namespace) -> None:
 
 
 def cmd_truth(args: argparse.Namespace) -> None:
+    from ..models import resolve_device
     from .run import ground_truth
 
     _threads(args)
     config, run = _lds_run(args)
     while True:
         _, ids = ground_truth(run.paths, run.queries, run.spec, config.num_subsets, log=lambda s: None,
-                              reverse=args.reverse, replicates=args.replicates)
+                              reverse=args.reverse, replicates=args.replicates, device=resolve_device(args.device))
         tqdm.write(f"ground truth of {len(ids)}/{config.num_subsets} subset models cached")
         if not args.wait or len(ids) == config.num_subsets:
             break
@@ -370,6 +374,11 @@ def _shard_arg(p: argparse.ArgumentParser) -> None:
                    help="i/n: train every n-th job from the i-th (parallel workers; rerun without it to measure all)")
 
 
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or auto: where models train / run (training draws the same random stream on every device)")
+
+
 def _replicates_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicates", type=int, default=1,
                    help="training seeds per subset model; the ground truth averages them")
@@ -401,6 +410,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--limit", type=int, help="train only the first LIMIT models of the job list")
     _shard_arg(r)
     _replicates_arg(r)
+    _device_arg(r)
     r.set_defaults(func=cmd_retrain)
 
     from .run import LDS_METHODS
@@ -455,6 +465,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     add_query_args(t)
     t.add_argument("--wait", action="store_true", help="keep polling until every subset model is done")
     t.add_argument("--reverse", action="store_true", help="visit models from the last (a second worker)")
+    _device_arg(t)
     t.set_defaults(func=cmd_truth)
 
     it = common(bsub.add_parser("import-truth", help="seed the ground-truth cache from a report's truth.npz"))

@@ -27,10 +27,12 @@ def train_jobs(
     train: TrainConfig,
     log: Log = print,
     coupled: bool = False,
+    device: str = "cpu",
 ) -> float:
     """Train every (out_dir, subset mask or None, seed) job whose ``out_dir`` does not exist yet.
 
     ``coupled``: subset models replay the full-data run of their seed (see :func:`train_ddpm`).
+    ``device``: where the models train (same random stream on every device, see :func:`train_ddpm`).
 
     Returns:
         Seconds spent training in this call.
@@ -42,7 +44,7 @@ def train_jobs(
         log(f"found {len(jobs) - len(todo)} finished models, skipping them")
     for n, (out, mask, seed) in enumerate(todo):
         t0 = time.perf_counter()
-        train_ddpm(images, out, replace(train, seed=seed), subset=mask, coupled=coupled)
+        train_ddpm(images, out, replace(train, seed=seed), subset=mask, coupled=coupled, device=device)
         spent += time.perf_counter() - t0
         log(f"[{n + 1}/{len(todo)}] trained {out.name} in {time.perf_counter() - t0:.1f} s")
     return spent

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from ..config import FeaturizeConfig
 from ..data import ArrayDataset
@@ -57,13 +58,14 @@ class SelectionGrid:
 
 def replicate_truths(
     paths: BenchPaths, queries: QuerySet, spec: QuerySpec, num_subsets: int, replicates: int = 1, log: Log = print,
-    reverse: bool = False, compute: bool = True,
+    reverse: bool = False, compute: bool = True, device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """True outputs (R, m', Q, S) of the subset models trained so far, cached one file per model.
 
     A subset is included only when all ``replicates`` of its models (training seeds) are done.
     ``reverse``: visit the models from the last (a second process then meets the first halfway).
     ``compute``: False uses only the cached truths (models without one are left out).
+    ``device``: where the subset models run to compute a missing truth.
 
     Returns:
         (truths, subset indices they cover).
@@ -76,7 +78,7 @@ def replicate_truths(
             if cache.exists():
                 rows.append(np.load(cache, allow_pickle=False))
             elif model_dir.exists() and compute:
-                out = step_outputs(load_models([model_dir])[0], queries, spec)
+                out = step_outputs(load_models([model_dir], device)[0], queries, spec)
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 atomic_save_npy(cache, out)
                 rows.append(out)
@@ -92,10 +94,10 @@ def replicate_truths(
 
 def ground_truth(
     paths: BenchPaths, queries: QuerySet, spec: QuerySpec, num_subsets: int, log: Log = print, reverse: bool = False,
-    compute: bool = True, replicates: int = 1,
+    compute: bool = True, replicates: int = 1, device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """True outputs (m', Q, S): :func:`replicate_truths` averaged over the training seeds."""
-    truths, ids = replicate_truths(paths, queries, spec, num_subsets, replicates, log, reverse, compute)
+    truths, ids = replicate_truths(paths, queries, spec, num_subsets, replicates, log, reverse, compute, device)
     return truths.mean(axis=0), ids
 
 
