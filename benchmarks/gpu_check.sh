@@ -41,8 +41,8 @@ fi
 say "pytest (CUDA agreement tests)"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_distributed.py -k "cuda or nccl" 2>&1 | tail -25
 
-if [ -n "$FJL" ]; then  # wait up to 150 s more for the build, so every traker worker sees the same projector
-    for _ in $(seq 150); do kill -0 "$FJL" 2> /dev/null || break; sleep 1; done
+if [ -n "$FJL" ]; then  # wait up to 90 s more for the build, so every traker worker sees the same projector
+    for _ in $(seq 90); do kill -0 "$FJL" 2> /dev/null || break; sleep 1; done
     kill "$FJL" 2> /dev/null && say "fast_jl build not finished: killed, traker uses its BasicProjector"
     wait "$FJL" 2> /dev/null
     python3 -c "import fast_jl" 2> /dev/null && say "fast_jl built" || { say "fast_jl unavailable"; tail -5 "$OUT/fast_jl_build.log"; rm -rf /tmp/fjl/site; }
@@ -51,10 +51,10 @@ fi
 QUICK_ARGS=()
 [ "${QUICK:-0}" = 1 ] && QUICK_ARGS=(--quick)
 say "bench_traker, default model"
-timeout 330 python3 benchmarks/bench_traker.py --device "$DEVICE" --skip-large --app-checkpoints 0 --repeats 1 --no-high-d \
+timeout 300 python3 benchmarks/bench_traker.py --device "$DEVICE" --skip-large --app-checkpoints 0 --repeats 1 --no-high-d \
     --n "$N" --batch-size "$BS" --timeout 200 "${QUICK_ARGS[@]}" --out "$OUT/bench_traker_${DEVICE}_default.json" 2>&1 | grep -v "^\[ *[0-9.]*s\] \[default\] .* \.\.\.$"
 say "bench_traker, large model"
-timeout 240 python3 benchmarks/bench_traker.py --device "$DEVICE" --skip-default --app-checkpoints 0 --repeats 1 --no-high-d \
+timeout 200 python3 benchmarks/bench_traker.py --device "$DEVICE" --skip-default --app-checkpoints 0 --repeats 1 --no-high-d \
     --large-n "$LARGE_N" --timeout 200 "${QUICK_ARGS[@]}" --out "$OUT/bench_traker_${DEVICE}_large.json" 2>&1 | grep -v "^\[ *[0-9.]*s\] \[large\] .* \.\.\.$"
 say "profile_featurize"
 timeout 90 python3 benchmarks/profile_featurize.py --device "$DEVICE" --n "$N" --batch-size "$BS" --projections sjlt factorized \
