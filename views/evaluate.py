@@ -79,7 +79,8 @@ if cf_rows:
         + ("; retrained by replaying that model's training run without the removed images" if cf.get("coupled") else "")
         + "). Larger distances mean the removed images mattered more."
     )
-    st.dataframe(cf_rows, hide_index=True, use_container_width=True)
+    st.dataframe(cf_rows, hide_index=True, use_container_width=True,
+                 column_config={"removal": st.column_config.TextColumn(width="medium")})  # "journey-bottom" fits
     paired = counterfactual_paired_rows(report)
     if paired:
         st.caption("Each rule minus random removal of the same number of images, on the same queries and seeds "
