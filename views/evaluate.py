@@ -15,6 +15,7 @@ from attribution.evaluation.report import (
     ablation_rows,
     counterfactual_paired_rows,
     counterfactual_rows,
+    PUBLISHED_ANCHORS,
     QUERY_SPECIFIC_CAPTION,
     lds_rows,
     load_report,
@@ -54,6 +55,7 @@ st.markdown(
 st.plotly_chart(lds_figure(report), use_container_width=True)
 st.markdown("#### LDS per step (mean ± standard error over query samples)")
 st.dataframe(lds_rows(report), hide_index=True, use_container_width=True)
+st.caption(PUBLISHED_ANCHORS)
 agree = lds.get("replicate_agreement")
 if agree:
     st.caption(
