@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ..config import TrainConfig
 from ..data import ArrayDataset
@@ -27,7 +28,7 @@ def train_jobs(
     train: TrainConfig,
     log: Log = print,
     coupled: bool = False,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
 ) -> float:
     """Train every (out_dir, subset mask or None, seed) job whose ``out_dir`` does not exist yet.
 
