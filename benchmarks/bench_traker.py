@@ -82,14 +82,6 @@ def _device(spec: dict[str, Any]) -> str:
     return spec.get("device", "cpu")
 
 
-def _sync(spec: dict[str, Any]) -> None:
-    """Wait for queued GPU work, so a wall-clock reading after it is honest (no-op on the CPU)."""
-    import torch
-
-    if _device(spec).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _trajectory(model):
     from attribution.config import SamplingConfig
     from attribution.trajectory import sample_trajectory
@@ -128,18 +120,18 @@ def worker_limit(spec: dict[str, Any]) -> dict[str, Any]:
 
     for model in models:
         model.unet.requires_grad_(True)
-    # warm-up (allocator, oneDNN primitive caches)
     dev = models[0].device
     x0_all, ts, noises = x0_all.to(dev), ts.to(dev), noises.to(dev)
+    # warm-up (allocator, oneDNN primitive caches)
     fwd_bwd(models[0].unet, models[0].alphas_cumprod, x0_all[:bs], ts[:bs], noises[:bs])
-    _sync(spec)
+    common.sync_gpu()
     t0 = time.perf_counter()
     for model in models:
         ab = model.alphas_cumprod
         for s in range(0, n, bs):
             model.unet.zero_grad(set_to_none=True)
             fwd_bwd(model.unet, ab, x0_all[s : s + bs], ts[s : s + bs], noises[s : s + bs])
-    _sync(spec)
+    common.sync_gpu()
     dt = time.perf_counter() - t0
     out["train_s"] = dt
     out["train_rows"] = n * len(models)
@@ -154,14 +146,14 @@ def worker_limit(spec: dict[str, Any]) -> dict[str, Any]:
         eq = qn.reshape(-1, *qn.shape[2:]).to(dev)
         x0, tq = x0.to(dev), tq.to(dev)
         rows = QUERY_CHUNK * K
-        _sync(spec)
+        common.sync_gpu()
         t0 = time.perf_counter()
         for model in models:
             ab = model.alphas_cumprod
             for s in range(0, x0.shape[0], rows):
                 model.unet.zero_grad(set_to_none=True)
                 fwd_bwd(model.unet, ab, x0[s : s + rows], tq[s : s + rows], eq[s : s + rows])
-        _sync(spec)
+        common.sync_gpu()
         out["query_all_steps_s"] = time.perf_counter() - t0
     return out
 
@@ -181,8 +173,9 @@ def worker_ours_featurize(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["proj_kind"] == "sjlt":  # how long building the sparse sketch takes (part of featurize below)
         t0 = time.perf_counter()
         checkpoint_projector(cfg, out["num_params"], 0, _device(spec))
-        _sync(spec)
+        common.sync_gpu()
         out["projector_build_s"] = time.perf_counter() - t0
+
     def featurize_into(directory: Path):
         t0 = time.perf_counter()
         st = featurize(models, ds, directory, cfg, batch_size=spec["batch_size"], chunk_size=spec["chunk_size"], finalize=False)

@@ -95,6 +95,13 @@ def other_cpu_users() -> list[str]:
 
 
 # ---------------------------------------------------------------------- memory / time
+def sync_gpu() -> None:
+    """Wait for queued GPU kernels, so that a wall-clock reading taken next is honest (no-op without CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -32,23 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def _sync() -> None:
-    """On a GPU, wait for queued kernels so each part's wall time is its own (this removes the
-    overlap of the parts, so the GPU total is a little above an unprofiled run's)."""
-    import torch
-
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def _timer(acc: dict[str, float], key: str, fn):
+    # On a GPU each part is synchronized, so its wall time is its own; this removes the overlap
+    # of the parts, so the GPU total is a little above an unprofiled run's.
     def wrapped(*a, **k):
-        _sync()
+        common.sync_gpu()
         t0 = time.perf_counter()
         try:
             return fn(*a, **k)
         finally:
-            _sync()
+            common.sync_gpu()
             acc[key] += time.perf_counter() - t0
 
     return wrapped

@@ -41,6 +41,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_retrain(args: argparse.Namespace) -> None:
+    from ..models import resolve_device
     from .retrain import lds_jobs, train_jobs
 
     _threads(args)
@@ -48,8 +49,6 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     jobs = lds_jobs(paths, config, subsets, args.limit, args.replicates)
     shard, num_shards = _shard(args)
-    from ..models import resolve_device
-
     spent = train_jobs(jobs[shard::num_shards], dataset, config.train, log=tqdm.write, coupled=config.subset_coupled,
                        device=resolve_device(args.device))
     print(f"retraining done: {spent:.0f} s training, {time.perf_counter() - t0:.0f} s wall")
