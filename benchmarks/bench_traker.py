@@ -22,7 +22,7 @@ same projection dimension d and the same number of checkpoints M:
   settles at. The limit proxy is warm (one warm-up batch first). ``--no-warm-rerun`` skips it;
 * peak RSS of every method (each in its own subprocess, featurize and query apart);
 * Spearman correlation of the scores: ours vs traker with independent matrices,
-  with traker given *our* Gaussian matrix (same math -> rho ~ 1), and ours at larger d
+  with traker given *our* sjlt or factorized matrices (same math -> rho ~ 1), and ours at larger d
   against the exact unprojected scores ``(G G^T + lambda I)^-1 G g`` (dual form, the
   same absolute ridge lambda for every d).
 
@@ -64,6 +64,8 @@ RIDGE = 1e-2
 K = 20
 NUM_STEPS = 50
 QUERY_CHUNK = 10
+#: traker variants that project with one of our projections (variant -> proj_kind): same math as ours
+OUR_MATRIX_VARIANTS = {"ours_matrix": "sjlt", "ours_factorized_matrix": "factorized"}
 
 
 # ====================================================================== worker side
@@ -257,14 +259,18 @@ def _trak_task():
     return DDPMLossOutput()
 
 
-def _trak_projector(spec: dict[str, Any], num_params: int):
+def _trak_projector(spec: dict[str, Any], params: dict[str, Any]):
     """traker projector of the variant: default (None: TRAKer builds BasicProjector, blocks of 100),
-    tuned (BasicProjector with the whole matrix in one block) or ours_matrix (our default sjlt matrices: the
-    same projection as "ours, sjlt", so the two must agree to rounding)."""
+    tuned (BasicProjector with the whole matrix in one block), ours_matrix / ours_factorized_matrix (our sjlt /
+    factorized matrices: the same projection as "ours, sjlt" / "ours, factorized", so each pair must agree to
+    rounding). ``params``: the selected parameters, in traker's gradient order (the factorized shapes)."""
     import torch
     from trak.projectors import AbstractProjector, BasicProjector, ProjectionType
     from trak.utils import vectorize
 
+    from attribution.gradients import num_params as count_params
+
+    num_params = count_params(params)
     variant = spec["variant"]
     if variant in ("default", "tuned_batch"):  # TRAKer builds its CPU default: BasicProjector, blocks of 100
         return None
@@ -278,14 +284,15 @@ def _trak_projector(spec: dict[str, Any], num_params: int):
             block_size=spec.get("trak_block_size", spec["proj_dim"]),
             dtype=torch.float32,
         )
-    if variant == "ours_matrix":
+    if variant in OUR_MATRIX_VARIANTS:
         from attribution.config import FeaturizeConfig
         from attribution.featurize import checkpoint_projector
 
-        cfg = FeaturizeConfig(proj_kind="sjlt", proj_dim=spec["proj_dim"], num_draws=1, store_dtype="float32")
+        kind = OUR_MATRIX_VARIANTS[variant]
+        cfg = FeaturizeConfig(proj_kind=kind, proj_dim=spec["proj_dim"], num_draws=1, store_dtype="float32")
 
         class OurProjector(AbstractProjector):
-            """Our sjlt checkpoint projectors P_m (seed proj_seed + m) behind traker's projector API."""
+            """Our checkpoint projectors P_m (seed proj_seed + m) of ``kind`` behind traker's projector API."""
 
             def __init__(self) -> None:
                 super().__init__(num_params, cfg.proj_dim, 0, ProjectionType.normal, _device(spec))
@@ -295,7 +302,7 @@ def _trak_projector(spec: dict[str, Any], num_params: int):
                 if isinstance(grads, dict):
                     grads = vectorize(grads, device=_device(spec))
                 if model_id not in self._projs:
-                    self._projs[model_id] = checkpoint_projector(cfg, num_params, int(model_id), _device(spec))
+                    self._projs[model_id] = checkpoint_projector(cfg, num_params, int(model_id), _device(spec), params)
                 return self._projs[model_id].project(grads)
 
             def free_memory(self):
@@ -310,9 +317,8 @@ def _traker(spec: dict[str, Any], models, load: bool):
 
     from trak import TRAKer
 
-    from attribution.gradients import num_params, select_params
+    from attribution.gradients import select_params
 
-    p = num_params(select_params(models[0]))
     return TRAKer(
         model=models[0].unet,
         task=_trak_task(),
@@ -320,7 +326,7 @@ def _traker(spec: dict[str, Any], models, load: bool):
         save_dir=spec["trak_dir"],
         load_from_save_dir=load,
         device=_device(spec),
-        projector=_trak_projector(spec, p),
+        projector=_trak_projector(spec, select_params(models[0])),
         proj_dim=spec["proj_dim"],
         use_half_precision=False,
         logging_level=logging.WARNING,
@@ -574,7 +580,7 @@ def run_model(name: str, cfg: dict[str, Any], work: Path, args, log) -> dict[str
         spec = {"kind": "trak_featurize", "variant": variant, "proj_dim": d, "trak_dir": str(tdir), "batch_size": tbs}
         if n_override:
             spec["n"] = n_override
-        one = 1 if variant == "ours_matrix" else None  # for the agreement only
+        one = 1 if variant in OUR_MATRIX_VARIANTS else None  # for the agreement only
         run(f"trak_{variant}_featurize", spec, repeats=one)
         if cfg.get("query", True) and variant in cfg.get("trak_query_variants", ()):
             scores[f"trak_{variant}"] = work / f"{name}-scores-trak-{variant}.npy"
@@ -707,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-query", action="store_true", help="featurize only (no query timings, no score agreement)")
     p.add_argument("--no-warm-rerun", dest="warm_rerun", action="store_false",
                    help="skip the second featurize in each worker (the warm-process throughput column)")
-    p.add_argument("--trak-variants", nargs="+", help="run only these traker variants (default, tuned, ours_matrix, tuned_batch)")
+    p.add_argument("--trak-variants", nargs="+", help="run only these traker variants (default, tuned, ours_matrix, ours_factorized_matrix, tuned_batch)")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda: where every method runs (traker's default on cuda is its CudaProjector when "
                         "fast_jl is installed, else BasicProjector)")
@@ -764,8 +770,9 @@ def main(argv: list[str] | None = None) -> int:
             "ours_projections": ["sjlt", "factorized", "gaussian"],
             # (variant, featurize batch, N override)
             "trak_variants": [("default", args.batch_size, None), ("tuned", 2 * args.batch_size, None),
-                              ("ours_matrix", 2 * args.batch_size, None)],
-            "trak_query_variants": ["default", "tuned", "ours_matrix"],
+                              ("ours_matrix", 2 * args.batch_size, None),
+                              ("ours_factorized_matrix", 2 * args.batch_size, None)],
+            "trak_query_variants": ["default", "tuned", "ours_matrix", "ours_factorized_matrix"],
             "high_d": [] if (args.no_high_d or args.quick) else [8192, 16384],
             "exact": True,
         }
