@@ -18,6 +18,7 @@ gives the same matrix on every machine and device.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Protocol, Sequence
 
@@ -76,22 +77,49 @@ def sjlt_csr(index: torch.Tensor, sign: torch.Tensor, dim_out: int) -> torch.Ten
         return torch.sparse_csr_tensor(crow, cols, values, (dim_out, p), check_invariants=False)
 
 
+def rows_per_block(row_length: int, column_block: int) -> int:
+    """Whole rows of ``row_length`` coordinates in one column block of about ``column_block`` coordinates."""
+    return max(1, column_block // max(row_length, 1))
+
+
+def row_block_edges(shapes: Sequence[tuple[int, ...]], column_block: int) -> list[int]:
+    """Column-block edges (increasing) for gradients flattened from parameters of ``shapes``, ending with their total size.
+
+    Every parameter starts a block; a weight (2-D or more, rows = its first dimension) is cut after
+    every :func:`rows_per_block` whole rows, and a row wider than ``column_block`` also inside
+    (every ``column_block`` coordinates from the row's start); a 1-D parameter every ``column_block``.
+    """
+    edges, start = [], 0
+    for shape in shapes:
+        numel = math.prod(shape)
+        row = math.prod(shape[1:]) if len(shape) >= 2 else 1
+        if row > column_block:
+            for r in range(start, start + numel, row):
+                edges += range(r, r + row, column_block)
+        else:
+            edges += range(start, start + numel, rows_per_block(row, column_block) * row)
+        start += numel
+    return edges + [start]
+
+
 class SparseSignProjector:
     """Sparse sign sketch with ``nnz`` non-zeros per input coordinate (see module doc).
 
     The matrix is kept as column blocks and applied block by block. On the CPU a block
-    spans at most ``COLUMN_BLOCK`` input coordinates, so each block's scattered reads of
+    spans about ``COLUMN_BLOCK`` input coordinates, so each block's scattered reads of
     the gradient rows stay in cache (3x faster than one (d, p) sparse matmul for 263k
     parameters). ``boundaries`` (e.g. where each parameter's gradient starts) add block
     edges, so that :meth:`accumulate_columns` can project one parameter's gradient on its
-    own. The matrix is the same whatever the blocks.
+    own. With the parameters' ``shapes`` (CPU), blocks follow each weight's rows instead of
+    a fixed grid (:func:`row_block_edges`), so a hook can also hand over a weight's gradient
+    in tiles of whole rows (:meth:`row_block`). The matrix is the same whatever the blocks.
     """
 
     BLOCK = 1 << 20  # input coordinates per generated block
     COLUMN_BLOCK = 1 << 14  # input coordinates per sparse matmul on the CPU
 
     def __init__(self, dim_in: int, dim_out: int, seed: int, nnz: int = 4, device: str | torch.device = "cpu",
-                 boundaries: Sequence[int] = ()):
+                 boundaries: Sequence[int] = (), shapes: Sequence[tuple[int, ...]] | None = None):
         if dim_out % nnz:
             raise ValueError(f"sjlt needs proj_dim divisible by nnz ({dim_out} % {nnz} != 0)")
         self.dim_in, self.dim_out, self.nnz = dim_in, dim_out, nnz
@@ -105,8 +133,17 @@ class SparseSignProjector:
             sgn.append(torch.randint(0, 2, (nnz, n), generator=g).float().mul_(2).sub_(1))
         index = torch.cat(idx, 1)  # (nnz, p): output coordinate of each (hash, input)
         sign = torch.cat(sgn, 1) / nnz**0.5  # (nnz, p)
-        step = self.COLUMN_BLOCK if torch.device(device).type == "cpu" else dim_in
-        edges = sorted({*range(0, dim_in, step), *(int(c) for c in boundaries if 0 < c < dim_in)}) + [dim_in]
+        cpu = torch.device(device).type == "cpu"
+        #: whether weights are cut into blocks of whole rows (:meth:`row_block`), so a hook may hand over a weight's
+        #: gradient in tiles of row_block rows (CPU, parameter shapes given)
+        self.row_tiled = cpu and shapes is not None
+        if self.row_tiled:
+            grid = row_block_edges(shapes, self.COLUMN_BLOCK)
+            if grid[-1] != dim_in:
+                raise ValueError(f"the parameter shapes hold {grid[-1]} coordinates, not {dim_in}")
+        else:
+            grid = range(0, dim_in, self.COLUMN_BLOCK if cpu else dim_in)
+        edges = sorted({0, *grid, *(int(c) for c in boundaries if 0 < c < dim_in)} - {dim_in}) + [dim_in]
         #: (start, stop, (dim_out, stop - start) CSR) column blocks of the matrix
         self.column_blocks = [(a, b, sjlt_csr(index[:, a:b], sign[:, a:b], dim_out).to(device))
                               for a, b in zip(edges[:-1], edges[1:])]
@@ -115,6 +152,12 @@ class SparseSignProjector:
     def matrix(self) -> torch.Tensor:
         """The dense (dim_out, dim_in) matrix (for tests)."""
         return torch.cat([m.to_dense() for _, _, m in self.column_blocks], 1)
+
+    def row_block(self, row_length: int) -> int | None:
+        """Rows per column block of a weight whose rows hold ``row_length`` coordinates, or None when the
+        blocks do not follow rows: a hook may hand over a weight's gradient in tiles of any multiple of
+        this many whole rows."""
+        return rows_per_block(row_length, self.COLUMN_BLOCK) if self.row_tiled else None
 
     def accumulate_columns(self, part: torch.Tensor, start: int, acc_t: torch.Tensor) -> None:
         """``acc_t += P[:, start:stop] @ part.T``: the projection of one slice of the gradients.
@@ -210,7 +253,8 @@ def make_projector(
         return IdentityProjector(dim_in)
     if kind == "sjlt":  # block edges at every parameter's start: featurize projects each layer's gradient alone
         starts = np.cumsum([0] + [int(np.prod(s)) for s in shapes.values()])[:-1] if shapes else ()
-        return SparseSignProjector(dim_in, dim_out, seed, nnz=nnz, device=device, boundaries=starts)
+        return SparseSignProjector(dim_in, dim_out, seed, nnz=nnz, device=device, boundaries=starts,
+                                   shapes=list(shapes.values()) if shapes else None)
     if kind == "gaussian":
         return GaussianProjector(dim_in, dim_out, seed, device=device)
     raise ValueError(f"unknown projection {kind!r}")

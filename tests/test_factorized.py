@@ -206,3 +206,46 @@ def test_sjlt_takes_each_layer_gradient_from_its_hook(tiny_models, attn_model):
         got = projected_example_grads(fused_proj, model, params, get_output("loss"), x0, ts, noises, chunk_size=2)
         assert got.shape == (5, 64) and ref.abs().max() > 0
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_sjlt_projects_wide_convolutions_in_row_tiles(tiny_models, monkeypatch):
+    """On the CPU the im2col path hands a convolution's per-example gradient to the sketch in tiles of whole
+    output rows, each projected on its own; the rows equal projecting the vmap gradients with the same matrix."""
+    from attribution.projection import SparseSignProjector, row_block_edges
+
+    model = tiny_models[0]
+    params = select_params(model)
+    shapes = _shapes(params)
+    p = sum(v.numel() for v in params.values())
+    # every convolution on the im2col path, blocks of a few rows, one block per tile
+    monkeypatch.setattr(factorized, "UNFOLD_MIN_FAN_IN", 1)
+    monkeypatch.setattr(factorized, "UNFOLD_MAX_POSITIONS", 1 << 20)
+    monkeypatch.setattr(factorized, "TILE_BYTES", 1)
+    monkeypatch.setattr(SparseSignProjector, "COLUMN_BLOCK", 100)
+    tiled = make_projector("sjlt", p, 64, seed=3, shapes=shapes)
+    plain = make_projector("sjlt", p, 64, seed=3)
+    torch.testing.assert_close(tiled.matrix(), plain.matrix(), rtol=0, atol=0)
+    assert [a for a, _, _ in tiled.column_blocks] == row_block_edges(list(shapes.values()), 100)[:-1]
+    wide = next(k for k, s in shapes.items() if len(s) == 4 and s[0] * np.prod(s[1:]) > 200)
+    n_in = int(np.prod(shapes[wide][1:]))
+    assert tiled.row_block(n_in) == max(1, 100 // n_in) < shapes[wide][0]  # this weight comes in several tiles
+
+    starts = []
+    seen = tiled.accumulate_columns
+    monkeypatch.setattr(tiled, "accumulate_columns", lambda part, start, acc: (starts.append(start), seen(part, start, acc)))
+    x0, ts, noises = _inputs(model, n=3)
+    ref = plain.project(per_example_grads(model, params, get_output("loss"), x0, ts, noises))
+    got = projected_example_grads(tiled, model, params, get_output("loss"), x0, ts, noises, chunk_size=2)
+    w0 = sum(int(np.prod(s)) for k, s in list(shapes.items())[: list(shapes).index(wide)])
+    rows = tiled.row_block(n_in)
+    assert [s for s in starts if w0 <= s < w0 + np.prod(shapes[wide])] == [w0 + r * n_in for r in range(0, shapes[wide][0], rows)] * 2
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_row_block_edges():
+    """Blocks start at every parameter, cut weights after whole rows, and rows wider than a block inside."""
+    from attribution.projection import row_block_edges
+
+    # (4, 3 x 1 x 1): 2 rows of 3 per block -> 0, 6; (5,): every 7 -> 12; (2, 10): every row (17, 27), each cut at +7
+    assert row_block_edges([(4, 3, 1, 1), (5,), (2, 10)], 7) == [0, 6, 12, 17, 24, 27, 34, 37]
