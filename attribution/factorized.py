@@ -351,8 +351,7 @@ class _LayerHooks:
                     g_pos = g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)  # (N, C, P)
                 if block is not None:
                     if grouped:  # (B, rows, C_in, kh, kw) tiles, already summed over the draws
-                        rows = self._tile_rows(block) if g.device.type == "cpu" else None
-                        for o0, feat in conv_weight_grad_tiles(mod, x, g, self.D, rows):
+                        for o0, feat in conv_weight_grad_tiles(mod, x, g, self.D, self._tile_rows(block)):
                             self._write(weight, block.offset + o0 * block.n_in, feat.flatten(1))
                     else:
                         gp = g_pos if exact else torch.matmul(self.proj.p_out[weight], g_pos)  # (N, r_out, P)

@@ -9,11 +9,16 @@ round's ratios are measured under the same load:
 * ``vmap+sjlt``: ``per_example_grads`` (torch.func vmap) then the sparse sketch;
 * ``hooks+sjlt``: ``projected_example_grads`` with the sjlt sketch, featurize's default path:
   one batched pass per chunk whose layer hooks form each layer's per-example gradients
-  (convolutions by the grouped weight-gradient kernel) and project them at once.
+  (convolutions by the grouped weight-gradient kernel or im2col) and project them at once;
+  im2col layers hand their gradients over in cache-sized tiles of output rows;
+* ``hooks+sjlt untiled``: the same with the same matrix cut into a fixed grid of column blocks
+  (``SparseSignProjector`` without the parameter shapes), so every layer's gradient is formed
+  whole before it is projected (featurize's path before 2026-11-30).
 
 Usage::
 
     python benchmarks/interleaved_featurize.py --n 128 --rounds 3 --threads 1
+    python benchmarks/interleaved_featurize.py --large --n 52 --batch 26 --rounds 4 --threads 2 --skip-vmap
 
 Writes ``benchmarks/results/interleaved_featurize.json`` (``--out``).
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -34,6 +40,9 @@ import common  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", type=Path, default=common.REPO / "assets" / "ensemble" / "ddpm-seed0")
+    p.add_argument("--large", action="store_true",
+                   help="the 10.3 M-parameter UNet of bench_traker.py (random weights, random 3x32x32 images)")
+    p.add_argument("--skip-vmap", action="store_true", help="leave out vmap+sjlt (slow on large models)")
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--batch", type=int, default=64, help="examples per call (the gradient chunk too; featurize's auto chunk is 64 here)")
     p.add_argument("--rounds", type=int, default=3)
@@ -51,18 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     from attribution.gradients import num_params, per_example_grads, select_params
     from attribution.models import load_models
     from attribution.outputs import get_output
+    from attribution.projection import SparseSignProjector
 
     torch.set_num_threads(args.threads)
+    if args.large:
+        args.model_dir = common.save_random_pipeline(Path(tempfile.mkdtemp(prefix="interleaved_")) / "large",
+                                                     (3, 32, 32), (80, 160, 240), 1, seed=0)
     model = load_models([args.model_dir])[0]
     params = select_params(model)
     p_all = num_params(params)
-    ds = common.make_dataset("digits", args.n)
+    ds = common.make_dataset("random3" if args.large else "digits", args.n)
     x0 = ds.images(range(args.n))
     ts, noises = draw_timesteps_and_noise(np.arange(args.n), FeaturizeConfig(num_draws=1), model.num_train_timesteps,
                                           model.image_shape)
     out = get_output("loss")
     fact = checkpoint_projector(FeaturizeConfig(proj_kind="factorized", proj_dim=args.proj_dim), p_all, 0, "cpu", params)
     sjlt = checkpoint_projector(FeaturizeConfig(proj_kind="sjlt", proj_dim=args.proj_dim), p_all, 0, "cpu", params)
+    starts = np.cumsum([0] + [v.numel() for v in params.values()])[:-1]
+    untiled = SparseSignProjector(p_all, args.proj_dim, FeaturizeConfig().proj_seed, FeaturizeConfig().sjlt_nnz,
+                                  boundaries=starts)
 
     def limit(sl):
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -78,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                chunk_size=args.batch)),
         "hooks+sjlt": lambda sl: projected_example_grads(sjlt, model, params, out, x0[sl], ts[sl], noises[sl],
                                                          chunk_size=args.batch),
+        "hooks+sjlt untiled": lambda sl: projected_example_grads(untiled, model, params, out, x0[sl], ts[sl], noises[sl],
+                                                                 chunk_size=args.batch),
     }
+    if args.skip_vmap:
+        del methods["vmap+sjlt"]
     for fn in methods.values():  # warm-up
         fn(slice(0, 8))
     rounds = []
@@ -89,17 +109,16 @@ def main(argv: list[str] | None = None) -> int:
             for s in range(0, args.n, args.batch):
                 fn(slice(s, s + args.batch))
             row[name] = args.n / (time.perf_counter() - t0)
-        row["factorized_over_limit"] = row["factorized"] / row["limit"]
-        row["vmap_sjlt_over_limit"] = row["vmap+sjlt"] / row["limit"]
-        row["hooks_sjlt_over_limit"] = row["hooks+sjlt"] / row["limit"]
+        for name in methods:
+            if name != "limit":
+                row[f"{name}_over_limit"] = row[name] / row["limit"]
         row["loadavg"] = os.getloadavg()[0]
         rounds.append(row)
         print(json.dumps(row), flush=True)
     result = {"machine": common.machine_info(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
               "other_cpu_users": common.other_cpu_users(), "examples_per_s_rounds": rounds,
-              "median_factorized_over_limit": float(np.median([r["factorized_over_limit"] for r in rounds])),
-              "median_vmap_sjlt_over_limit": float(np.median([r["vmap_sjlt_over_limit"] for r in rounds])),
-              "median_hooks_sjlt_over_limit": float(np.median([r["hooks_sjlt_over_limit"] for r in rounds]))}
+              "median_over_limit": {name: float(np.median([r[f"{name}_over_limit"] for r in rounds]))
+                                    for name in methods if name != "limit"}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {args.out}")
