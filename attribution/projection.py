@@ -137,8 +137,9 @@ class SparseSignProjector:
         #: whether weights are cut into blocks of whole rows (:meth:`row_block`), so a hook may hand over a weight's
         #: gradient in tiles of row_block rows (CPU, parameter shapes given)
         self.row_tiled = cpu and shapes is not None
+        self._column_block = self.COLUMN_BLOCK
         if self.row_tiled:
-            grid = row_block_edges(shapes, self.COLUMN_BLOCK)
+            grid = row_block_edges(shapes, self._column_block)
             if grid[-1] != dim_in:
                 raise ValueError(f"the parameter shapes hold {grid[-1]} coordinates, not {dim_in}")
         else:
@@ -157,7 +158,7 @@ class SparseSignProjector:
         """Rows per column block of a weight whose rows hold ``row_length`` coordinates, or None when the
         blocks do not follow rows: a hook may hand over a weight's gradient in tiles of any multiple of
         this many whole rows."""
-        return rows_per_block(row_length, self.COLUMN_BLOCK) if self.row_tiled else None
+        return rows_per_block(row_length, self._column_block) if self.row_tiled else None
 
     def accumulate_columns(self, part: torch.Tensor, start: int, acc_t: torch.Tensor) -> None:
         """``acc_t += P[:, start:stop] @ part.T``: the projection of one slice of the gradients.
