@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .allocator import tune_malloc
 from .config import INVERSION_REFINE_ITERS, TIMESTEP_SAMPLINGS, FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig
 
 
@@ -93,6 +94,7 @@ def cmd_featurize(args: argparse.Namespace) -> None:
     from .featurize import featurize
     from .models import resolve_device
 
+    tune_malloc()  # this process only featurizes: keep freed memory for the next chunk
     device = resolve_device(args.device)
     rank, world_size = 0, 1
     if args.distributed:

@@ -21,6 +21,9 @@ same projection dimension d and the same number of checkpoints M:
   primitive creation, allocator growth included), the second the throughput a long featurize
   settles at. The limit proxy is warm (one warm-up batch first). ``--no-warm-rerun`` skips it;
 * peak RSS of every method (each in its own subprocess, featurize and query apart);
+* ``--tune-malloc``: every worker (limit, ours, traker) first keeps freed memory in glibc's heap
+  (``attribution.allocator.tune_malloc``, what ``attribution featurize`` does), so the allocator is the
+  same for all and the ratios compare the methods, not the allocators;
 * Spearman correlation of the scores: ours vs traker with independent matrices,
   with traker given *our* sjlt or factorized matrices (same math -> rho ~ 1), and ours at larger d
   against the exact unprojected scores ``(G G^T + lambda I)^-1 G g`` (dual form, the
@@ -487,7 +490,13 @@ def worker_main(spec_json: str) -> None:
         import torch
 
         torch.set_num_threads(int(spec["threads"]))
+    tuned = False
+    if spec.get("tune_malloc"):  # every method alike: the limit, ours and traker
+        from attribution.allocator import tune_malloc
+
+        tuned = tune_malloc()
     result = WORKERS[spec["kind"]](spec)
+    result["malloc_tuned"] = tuned
     common.emit_result(result)
 
 
@@ -542,6 +551,7 @@ def run_model(name: str, cfg: dict[str, Any], work: Path, args, log) -> dict[str
         "threads": args.threads,
         "warm_rerun": args.warm_rerun,
         "device": args.device,
+        "tune_malloc": args.tune_malloc,
     }
     d = args.proj_dim
     res: dict[str, Any] = {"config": {k: v for k, v in cfg.items() if k != "model_dirs"} | {"model_dirs": base["model_dirs"]}}
@@ -717,6 +727,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda: where every method runs (traker's default on cuda is its CudaProjector when "
                         "fast_jl is installed, else BasicProjector)")
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="every worker (limit, ours, traker) keeps freed memory in glibc's heap "
+                        "(attribution.allocator.tune_malloc, what `attribution featurize` does)")
     p.add_argument("--batch-size", type=int, default=64, help="featurize batch of ours, traker default and the limit (default model)")
     p.add_argument("--out", type=Path, default=common.RESULTS / "bench_traker.json")
     p.add_argument("--work", type=Path, help="scratch directory (default: a fresh one under /tmp)")
@@ -736,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": common.machine_info(),
         "other_cpu_users_at_start": common.other_cpu_users(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "tune_malloc": args.tune_malloc,
         "proj_dim": args.proj_dim,
         "ridge": RIDGE,
         "K": K,
