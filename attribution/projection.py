@@ -108,11 +108,11 @@ class SparseSignProjector:
     The matrix is kept as column blocks and applied block by block. On the CPU a block
     spans about ``COLUMN_BLOCK`` input coordinates, so each block's scattered reads of
     the gradient rows stay in cache (3x faster than one (d, p) sparse matmul for 263k
-    parameters). ``boundaries`` (e.g. where each parameter's gradient starts) add block
-    edges, so that :meth:`accumulate_columns` can project one parameter's gradient on its
-    own. With the parameters' ``shapes`` (CPU), blocks follow each weight's rows instead of
-    a fixed grid (:func:`row_block_edges`), so a hook can also hand over a weight's gradient
-    in tiles of whole rows (:meth:`row_block`). The matrix is the same whatever the blocks.
+    parameters). With the parameters' ``shapes`` every parameter starts a block, so that
+    :meth:`accumulate_columns` can project one parameter's gradient on its own, and on the
+    CPU the blocks follow each weight's rows instead of a fixed grid (:func:`row_block_edges`),
+    so a hook can also hand over a weight's gradient in tiles of whole rows (:meth:`row_block`).
+    ``boundaries`` add any other block edges. The matrix is the same whatever the blocks.
     """
 
     BLOCK = 1 << 20  # input coordinates per generated block
@@ -134,16 +134,16 @@ class SparseSignProjector:
         index = torch.cat(idx, 1)  # (nnz, p): output coordinate of each (hash, input)
         sign = torch.cat(sgn, 1) / nnz**0.5  # (nnz, p)
         cpu = torch.device(device).type == "cpu"
+        self._column_block = self.COLUMN_BLOCK if cpu else dim_in  # on a GPU: one block per parameter, or in all
         #: whether weights are cut into blocks of whole rows (:meth:`row_block`), so a hook may hand over a weight's
         #: gradient in tiles of row_block rows (CPU, parameter shapes given)
         self.row_tiled = cpu and shapes is not None
-        self._column_block = self.COLUMN_BLOCK
-        if self.row_tiled:
+        if shapes is not None:
             grid = row_block_edges(shapes, self._column_block)
             if grid[-1] != dim_in:
                 raise ValueError(f"the parameter shapes hold {grid[-1]} coordinates, not {dim_in}")
         else:
-            grid = range(0, dim_in, self.COLUMN_BLOCK if cpu else dim_in)
+            grid = range(0, dim_in, self._column_block)
         edges = sorted({0, *grid, *(int(c) for c in boundaries if 0 < c < dim_in)} - {dim_in}) + [dim_in]
         #: (start, stop, (dim_out, stop - start) CSR) column blocks of the matrix
         self.column_blocks = [(a, b, sjlt_csr(index[:, a:b], sign[:, a:b], dim_out).to(device))
@@ -253,8 +253,7 @@ def make_projector(
     if kind == "identity":
         return IdentityProjector(dim_in)
     if kind == "sjlt":  # block edges at every parameter's start: featurize projects each layer's gradient alone
-        starts = np.cumsum([0] + [int(np.prod(s)) for s in shapes.values()])[:-1] if shapes else ()
-        return SparseSignProjector(dim_in, dim_out, seed, nnz=nnz, device=device, boundaries=starts,
+        return SparseSignProjector(dim_in, dim_out, seed, nnz=nnz, device=device,
                                    shapes=list(shapes.values()) if shapes else None)
     if kind == "gaussian":
         return GaussianProjector(dim_in, dim_out, seed, device=device)
