@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .allocator import tune_malloc
-from .config import INVERSION_REFINE_ITERS, TIMESTEP_SAMPLINGS, FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig
+from .config import DRAW_SHARINGS, INVERSION_REFINE_ITERS, TIMESTEP_SAMPLINGS, FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig
 
 
 class _LazyBar:
@@ -114,6 +114,7 @@ def cmd_featurize(args: argparse.Namespace) -> None:
         timestep_range=tuple(args.timestep_range) if args.timestep_range else None,
         store_dtype="float16" if args.half else "float32",
         param_filter=tuple(args.params) if args.params else (("re:lora_",) if args.lora else None),
+        draw_sharing=args.draw_sharing,
     )
     if args.distributed:
         from .distributed import featurize_distributed, shutdown
@@ -259,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--params", nargs="*", help="parameter-name prefixes to differentiate (default: all; with --lora: re:lora_)")
     f.add_argument("--lora", action="append", help="trained LoRA weights (peft dir or pytorch_lora_weights.safetensors); one, or one per --model")
     f.add_argument("--half", action="store_true", help="store features in float16")
+    f.add_argument("--draw-sharing", choices=list(DRAW_SHARINGS), default=FeaturizeConfig.draw_sharing,
+                   help="per-example: each example draws its own (timestep, noise) pairs; common: every example "
+                        "shares the same pairs (common random numbers)")
     f.add_argument("--batch-size", type=int, default=64)
     f.add_argument("--device", default="auto", help="cpu, cuda or auto")
     f.add_argument(

@@ -25,6 +25,9 @@ INVERSION_REFINE_ITERS = 5
 #: Values of ``FeaturizeConfig.timestep_sampling``.
 TIMESTEP_SAMPLINGS = ("auto", "stratified", "log-stratified", "uniform", "even")
 
+#: Values of ``FeaturizeConfig.draw_sharing``.
+DRAW_SHARINGS = ("per-example", "common")
+
 
 @dataclass(frozen=True)
 class FeaturizeConfig:
@@ -59,6 +62,12 @@ class FeaturizeConfig:
             step (the timestep ablation of the evaluation benchmark).
         draw_seed: seed of the draws; example i always gets the same draws,
             whatever the chunking, sharding or device.
+        draw_sharing: ``"per-example"`` (each example draws its own (timestep, noise)
+            pairs from ``(draw_seed, i)``) or ``"common"`` (common random numbers: every
+            example gets the same D pairs, drawn from ``draw_seed`` alone). Shared
+            draws remove the noise-draw variance from the *differences* between
+            examples' gradients, which is what the scores rank (the estimator is
+            unchanged: each phi_i is still an unbiased D-draw average).
         param_filter: parameters to differentiate (``None``: all): name prefixes, or
             regular expressions written ``"re:<pattern>"`` (searched in the name), e.g.
             ``("re:lora_",)`` for LoRA adapter weights; see
@@ -77,6 +86,7 @@ class FeaturizeConfig:
     draw_seed: int = 0
     param_filter: tuple[str, ...] | None = None
     store_dtype: str = "float16"
+    draw_sharing: str = "per-example"
 
     def __post_init__(self) -> None:
         if self.output not in TRAIN_OUTPUTS:
@@ -85,6 +95,8 @@ class FeaturizeConfig:
             raise ValueError(f"unknown proj_kind {self.proj_kind!r}; choose sjlt, gaussian, identity or factorized")
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}")
+        if self.draw_sharing not in DRAW_SHARINGS:
+            raise ValueError(f"unknown draw_sharing {self.draw_sharing!r}; choose one of {DRAW_SHARINGS}")
         if self.store_dtype not in ("float32", "float16"):
             raise ValueError(f"store_dtype must be float32 or float16, not {self.store_dtype!r}")
         if self.num_draws < 1 or self.proj_dim < 1 or self.sjlt_nnz < 1:
@@ -112,6 +124,8 @@ class FeaturizeConfig:
         d = asdict(self)
         d["param_filter"] = list(self.param_filter) if self.param_filter is not None else None
         d["timestep_range"] = list(self.timestep_range) if self.timestep_range is not None else None
+        if self.draw_sharing == "per-example":  # recorded only when set: stores built before it existed still match
+            del d["draw_sharing"]
         return d
 
     @classmethod

@@ -4,8 +4,9 @@ For checkpoint m and train example i (Algorithm 1 lines 3-9):
 
     phi_{m,i} = P_m grad_theta (1/D) sum_d f(theta_m; x_i, t_id, eps_id)
 
-The D draws of example i are a pure function of ``(draw_seed, i)`` so that any
-chunking, resumption, sharding or device gives the same features.
+The D draws of example i are a pure function of ``(draw_seed, i)`` (or of
+``draw_seed`` alone with ``draw_sharing="common"``: the same draws for every
+example) so that any chunking, resumption, sharding or device gives the same features.
 
 Latent models: x_i is the VAE latent of train image i (computed once per VAE, see
 :mod:`attribution.latents`) and the noises are drawn in latent space.
@@ -41,8 +42,10 @@ Progress = Callable[[int, int], None]
 LOG_STRATA_OFFSET = 0.005
 
 
-def _example_generator(seed: int, index: int) -> torch.Generator:
-    state = np.random.SeedSequence([int(seed), 7919, int(index)]).generate_state(1, dtype=np.uint64)[0]
+def _example_generator(seed: int, index: int | None) -> torch.Generator:
+    """The generator of example ``index``'s draws; ``None``: the draws every example shares."""
+    key = [int(seed), 7919, int(index)] if index is not None else [int(seed), 7919, 1, 0]
+    state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
@@ -71,7 +74,8 @@ def draw_timesteps_and_noise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (timestep, noise) draws of examples ``indices``: ((B, D) int64, (B, D, C, H, W) float32), on CPU.
 
-    Timesteps come from ``config.timestep_range`` (default ``[0, T)``).
+    Timesteps come from ``config.timestep_range`` (default ``[0, T)``). With
+    ``config.draw_sharing == "common"`` every row holds the same draws.
     """
     d = config.num_draws
     lo, hi = config.timestep_range or (0, num_train_timesteps)
@@ -80,7 +84,7 @@ def draw_timesteps_and_noise(
     sampling = config.effective_timestep_sampling
     ts, noises = [], []
     for i in indices:
-        g = _example_generator(config.draw_seed, int(i))
+        g = _example_generator(config.draw_seed, int(i) if config.draw_sharing == "per-example" else None)
         if sampling == "even":
             grid = torch.arange(lo, hi, max(1, (hi - lo) // d))
             t = grid.repeat(-(-d // len(grid)))[:d]  # a range narrower than d repeats its grid

@@ -14,18 +14,25 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import TIMESTEP_SAMPLINGS
+from .designs import SUBSET_DESIGNS
 from .setup import BenchConfig, load_prepared, prepare
 
 
 def _config_from_args(args: argparse.Namespace) -> BenchConfig:
     base = BenchConfig()
+    num_subsets = args.num_subsets
+    if args.design == "groups":  # one subset per class and per style cluster: the count follows from the data
+        num_subsets = 10 * (1 + args.clusters_per_class)
     return BenchConfig(
         num_train=args.num_train,
         image_size=args.image_size,
-        num_subsets=args.num_subsets,
+        num_subsets=num_subsets,
         checkpoint_seeds=tuple(range(args.num_checkpoints)),
         subset_coupled=args.coupled,
         train=replace(base.train, epochs=args.epochs, block_out_channels=tuple(args.block_out_channels)),
+        subset_design=args.design,
+        dirichlet_alpha=args.dirichlet_alpha,
+        clusters_per_class=args.clusters_per_class,
     )
 
 
@@ -403,6 +410,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-out-channels", type=int, nargs="+", default=list(base.train.block_out_channels))
     p.add_argument("--coupled", action="store_true",
                    help="subset models replay the full-data run of their seed without the other rows (less training noise)")
+    p.add_argument("--design", default=base.subset_design, choices=list(SUBSET_DESIGNS),
+                   help="stratified: fixed class make-up (within-class effects); dirichlet: class proportions drawn "
+                        "from a Dirichlet; groups: leave one class or style cluster out (group counterfactuals)")
+    p.add_argument("--dirichlet-alpha", type=float, default=base.dirichlet_alpha,
+                   help="concentration of the dirichlet design (smaller: more uneven class make-up)")
+    p.add_argument("--clusters-per-class", type=int, default=base.clusters_per_class,
+                   help="k-means style clusters of classifier embeddings per class (groups design)")
     p.set_defaults(func=cmd_prepare)
 
     r = common(bsub.add_parser("retrain", help="train full-data checkpoints and subset models (resumable)"))
@@ -470,6 +484,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     it = common(bsub.add_parser("import-truth", help="seed the ground-truth cache from a report's truth.npz"))
     it.add_argument("--truth", type=Path, default=Path("benchmarks/results/bench/truth.npz"))
     it.set_defaults(func=cmd_import_truth)
+
+    from .class_signal_command import add_class_signal_parser
+
+    add_class_signal_parser(bsub)
 
     rp = common(bsub.add_parser("report", help="write report.json, report.md and HTML figures"))
     rp.add_argument("--out", type=Path, default=Path("benchmarks/results/bench"))

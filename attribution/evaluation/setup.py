@@ -26,6 +26,7 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..data import ArrayDataset, digits_dataset
+from .designs import SUBSET_DESIGNS, classifier_embeddings, design_subsets, stratified_choice
 
 
 def _default_train() -> TrainConfig:
@@ -42,7 +43,8 @@ class BenchConfig:
         image_size: side of the images (the 32x32 padded digits are average-pooled to it).
         data_seed: seed of the choice of the N examples.
         num_subsets: m, random subsets for the LDS.
-        subset_fraction: fraction kept per subset (stratified by class).
+        subset_fraction: fraction kept per subset (per class: exactly for ``stratified``, in
+            expectation for ``dirichlet``).
         subset_seed: seed of the subsets.
         subset_train_seed: training seed of every subset model (one model per subset).
         subset_coupled: subset models replay the full-data run of their training seed without
@@ -50,6 +52,11 @@ class BenchConfig:
             so the truth measures the subset's data alone, not a new random stream.
         checkpoint_seeds: training seeds of the full-data checkpoints used for attribution.
         train: the training recipe shared by every model.
+        subset_design: ``stratified`` (fixed class make-up: within-class effects only),
+            ``dirichlet`` (class proportions drawn from a Dirichlet) or ``groups`` (leave one
+            class or style cluster out); see :mod:`.designs`.
+        dirichlet_alpha: concentration of the ``dirichlet`` design (smaller: more uneven subsets).
+        clusters_per_class: style clusters per class of the ``groups`` design.
     """
 
     num_train: int = 500
@@ -62,6 +69,9 @@ class BenchConfig:
     subset_coupled: bool = False
     checkpoint_seeds: tuple[int, ...] = (0, 1, 2)
     train: TrainConfig = field(default_factory=_default_train)
+    subset_design: str = "stratified"
+    dirichlet_alpha: float = 1.0
+    clusters_per_class: int = 2
 
     def __post_init__(self) -> None:
         if self.num_train < 20 or self.num_subsets < 2:
@@ -70,14 +80,20 @@ class BenchConfig:
             raise ValueError("subset_fraction must lie in (0, 1)")
         if 32 % self.image_size:
             raise ValueError("image_size must divide 32")
+        if self.subset_design not in SUBSET_DESIGNS:
+            raise ValueError(f"unknown subset design {self.subset_design!r}; choose one of {SUBSET_DESIGNS}")
         object.__setattr__(self, "checkpoint_seeds", tuple(self.checkpoint_seeds))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["checkpoint_seeds"] = list(self.checkpoint_seeds)
         d["train"]["block_out_channels"] = list(self.train.block_out_channels)
-        if not self.subset_coupled:  # written only when set: benchmarks prepared before it existed still match
+        # written only when set: benchmarks prepared before these options existed still match
+        if not self.subset_coupled:
             del d["subset_coupled"]
+        if self.subset_design == "stratified":
+            for key in ("subset_design", "dirichlet_alpha", "clusters_per_class"):
+                del d[key]
         return d
 
     @classmethod
@@ -100,15 +116,6 @@ def pool_digits(images: np.ndarray, size: int) -> np.ndarray:
     return np.round(pooled).astype(np.uint8)
 
 
-def stratified_choice(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Bool mask keeping ``round(fraction * n_c)`` random rows of every class c."""
-    keep = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
-        keep[rng.choice(rows, size=int(round(fraction * len(rows))), replace=False)] = True
-    return keep
-
-
 def bench_dataset(config: BenchConfig) -> ArrayDataset:
     """The benchmark's training set: N digits of the bundled train split, stratified, pooled."""
     full = digits_dataset("train")
@@ -120,10 +127,13 @@ def bench_dataset(config: BenchConfig) -> ArrayDataset:
                         class_names=full.class_names)
 
 
-def subset_masks(config: BenchConfig, labels: np.ndarray) -> np.ndarray:
-    """(m, N) bool: the random stratified subsets S_j."""
-    rng = np.random.default_rng([config.subset_seed, 4242])
-    return np.stack([stratified_choice(labels, config.subset_fraction, rng) for _ in range(config.num_subsets)])
+def subset_masks(config: BenchConfig, dataset: ArrayDataset) -> np.ndarray:
+    """(m, N) bool: the subsets S_j of the config's design (see :mod:`.designs`)."""
+    return design_subsets(
+        config.subset_design, dataset.labels, config.num_subsets, config.subset_fraction, config.subset_seed,
+        alpha=config.dirichlet_alpha, clusters_per_class=config.clusters_per_class,
+        embed=lambda: classifier_embeddings(dataset.array),
+    )
 
 
 def _subset_name(j: int, replicate: int) -> str:
@@ -192,8 +202,10 @@ def prepare(root: str | Path, config: BenchConfig) -> tuple[BenchPaths, ArrayDat
     dataset = bench_dataset(config)
     if not paths.data.exists():
         np.savez(paths.data, images=dataset.array, labels=dataset.labels)
-    subsets = subset_masks(config, dataset.labels)
-    if not paths.subsets.exists():
+    if paths.subsets.exists():
+        subsets = np.load(paths.subsets, allow_pickle=False)
+    else:
+        subsets = subset_masks(config, dataset)
         np.save(paths.subsets, subsets)
         for j, mask in enumerate(subsets):
             paths.mask(j).parent.mkdir(parents=True, exist_ok=True)
