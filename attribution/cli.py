@@ -115,6 +115,7 @@ def cmd_featurize(args: argparse.Namespace) -> None:
         store_dtype="float16" if args.half else "float32",
         param_filter=tuple(args.params) if args.params else (("re:lora_",) if args.lora else None),
         draw_sharing=args.draw_sharing,
+        draw_seed=args.draw_seed,
     )
     if args.distributed:
         from .distributed import featurize_distributed, shutdown
@@ -260,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--params", nargs="*", help="parameter-name prefixes to differentiate (default: all; with --lora: re:lora_)")
     f.add_argument("--lora", action="append", help="trained LoRA weights (peft dir or pytorch_lora_weights.safetensors); one, or one per --model")
     f.add_argument("--half", action="store_true", help="store features in float16")
+    f.add_argument("--draw-seed", type=int, default=FeaturizeConfig.draw_seed,
+                   help="seed of the (timestep, noise) draws")
     f.add_argument("--draw-sharing", choices=list(DRAW_SHARINGS), default=FeaturizeConfig.draw_sharing,
                    help="per-example: each example draws its own (timestep, noise) pairs; common: every example "
                         "shares the same pairs (common random numbers)")

@@ -96,3 +96,20 @@ def test_steps_of_timesteps_names_a_missing_timestep():
     assert steps_of_timesteps(ts, (980, 480, 0)) == [0, 25, 49]
     with pytest.raises(ValueError, match="479"):
         steps_of_timesteps(ts, (479,))
+
+
+def test_group_metrics_score_a_perfect_and_a_reversed_predictor():
+    from attribution.evaluation.group_counterfactual import group_metrics, measured_changes, seed_agreement
+
+    rng = np.random.default_rng(0)
+    removed = np.eye(6, dtype=bool).repeat(2, axis=1)  # 6 groups of 2 examples, N = 12
+    scores = rng.normal(size=(3, 2, 12))  # (Q, S, N)
+    delta = np.einsum("qsn,gn->qsg", scores, removed.astype(float))  # a method that is exactly right
+    good = group_metrics(scores, removed, delta)
+    assert np.allclose(good["spearman"], 1.0) and np.allclose(good["sign_agreement"], 1.0)
+    bad = group_metrics(-scores, removed, delta)
+    assert np.allclose(bad["spearman"], -1.0) and np.allclose(bad["sign_agreement"], 0.0)
+    full = rng.normal(size=(2, 3, 2))  # (R, Q, S)
+    group_truth = full[:, None] + delta.transpose(2, 0, 1)[None]  # both seeds measure the same change
+    assert np.allclose(measured_changes(group_truth, full), delta)
+    assert np.allclose(seed_agreement(group_truth, full), 1.0)

@@ -146,9 +146,35 @@ def cmd_lds(args: argparse.Namespace) -> None:
         "cross_query_agreement": cross_query_agreement(rep_truth),
         "wall_seconds": time.perf_counter() - t0,
     }
+    if config.subset_design == "groups":
+        out["groups"] = _group_section(run, config, truths, ids, chosen, rep)
     path = run.paths.root / "lds.json"
     path.write_text(json.dumps(out))
     print(f"wrote {path}")
+
+
+def _group_section(run, config: BenchConfig, truths, ids, chosen: dict, rep) -> dict:
+    """Group-counterfactual metrics (:mod:`.group_counterfactual`) of the chosen scores of every method.
+
+    Replicate r of a group model replays the full-data run of seed ``replicate_seed(r)``: that
+    full-data checkpoint is its reference."""
+    import numpy as np
+
+    from .group_counterfactual import group_metrics, measured_changes, seed_agreement
+    from .queries import step_outputs
+
+    seeds = [config.replicate_seed(r) for r in range(truths.shape[0])]
+    missing = [s for s in seeds if s not in config.checkpoint_seeds]
+    if missing:
+        raise ValueError(f"group models of seeds {missing} have no full-data checkpoint to compare with")
+    full = np.stack([step_outputs(run.models[config.checkpoint_seeds.index(s)], run.queries, run.spec) for s in seeds])
+    removed = ~run.subsets[ids]
+    delta = measured_changes(truths[:, :, rep], full[:, rep])
+    return {
+        "num_groups": int(len(ids)), "seeds": seeds,
+        "seed_agreement": seed_agreement(truths[:, :, rep], full[:, rep]),
+        "methods": {m: group_metrics(sc, removed, delta) for m, sc in chosen.items()},
+    }
 
 
 def cmd_truth(args: argparse.Namespace) -> None:
