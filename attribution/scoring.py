@@ -205,13 +205,12 @@ class Scorer:
         steps = list(steps)
         if prompt is None:
             prompt = trajectory.prompt if trajectory.prompt is not None else ""
-        K = self.query.num_resamples
         shape = tuple(trajectory.x0_hat.shape[1:])
         if self.method.query_target == "final":
             return self._final_sample_features(trajectory, len(steps), mask, prompt)
-        noises = query_noises(steps, K, self.query.noise_seed, shape)
+        noises = self.step_noises(steps, shape)
         x0 = trajectory.x0_hat[steps]
-        ts = trajectory.timesteps[steps][:, None].expand(-1, K)
+        ts = trajectory.timesteps[steps][:, None].expand(-1, noises.shape[1])
         feats = []
         total = len(self.models) * len(steps)
         for m, model in enumerate(self.models):
@@ -227,6 +226,10 @@ class Scorer:
                     progress(m * len(steps) + min(c + self.query.chunk_size, len(steps)), total)
             feats.append(torch.cat(rows))
         return feats
+
+    def step_noises(self, steps: Sequence[int], image_shape: tuple[int, int, int]) -> torch.Tensor:
+        """The K noises of Eq. (3) for each step: (S, K, C, H, W) (fresh: :func:`query_noises`)."""
+        return query_noises(steps, self.query.num_resamples, self.query.noise_seed, image_shape)
 
     def _final_sample_features(
         self, trajectory: Trajectory, num_steps: int, mask: torch.Tensor | None, prompt: str

@@ -113,3 +113,17 @@ def test_group_metrics_score_a_perfect_and_a_reversed_predictor():
     group_truth = full[:, None] + delta.transpose(2, 0, 1)[None]  # both seeds measure the same change
     assert np.allclose(measured_changes(group_truth, full), delta)
     assert np.allclose(seed_agreement(group_truth, full), 1.0)
+
+
+def test_group_influence_sums_shares_and_top_k_make_up():
+    from attribution.group_influence import group_influence
+
+    scores = np.array([3.0, 1.0, -2.0, 0.5, -0.5, 0.0])
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    gi = group_influence(scores, groups, ["a", "b", "c"], top_k=2)
+    assert np.allclose(gi.sums, [4.0, -1.5, -0.5]) and gi.strongest == 0
+    assert np.allclose(gi.positive_share, [4.0 / 4.5, 0.5 / 4.5, 0.0])
+    assert np.allclose(gi.negative_share, [0.0, 0.8, 0.2])
+    assert gi.top_positive_counts.tolist() == [2, 0, 0] and gi.top_negative_counts.tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match="group ids"):
+        group_influence(scores, groups + 1, ["a", "b", "c"])

@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..group_influence import class_share_over_steps
+
 #: Timesteps at which the issue's class measures are reported (50-step DDIM: 980 - 20 s).
 REPORT_TIMESTEPS = (980, 740, 480, 240, 80, 0)
 
@@ -64,12 +66,11 @@ def class_measures(scores: np.ndarray, labels: np.ndarray, sample_class: int, to
     Returns:
         {"top_pos_share": (S,), "top_neg_share": (S,), "class_sums": (S, C), "argmax_is_class": (S,) bool}.
     """
-    order = np.argsort(-scores, axis=1, kind="stable")
-    top, bottom = order[:, :top_k], order[:, ::-1][:, :top_k]
+    pos_share, neg_share = class_share_over_steps(scores, labels, sample_class, top_k)
     sums = np.stack([scores[:, labels == j].sum(1) for j in range(num_classes)], axis=1)
     return {
-        "top_pos_share": (labels[top] == sample_class).mean(1),
-        "top_neg_share": (labels[bottom] == sample_class).mean(1),
+        "top_pos_share": pos_share,
+        "top_neg_share": neg_share,
         "class_sums": sums,
         "argmax_is_class": sums.argmax(1) == sample_class,
     }
@@ -139,19 +140,12 @@ def measure_class_signal(
         prob = classify(traj.sample[None])[0]
         c = int(prob.argmax())
         classes.append(c)
-        conf.append(float(prob[c]))
+        conf.append(float(prob[c].detach()))
         for k, v in class_measures(score_fn(traj, steps), labels, c, spec.top_k, num_classes).items():
             rows[k].append(v)
     return ClassSignalResult(method=method, timesteps=list(spec.timesteps), sample_classes=classes,
                              sample_confidence=conf, seconds=time.perf_counter() - t0, settings=settings or {},
                              **{k: np.stack(v) for k, v in rows.items()})
-
-
-def class_share_curve(scores: np.ndarray, labels: np.ndarray, target_class: int, top_k: int) -> dict[str, np.ndarray]:
-    """Figure 3 of journey-TRAK: share of class ``target_class`` among the top-k positive and negative
-    influencers at every step. scores (S, N) -> {"positive": (S,), "negative": (S,)}."""
-    m = class_measures(scores, labels, target_class, top_k, int(labels.max()) + 1)
-    return {"positive": m["top_pos_share"], "negative": m["top_neg_share"]}
 
 
 def summary_table(results: Sequence[dict]) -> str:

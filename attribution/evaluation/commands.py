@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..config import TIMESTEP_SAMPLINGS
+from ..config import DRAW_SHARINGS, TIMESTEP_SAMPLINGS
 from .designs import SUBSET_DESIGNS
 from .setup import BenchConfig, load_prepared, prepare
 
@@ -72,7 +72,8 @@ def _featurize_config(args: argparse.Namespace):
     from ..config import FeaturizeConfig
 
     return FeaturizeConfig(
-        proj_dim=args.proj_dim, proj_kind=args.projection, timestep_sampling=args.timestep_sampling, store_dtype="float32"
+        proj_dim=args.proj_dim, proj_kind=args.projection, timestep_sampling=args.timestep_sampling, store_dtype="float32",
+        draw_sharing=args.draw_sharing,
     )
 
 
@@ -148,7 +149,7 @@ def cmd_lds(args: argparse.Namespace) -> None:
     }
     if config.subset_design == "groups":
         out["groups"] = _group_section(run, config, truths, ids, chosen, rep)
-    path = run.paths.root / "lds.json"
+    path = run.paths.root / args.out_name
     path.write_text(json.dumps(out))
     print(f"wrote {path}")
 
@@ -397,7 +398,11 @@ def add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-draws", type=int, nargs="+", default=list(grid.num_draws))
     p.add_argument("--proj-dim", type=int, default=fc.proj_dim)
     p.add_argument("--projection", default=fc.proj_kind, choices=["sjlt", "gaussian", "identity", "factorized"])
-    p.add_argument("--timestep-sampling", default=fc.timestep_sampling, choices=list(TIMESTEP_SAMPLINGS))
+    p.add_argument("--timestep-sampling", default=fc.timestep_sampling, choices=list(TIMESTEP_SAMPLINGS),
+                   help="how the train timesteps are drawn")
+    p.add_argument("--draw-sharing", default=fc.draw_sharing, choices=list(DRAW_SHARINGS),
+                   help="per-example draws, or common random numbers (every example the same draws)")
+    p.add_argument("--out-name", default="lds.json", help="file name of the result under the work directory")
     _replicates_arg(p)
 
 

@@ -33,9 +33,12 @@ SIMILARITY = ("pixel", "embedding")
 
 
 def store_name(config: FeaturizeConfig) -> str:
-    """Directory name of a store variant, e.g. ``loss-d16-stratified-sjlt2048`` (``...-t40_41-...`` with a timestep range)."""
+    """Directory name of a store variant, e.g. ``loss-d16-stratified-sjlt2048`` (``...-t40_41-...`` with a timestep
+    range, ``...-crn-...`` with common random numbers)."""
     span = f"-t{config.timestep_range[0]}_{config.timestep_range[1]}" if config.timestep_range else ""
-    return f"{config.output}-d{config.num_draws}-{config.effective_timestep_sampling}{span}-{config.proj_kind}{config.proj_dim}"
+    crn = "-crn" if config.draw_sharing == "common" else ""
+    return (f"{config.output}-d{config.num_draws}-{config.effective_timestep_sampling}{span}{crn}-"
+            f"{config.proj_kind}{config.proj_dim}")
 
 
 def build_store(root: Path, models: list[DiffusionModel], dataset: ArrayDataset, config: FeaturizeConfig, log: Log = print) -> Store:
