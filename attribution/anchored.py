@@ -213,3 +213,17 @@ def open_scorer(root: str | Path, models: list[DiffusionModel], method: str | Me
         return AnchoredScorer(anchored, models, method, query, dataset)
     spec = store_spec(models, dataset, Store.open(root).config) if check and dataset is not None else None
     return Scorer(Store.open(root, spec), models, method, query, dataset=dataset)
+
+
+def reference_store(root: str | Path) -> Store:
+    """The store whose manifest describes ``root``: itself, or an anchored store's first anchor."""
+    if is_anchored(root):
+        anchors = json.loads((Path(root) / ANCHORS_FILE).read_text())["anchors"]
+        return Store.open(Path(root) / f"anchor_{int(anchors[0]):04d}")
+    return Store.open(root)
+
+
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """The model directories recorded in the store at ``root`` (anchored or not)."""
+    store = reference_store(root)
+    return [store.root / c["path"] for c in store.manifest["checkpoints"]]

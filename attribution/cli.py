@@ -94,6 +94,8 @@ def cmd_featurize(args: argparse.Namespace) -> None:
     from .featurize import featurize
     from .models import resolve_device
 
+    if args.anchors and args.distributed:
+        raise ValueError("--anchors cannot be combined with --distributed yet: featurize each anchor's store alone")
     tune_malloc()  # this process only featurizes: keep freed memory for the next chunk
     device = resolve_device(args.device)
     rank, world_size = 0, 1
@@ -132,21 +134,25 @@ def cmd_featurize(args: argparse.Namespace) -> None:
             print(f"store ready: {args.store} ({world_size} processes)")
         return
     bar, update = _bar("featurize")
-    featurize(models, ds, args.store, cfg, batch_size=args.batch_size, progress=update, log=tqdm.write)
+    if args.anchors:
+        from .anchored import featurize_anchored
+
+        featurize_anchored(models, ds, args.store, args.anchors, cfg, progress=update, log=tqdm.write,
+                           batch_size=args.batch_size)
+    else:
+        featurize(models, ds, args.store, cfg, batch_size=args.batch_size, progress=update, log=tqdm.write)
     bar.close()
     print(f"store ready: {args.store}")
 
 
 def cmd_attribute(args: argparse.Namespace) -> None:
+    from .anchored import checkpoint_dirs, open_scorer
     from .data import decode_image
     from .models import resolve_device
-    from .scoring import Scorer
-    from .store import Store
     from .trajectory import invert_image, sample_trajectory
 
     device = resolve_device(args.device)
-    store = Store.open(args.store)
-    paths = args.model or [args.store / c["path"] for c in store.manifest["checkpoints"]]
+    paths = args.model or checkpoint_dirs(args.store)
     models = _load_with_lora(paths, args.lora, device)
     if args.image:
         image = decode_image(Path(args.image), models[0].pixel_shape)
@@ -164,7 +170,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
         from .data import decode_image as _decode
 
         mask = (_decode(Path(args.mask), (1, *models[0].pixel_shape[1:])) > 0).float()
-    scorer = Scorer(store, models, args.method, QueryConfig(num_resamples=args.num_resamples, ridge=args.ridge))
+    scorer = open_scorer(args.store, models, args.method, QueryConfig(num_resamples=args.num_resamples, ridge=args.ridge))
     bar, update = _bar("attribute")
     result = scorer.score(traj, steps, mask, progress=update)
     bar.close()
@@ -261,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--params", nargs="*", help="parameter-name prefixes to differentiate (default: all; with --lora: re:lora_)")
     f.add_argument("--lora", action="append", help="trained LoRA weights (peft dir or pytorch_lora_weights.safetensors); one, or one per --model")
     f.add_argument("--half", action="store_true", help="store features in float16")
+    f.add_argument("--anchors", type=int, nargs="+",
+                   help="build an anchored store: one store per anchor timestep, with --num-draws common draws at "
+                        "exactly that timestep; queries use the nearest anchor and its noises (attribution.anchored)")
     f.add_argument("--draw-seed", type=int, default=FeaturizeConfig.draw_seed,
                    help="seed of the (timestep, noise) draws")
     f.add_argument("--draw-sharing", choices=list(DRAW_SHARINGS), default=FeaturizeConfig.draw_sharing,

@@ -412,3 +412,28 @@ def test_coupled_benchmark_trains_subset_models_coupled(tmp_path):
     assert main(["bench", "prepare", "--work", str(plain), *prep]) == 0
     assert "subset_coupled" not in json.loads((plain / "config.json").read_text())
     assert main(["bench", "prepare", "--work", str(plain), *prep, "--coupled"]) == 2  # other settings: refused
+
+
+def test_bench_groups_design_end_to_end_with_common_draws(tmp_path):
+    """prepare --design groups -> retrain (coupled, 2 seeds) -> lds with common random numbers: the group
+    counterfactual section (Spearman, sign agreement, seed agreement) is written for every method."""
+    from attribution.cli import main
+
+    work = tmp_path / "groups"
+    w = ["--work", str(work)]
+    assert main(["bench", "prepare", *w, "--num-train", "20", "--image-size", "8", "--num-checkpoints", "2",
+                 "--epochs", "1", "--block-out-channels", "4", "8", "--design", "groups", "--clusters-per-class", "1",
+                 "--coupled"]) == 0
+    assert main(["bench", "retrain", *w, "--replicates", "2"]) == 0
+    q = ["--num-queries", "3", "--num-val-queries", "2", "--num-resamples", "2", "--proj-dim", "32",
+         "--num-draws", "1", "--ridges", "0.1", "--draw-sharing", "common"]
+    assert main(["bench", "lds", *w, *q, "--methods", "journey", "pixel", "--replicates", "2"]) == 0
+    lds = json.loads((work / "lds.json").read_text())
+    assert lds["num_subsets"] == 20 and lds["bench"]["subset_design"] == "groups"  # 10 classes + 10 clusters
+    assert lds["featurize"]["draw_sharing"] == "common"
+    assert any(p.name.endswith("-crn-sjlt32") for p in (work / "stores").iterdir())
+    g = lds["groups"]
+    assert g["num_groups"] == 20 and g["seeds"] == [0, 1] and len(g["seed_agreement"]) == 10
+    for name in ("journey", "pixel"):
+        m = g["methods"][name]
+        assert len(m["spearman"]) == 10 and all(0 <= a <= 1 for a in m["sign_agreement"])

@@ -33,19 +33,19 @@ def cmd_class_signal(args: argparse.Namespace) -> None:
     from ..config import QueryConfig
     from ..data import load_dataset
     from ..models import load_models
-    from ..scoring import Scorer
-    from ..store import Store
+    from ..anchored import checkpoint_dirs, is_anchored, open_scorer, reference_store
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    store = Store.open(args.store)
-    models = load_models([args.store / c["path"] for c in store.manifest["checkpoints"]])
+    store = reference_store(args.store)
+    models = load_models(checkpoint_dirs(args.store))
     dataset = load_dataset(args.data or store.manifest["dataset"]["name"])
     if dataset.labels is None:
         raise ValueError(f"dataset {args.data!r} has no labels: the class measures need them")
     labels = np.asarray(dataset.labels)
     clf = load_classifier(args.classifier) if args.classifier else load_classifier()
-    spec = ClassSignalSpec(num_samples=args.num_samples, seed_offset=args.seed_offset, top_k=args.top_k)
+    spec = ClassSignalSpec(num_samples=args.num_samples, seed_offset=args.seed_offset, top_k=args.top_k,
+                           timesteps=tuple(args.timesteps))
     trajs = _trajectories(models[0], spec)
     classify = lambda x: clf.predict_proba(x)  # noqa: E731
     results = []
@@ -56,9 +56,9 @@ def cmd_class_signal(args: argparse.Namespace) -> None:
             settings = {}
         else:
             query = QueryConfig(num_resamples=args.num_resamples, ridge=args.ridge)
-            scorer = Scorer(store, models, method, query, dataset=dataset)
+            scorer = open_scorer(args.store, models, method, query, dataset=dataset)
             score_fn = lambda traj, steps, s=scorer: s.score(traj, steps).scores  # noqa: E731
-            settings = {"ridge": args.ridge, "num_resamples": args.num_resamples, "store": store.config.to_dict(),
+            settings = {"ridge": args.ridge, "num_resamples": args.num_resamples, "store": store.config.to_dict(), "anchored": is_anchored(args.store),
                         "num_checkpoints": store.num_checkpoints}
         r = measure_class_signal(score_fn, trajs, labels, classify, spec, method, settings=settings)
         results.append(r)
@@ -98,6 +98,8 @@ def add_class_signal_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed-offset", type=int, default=spec.seed_offset,
                    help="first sampling seed (use another offset for validation runs that choose settings)")
     p.add_argument("--top-k", type=int, default=spec.top_k, help="k of the top-k class shares")
+    p.add_argument("--timesteps", type=int, nargs="+", default=list(spec.timesteps),
+                   help="timesteps of the measured steps (each must be a step of the 50-step DDIM schedule)")
     p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help="relative ridge of TRAK-type methods")
     p.add_argument("--num-resamples", type=int, default=QueryConfig().num_resamples, help="K of Eq. (3)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
