@@ -1,6 +1,6 @@
 """Shared pieces of the Streamlit front end: the workspace, the current sample, widgets, grids, exports.
 
-Pages stay thin: they read the session state, call the :class:`~attribution.workspace.Workspace`
+Pages stay thin: they read the session state, call the :class:`~attribution.workspace.workspace.Workspace`
 and draw with the helpers here. Nothing in this module does attribution math; the
 few array manipulations below are display conversions (upscaling, masks from a
 drawing, picking rows for a table).
@@ -15,11 +15,11 @@ Session-state keys used across pages:
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import io
 import json
-import argparse
 import os
 import shlex
 import sys
@@ -36,9 +36,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from attribution.config import FeaturizeConfig
 from attribution.data import ImageDecodeError, model_to_uint8
+from attribution.sampling import Trajectory
 from attribution.scoring import top_k
-from attribution.trajectory import Trajectory
-from attribution.paths import PathEscapeError, resolve_within, safe_name
+from attribution.tools import PathEscapeError, resolve_within, safe_name
 from attribution.workspace import ASSETS_DIR, CACHE_DIR, Bundle, Workspace, custom_bundle, default_bundle
 
 POSITIVE_COLOR = "#1a9850"
@@ -886,7 +886,7 @@ def build_store_isolated(ws: Workspace, output: str, progress=None) -> Path:
     import copy
     from dataclasses import replace
 
-    from attribution.featurize import featurize
+    from attribution.features import featurize
 
     path = ws.store_path(output)  # refuses a location outside the bundle's directories
     models = [copy.deepcopy(m) for m in ws.models]
@@ -977,7 +977,7 @@ def default_labels(ws: Workspace, traj: Trajectory, limit: int = 4) -> list[str]
 
 def parse_labels(raw: str) -> list[str]:
     """One label per non-blank line (ValueError with a message for fewer than two or repeats)."""
-    from attribution.clip import check_labels
+    from attribution.models import check_labels
 
     return check_labels([line for line in raw.splitlines() if line.strip()])
 
@@ -985,8 +985,8 @@ def parse_labels(raw: str) -> list[str]:
 def curves_figure(curves, names: Sequence[str], highlight: int, traj: Trajectory, current_step: int | None = None,
                   feature: str = "class"):
     """Plotly lines of every class (or text label) probability vs step; ``highlight`` drawn bold with its rise interval shaded."""
-    import plotly.graph_objects as go
     import plotly.express as px
+    import plotly.graph_objects as go
 
     palette = px.colors.qualitative.T10
     steps = [int(s) for s in curves.steps]

@@ -12,11 +12,17 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from .allocator import tune_malloc
-from .config import INVERSION_REFINE_ITERS, TIMESTEP_SAMPLINGS, FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig
+from .config import (
+    INVERSION_REFINE_ITERS,
+    TIMESTEP_SAMPLINGS,
+    FeaturizeConfig,
+    QueryConfig,
+    SamplingConfig,
+    TrainConfig,
+)
+from .tools.allocator import tune_malloc
 
 
 class _LazyBar:
@@ -57,8 +63,8 @@ def _steps(spec: str, num_steps: int) -> list[int]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .data import load_dataset
-    from .training import train_ddpm
+    from .data.datasets import load_dataset
+    from .models.training import train_ddpm
 
     ds = load_dataset(args.data, image_shape=None if args.data.startswith("digits") else (args.channels, args.size, args.size))
     subset = None
@@ -79,26 +85,26 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _load_with_lora(paths, lora_dirs, device):
     """The models of ``paths`` with trained LoRA weights loaded (one directory, or one per model)."""
-    from .models import load_models
+    from .models.load import load_models
 
     models = load_models(paths, device)
     if lora_dirs:
-        from .latent_models import apply_lora
+        from .models.lora import apply_lora
 
         apply_lora(models, lora_dirs)
     return models
 
 
 def cmd_featurize(args: argparse.Namespace) -> None:
-    from .data import load_dataset
-    from .featurize import featurize
-    from .models import resolve_device
+    from .data.datasets import load_dataset
+    from .features.featurize import featurize
+    from .models.base import resolve_device
 
     tune_malloc()  # this process only featurizes: keep freed memory for the next chunk
     device = resolve_device(args.device)
     rank, world_size = 0, 1
     if args.distributed:
-        from .distributed import init_from_env, local_device
+        from .features.distributed import init_from_env, local_device
 
         device = local_device(device)
         rank, world_size = init_from_env(device)
@@ -116,7 +122,7 @@ def cmd_featurize(args: argparse.Namespace) -> None:
         param_filter=tuple(args.params) if args.params else (("re:lora_",) if args.lora else None),
     )
     if args.distributed:
-        from .distributed import featurize_distributed, shutdown
+        from .features.distributed import featurize_distributed, shutdown
 
         bar, update = _bar(f"featurize (rank 0 of {world_size})") if rank == 0 else (None, None)
         try:
@@ -136,11 +142,12 @@ def cmd_featurize(args: argparse.Namespace) -> None:
 
 
 def cmd_attribute(args: argparse.Namespace) -> None:
-    from .data import decode_image
-    from .models import resolve_device
-    from .scoring import Scorer
-    from .store import Store
-    from .trajectory import invert_image, sample_trajectory
+    from .data.datasets import decode_image
+    from .features.store import Store
+    from .models.base import resolve_device
+    from .sampling.inversion import invert_image
+    from .sampling.trajectory import sample_trajectory
+    from .scoring.scorer import Scorer
 
     device = resolve_device(args.device)
     store = Store.open(args.store)
@@ -159,7 +166,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     steps = _steps(args.steps, traj.num_steps)
     mask = None
     if args.mask:
-        from .data import decode_image as _decode
+        from .data.datasets import decode_image as _decode
 
         mask = (_decode(Path(args.mask), (1, *models[0].pixel_shape[1:])) > 0).float()
     scorer = Scorer(store, models, args.method, QueryConfig(num_resamples=args.num_resamples, ridge=args.ridge))
@@ -183,8 +190,8 @@ def cmd_attribute(args: argparse.Namespace) -> None:
 
 
 def cmd_build_assets(args: argparse.Namespace) -> None:
-    from .assets import build_assets, verify_assets
-    from .workspace import ASSETS_DIR
+    from .tools.assets import build_assets, verify_assets
+    from .workspace.workspace import ASSETS_DIR
 
     assets = args.assets or ASSETS_DIR
     if args.verify:
@@ -208,7 +215,7 @@ def cmd_build_assets(args: argparse.Namespace) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import healthy, run_doctor
+    from .tools.doctor import healthy, run_doctor
 
     findings = run_doctor(args.store, args.model, args.data, record_checksums=args.record_checksums)
     for f in findings:

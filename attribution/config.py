@@ -10,16 +10,30 @@ Defaults are sized for the bundled digit models on a 2-core CPU.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
 from typing import Any
 
-#: Names of the model-output functions, see :mod:`attribution.outputs`.
+#: Names of the model-output functions, see :mod:`attribution.features.outputs`.
 TRAIN_OUTPUTS = ("loss", "square", "l1", "l2", "mean")
 
 #: Default relative ridge: lambda = DEFAULT_RIDGE * trace(Phi^T Phi) / d.
 DEFAULT_RIDGE = 1e-2
 
 
-#: Fixed-point refinements per DDIM inversion step of an upload (:mod:`attribution.trajectory`).
+class ProjectionKind(str, Enum):
+    """The kinds of random projection (:mod:`attribution.features.projection`); values are the names used in
+    settings, store manifests and the CLI."""
+
+    SJLT = "sjlt"
+    GAUSSIAN = "gaussian"
+    IDENTITY = "identity"
+    FACTORIZED = "factorized"
+
+
+#: Values of ``FeaturizeConfig.proj_kind``.
+PROJECTION_KINDS = tuple(k.value for k in ProjectionKind)
+
+#: Fixed-point refinements per DDIM inversion step of an upload (:mod:`attribution.sampling.inversion`).
 INVERSION_REFINE_ITERS = 5
 
 #: Values of ``FeaturizeConfig.timestep_sampling``.
@@ -39,7 +53,7 @@ class FeaturizeConfig:
             dense matrix), ``"gaussian"`` (dense N(0, 1/d), generated blockwise) or
             ``"identity"`` (no projection; d = number of parameters; for exact tests)
             or ``"factorized"`` (per-layer Kronecker Gaussian computed without
-            per-example gradients, :mod:`attribution.factorized`).
+            per-example gradients, :mod:`attribution.features.projection.factorized`).
         proj_seed: seed of the projection of checkpoint 0; checkpoint m uses
             ``proj_seed + m`` (a fresh matrix per checkpoint, Algorithm 1 line 6).
         sjlt_nnz: non-zeros per input coordinate of the sparse sketch.
@@ -51,7 +65,7 @@ class FeaturizeConfig:
             ``num_draws`` equal strata of [0, T)), ``"log-stratified"`` (strata of
             equal width in log(t + T/200): denser at small t, where the loss gradient
             changes fastest with t; what makes late-step self-attribution work, see
-            :func:`attribution.featurize.log_strata`), ``"uniform"`` or ``"even"``
+            :func:`attribution.features.featurize.log_strata`), ``"uniform"`` or ``"even"``
             (D-TRAK's ``range(0, T, T // num_draws)``).
         timestep_range: ``(lo, hi)``: take the draws from ``[lo, hi)`` instead of
             ``[0, T)`` (strata, even grid or uniform draws within it). ``(t, t + 1)``
@@ -62,7 +76,7 @@ class FeaturizeConfig:
         param_filter: parameters to differentiate (``None``: all): name prefixes, or
             regular expressions written ``"re:<pattern>"`` (searched in the name), e.g.
             ``("re:lora_",)`` for LoRA adapter weights; see
-            :func:`attribution.gradients.param_matcher`.
+            :func:`attribution.features.gradients.param_matcher`.
         store_dtype: dtype of the stored features (``"float32"`` or ``"float16"``).
     """
 
@@ -81,7 +95,7 @@ class FeaturizeConfig:
     def __post_init__(self) -> None:
         if self.output not in TRAIN_OUTPUTS:
             raise ValueError(f"unknown output {self.output!r}; choose one of {TRAIN_OUTPUTS}")
-        if self.proj_kind not in ("sjlt", "gaussian", "identity", "factorized"):
+        if self.proj_kind not in PROJECTION_KINDS:
             raise ValueError(f"unknown proj_kind {self.proj_kind!r}; choose sjlt, gaussian, identity or factorized")
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}")

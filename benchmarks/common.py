@@ -181,7 +181,7 @@ def save_random_pipeline(
     from diffusers import DDPMScheduler
 
     from attribution.config import TrainConfig
-    from attribution.training import make_unet
+    from attribution.models import make_unet
 
     if (directory / "model_index.json").exists():
         return directory

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from attribution.classifier import load_classifier
-from attribution.models import load_models
+from attribution.models import load_classifier, load_models
 from attribution.workspace import default_bundle
 
 
@@ -22,7 +21,7 @@ from attribution.workspace import default_bundle
 def sample_batch(model, num: int, steps: int, seed: int) -> torch.Tensor:
     """num DDIM samples (num, C, H, W) from seed (batched; same sampler as the app)."""
     from attribution.config import SamplingConfig
-    from attribution.trajectory import make_scheduler
+    from attribution.sampling import make_scheduler
 
     sched = make_scheduler(model, SamplingConfig(num_inference_steps=steps))
     x = torch.randn((num, *model.image_shape), generator=torch.Generator().manual_seed(seed))

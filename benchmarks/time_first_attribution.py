@@ -6,7 +6,7 @@ Usage: python scripts/time_first_attribution.py
 import time
 
 t0 = time.perf_counter()
-from attribution.workspace import Workspace, default_bundle  # noqa: E402
+from attribution.workspace import Workspace, default_bundle
 
 t_import = time.perf_counter()
 ws = Workspace(default_bundle(), device="cpu")

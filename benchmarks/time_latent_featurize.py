@@ -70,11 +70,8 @@ def main() -> None:
 
     from attribution.config import FeaturizeConfig
     from attribution.data import ArrayDataset
-    from attribution.featurize import featurize
-    from attribution.gradients import num_params, select_params
-    from attribution.latent_models import add_lora
-    from attribution.latents import encode_dataset
-    from attribution.models import load_model
+    from attribution.features import encode_dataset, featurize, num_params, select_params
+    from attribution.models import add_lora, load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = build_pipeline(Path(tmp) / "pipe")

@@ -34,7 +34,7 @@ def real_assets_present() -> bool:
     store_dir = REPO / "assets/store/journey"
     if not (store_dir / "manifest.json").exists():
         return False
-    from attribution.store import Store
+    from attribution.features import Store
 
     try:
         store = Store.open(store_dir)
@@ -67,7 +67,7 @@ def build_tiny_bundle(root: Path, num_train: int = 200) -> Path:
     """A bundle for ``$ATTRIBUTION_BUNDLE``: m0..m2 (random tiny UNets), data.npz, store, store-square."""
     from attribution.config import FeaturizeConfig
     from attribution.data import digits_dataset, load_dataset
-    from attribution.featurize import featurize
+    from attribution.features import featurize
     from attribution.models import load_models
 
     if (root / "store-square" / "manifest.json").exists():
@@ -228,8 +228,8 @@ def test_explore_method_selector_and_baseline_labels(app_bundle, ws):
 
 
 def test_upload_handler_good_and_bad_bytes(app_bundle, ws):
+
     import app_support as ui
-    from streamlit.testing.v1 import AppTest
 
     # The handler itself, outside a page: bad bytes give a message and leave the state alone.
     err = ui.handle_upload(ws, b"not an image at all", "notes.txt")

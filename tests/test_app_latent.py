@@ -31,7 +31,7 @@ def latent_launch(latent_dirs, caption_folder, tmp_path_factory) -> dict[str, st
     """Environment that launches the app on the tiny latent pipeline, its captioned data, a store and a CLIP."""
     from attribution.config import FeaturizeConfig
     from attribution.data import image_folder_dataset
-    from attribution.featurize import featurize
+    from attribution.features import featurize
     from attribution.models import load_model
 
     root = tmp_path_factory.mktemp("latent_app")

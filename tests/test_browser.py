@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
-
 from test_app import REPO, ensure_app_bundle
 
 CHROMIUM = "/usr/bin/chromium"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attribution.paths import PathEscapeError, resolve_within, safe_name
+from attribution.tools import PathEscapeError, resolve_within, safe_name
 
 
 def test_resolve_within(tmp_path):
@@ -48,7 +48,7 @@ def test_safe_name_is_bounded():
 def test_store_build_outside_the_roots_is_refused(tiny_models, tiny_model_dirs, tiny_dataset, tmp_path):
     """A store location that a link (or a ``..``) takes outside the bundle's directories is refused, nothing written."""
     from attribution.config import FeaturizeConfig
-    from attribution.featurize import featurize
+    from attribution.features import featurize
     from attribution.workspace import Bundle, Workspace
 
     root, outside = tmp_path / "bundle", tmp_path / "outside"

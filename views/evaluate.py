@@ -11,12 +11,12 @@ import app_support as ui
 from attribution.evaluation.figures import counterfactual_figure, lds_figure, step_correlation_figure
 from attribution.evaluation.report import (
     DEFAULT_REPORT_DIR,
+    PUBLISHED_ANCHORS,
+    QUERY_SPECIFIC_CAPTION,
     ablation_ridges,
     ablation_rows,
     counterfactual_paired_rows,
     counterfactual_rows,
-    PUBLISHED_ANCHORS,
-    QUERY_SPECIFIC_CAPTION,
     lds_rows,
     load_report,
     query_specific_rows,

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .digits import load_digit_arrays
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_FILES = ("metadata.jsonl", "metadata.csv", "captions.csv")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
@@ -277,9 +279,7 @@ def pil_to_array_from_file(path: Path, image_shape: tuple[int, int, int]) -> np.
 
 
 def digits_dataset(split: str = "train") -> ArrayDataset:
-    """The bundled MNIST digits, padded to 32 x 32 (see :mod:`attribution.digits`)."""
-    from .digits import load_digit_arrays
-
+    """The bundled MNIST digits, padded to 32 x 32 (see :mod:`attribution.data.digits`)."""
     images, labels = load_digit_arrays(split)
     padded = np.zeros((len(images), 32, 32), dtype=np.uint8)
     padded[:, 2:30, 2:30] = images

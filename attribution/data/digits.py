@@ -25,7 +25,7 @@ MNIST_DESCRIPTION: str = (
 MNIST_ORIGIN: str = "https://yann.lecun.com/exdb/mnist/ (LeCun, Cortes & Burges)"
 MNIST_LICENSE: str = "CC BY-SA 3.0"
 
-REPO_ROOT: Path = Path(__file__).resolve().parent.parent
+REPO_ROOT: Path = Path(__file__).resolve().parents[2]
 DIGITS_FILE: Path = REPO_ROOT / "assets" / "digits" / "mnist_5k.npz"
 
 N_TOTAL: int = 5000
@@ -141,7 +141,7 @@ def load_digit_arrays(
     if not path.is_file():
         raise FileNotFoundError(
             f"digits file not found: {path}. Build it with "
-            "`python -c 'from attribution.digits import build_digits_file; build_digits_file()'`"
+            "`python -c 'from attribution.data.digits import build_digits_file; build_digits_file()'`"
         )
     with np.load(path, allow_pickle=False) as data:
         missing = {"images", "labels", "split"} - set(data.files)

@@ -6,7 +6,7 @@ Protocol (every rank runs :func:`featurize_distributed` with the same arguments)
    one matches; its outcome is broadcast, so a mismatch stops every rank with the
    same message instead of leaving the others waiting;
 2. every rank featurizes its shard, rows ``i % world_size == rank``
-   (:func:`attribution.featurize.featurize` with ``finalize=False``); a shard that
+   (:func:`attribution.features.featurize.featurize` with ``finalize=False``); a shard that
    was interrupted resumes at its first row not marked done;
 3. the ranks report to rank 0 (a gather: rank 0 waits for the slowest shard);
 4. rank 0 reopens the store, checks that every row is done and computes the
@@ -32,10 +32,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from .config import FeaturizeConfig
-from .data import ImageDataset
+from ..config import FeaturizeConfig
+from ..data.datasets import ImageDataset
+from ..models.base import DiffusionModel
 from .featurize import featurize, store_spec
-from .models import DiffusionModel
 from .store import Store, StoreError
 
 Progress = Callable[[int, int], None]

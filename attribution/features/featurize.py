@@ -8,7 +8,7 @@ The D draws of example i are a pure function of ``(draw_seed, i)`` so that any
 chunking, resumption, sharding or device gives the same features.
 
 Latent models: x_i is the VAE latent of train image i (computed once per VAE, see
-:mod:`attribution.latents`) and the noises are drawn in latent space.
+:mod:`attribution.features.latents`) and the noises are drawn in latent space.
 Text-conditional models: each example is conditioned on the embedding of its
 caption (the empty caption, i.e. unconditional, when the dataset has none).
 """
@@ -24,15 +24,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import FeaturizeConfig
-from .data import ImageDataset
-from .factorized import LAYOUT_VERSION as FACTORIZED_LAYOUT
-from .factorized import projected_example_grads
-from .gradients import num_params, select_params
+from ..config import FeaturizeConfig
+from ..data.datasets import ImageDataset
+from ..models.base import DiffusionModel
+from .gradients import DrawBatch, GradientTarget, num_params, select_params
 from .latents import LatentDataset, dataset_fingerprint, model_space_dataset
-from .models import DiffusionModel
 from .outputs import get_output
 from .projection import Projector, make_projector
+from .projection.factorized import LAYOUT_VERSION as FACTORIZED_LAYOUT
 from .store import Store, StoreSpec
 
 Progress = Callable[[int, int], None]
@@ -166,7 +165,7 @@ def featurize(
 
     Args:
         dataset: train images at the model's pixel size (for latent models also a
-            :class:`~attribution.latents.LatentDataset` of the same VAE).
+            :class:`~attribution.features.latents.LatentDataset` of the same VAE).
         batch_size: examples written to the store per flush (rows buffered before projecting).
         chunk_size: examples per per-example-gradient pass (memory budget); None: :func:`auto_chunk_size`.
         rank, world_size: shard rows by ``i % world_size == rank`` (torchrun workers).
@@ -202,6 +201,7 @@ def featurize(
             log("the dataset has no captions: train examples are conditioned on the empty prompt")
         params = select_params(model, config.param_filter)
         projector = checkpoint_projector(config, spec.num_params, m, model.device, params)
+        target = GradientTarget(model, params, output)
         chunk = chunk_size or auto_chunk_size(spec.num_params, config.num_draws)
         skipped = len(dataset) // world_size - len(pending[m])
         if skipped > 0:
@@ -211,7 +211,7 @@ def featurize(
             x0 = data.images(idx)
             ts, noises = draw_timesteps_and_noise(idx, config, model.num_train_timesteps, model.image_shape)
             cond = caption_embeddings(model, dataset, idx)
-            grads = projected_example_grads(projector, model, params, output, x0, ts, noises, chunk, cond)
+            grads = projector.example_features(target, DrawBatch(x0, ts, noises, cond=cond), chunk)
             rows = grads.cpu().numpy()
             store.write_rows(m, idx, rows)
             done_rows += len(idx)

@@ -21,13 +21,46 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch.func import functional_call, grad, vmap
 
-from .models import DiffusionModel
+from ..models.base import DiffusionModel
 from .outputs import OutputFn
+
+
+@dataclass(frozen=True)
+class GradientTarget:
+    """What is differentiated: ``output`` of ``model``'s noise prediction, by the parameters ``params``
+    (name -> tensor, in gradient order: :func:`select_params`)."""
+
+    model: DiffusionModel
+    params: dict[str, torch.Tensor]
+    output: OutputFn
+
+
+@dataclass(frozen=True)
+class DrawBatch:
+    """B examples and their D (timestep, noise) draws: the inputs of one gradient pass.
+
+    Attributes:
+        x0: (B, C, H, W) clean inputs: training images, or the one-step predictions x0_hat of query steps.
+        timesteps: (B, D) training timesteps of the draws.
+        noises: (B, D, C, H, W) their noises.
+        mask: (1|C, H, W) pixel weights of the output (a patch), or None.
+        cond: (B|1, L, D_text) text conditioning of conditional models, or None.
+    """
+
+    x0: torch.Tensor
+    timesteps: torch.Tensor
+    noises: torch.Tensor
+    mask: torch.Tensor | None = None
+    cond: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])
 
 
 def param_matcher(param_filter: tuple[str, ...]) -> Callable[[str], bool]:

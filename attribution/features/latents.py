@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .data import ImageDataset
-from .models import DiffusionModel
+from ..data.datasets import ImageDataset
+from ..models.base import DiffusionModel
 
 Progress = Callable[[int, int], None]
 

@@ -91,7 +91,7 @@ class Method:
         row_weights: ``None``, or ``"das"`` / ``"das-leverage"``: every train row of
             checkpoint m is weighted by its normalized residual error (DAS, arXiv
             2410.18639), optionally with the leverage correction 1/(1 - h_i)^2;
-            see :mod:`attribution.das`.
+            see :mod:`attribution.scoring.das`.
     """
 
     name: str

@@ -26,7 +26,7 @@ Verification, cheap at open and complete where the data is read anyway:
     :class:`StoreError` before any score is computed from it.
   * kernels are checked against their sha256 when loaded.
   * featurize, on resuming, recomputes done rows that fail their checksum.
-  * ``attribution doctor`` (:mod:`attribution.doctor`) runs all of these at once.
+  * ``attribution doctor`` (:mod:`attribution.tools.doctor`) runs all of these at once.
 Stores written before row checksums existed (no ``rowcrc_*`` in the manifest)
 are read unverified; ``attribution doctor --record-checksums`` adds them. The kernel (not A = Phi K^-1) is
 cached: it does not depend on the ridge lambda, and scoring with
@@ -36,7 +36,6 @@ cached: it does not depend on the ridge lambda, and scoring with
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import zlib
@@ -47,7 +46,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .config import FeaturizeConfig
+from ..config import FeaturizeConfig
+from ..tools.files import _replace_from_tmp, atomic_save_npy, atomic_write_bytes, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST_KEYS = ("settings", "checkpoints", "dataset", "num_params", "proj_dim", "arrays", "kernels")
@@ -57,40 +57,6 @@ Progress = Callable[[int, int], None]
 
 class StoreError(RuntimeError):
     """A store is missing, corrupt, unfinished or built for something else."""
-
-
-def _replace_from_tmp(path: Path, tmp: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` then rename ``tmp`` to ``path``; on any failure remove ``tmp``, keep ``path``."""
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _replace_from_tmp(path, path.with_name(f".{path.name}.tmp{os.getpid()}"), write)
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file and a rename."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _replace_from_tmp(path, path.with_name(f".{path.name}.tmp{os.getpid()}.npy"), write)
 
 
 def _allocate_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
@@ -159,14 +125,6 @@ def _check_npy_header(path: Path, info: dict[str, Any]) -> None:
         )
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class StoreSpec:
     """What a store is built for; two specs must match for a store to be reused.
@@ -177,7 +135,7 @@ class StoreSpec:
         dataset: ``{"name", "fingerprint", "num_train", "image_shape"}``.
         num_params: number of differentiated parameters p.
         projection_layout: version of a structured projection's layout (factorized:
-            :data:`attribution.factorized.LAYOUT_VERSION`), None for the others.
+            :data:`attribution.features.projection.factorized.LAYOUT_VERSION`), None for the others.
     """
 
     config: FeaturizeConfig

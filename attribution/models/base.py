@@ -14,9 +14,9 @@ Accepted layouts:
     with ``scheduler_config.json`` beside it or in ``../scheduler``;
   * a ``StableDiffusionPipeline`` directory (``unet/`` holding a
     ``UNet2DConditionModel``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-    ``scheduler/``): loaded as a :class:`~attribution.latent_models.LatentDiffusionModel`,
+    ``scheduler/``): loaded as a :class:`~attribution.models.latent.LatentDiffusionModel`,
     whose ``image_shape`` is the *latent* shape and which adds ``encode``/``decode``
-    and ``encode_prompts`` (see :mod:`attribution.latent_models`).
+    and ``encode_prompts`` (see :mod:`attribution.models.latent`).
 
 Every model has ``is_latent``, ``is_conditional``, ``pixel_shape``, ``encode``,
 ``decode`` and ``encode_prompts``; for pixel models encode/decode are the identity
@@ -26,7 +26,6 @@ and there is no conditioning.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,70 +126,6 @@ def hash_files(paths: list[Path]) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
-
-
-def _resolve_dirs(path: Path) -> tuple[Path, Path]:
-    """Return (unet_dir, scheduler_dir) for a pipeline or bare-UNet directory."""
-    if not path.is_dir():
-        raise ModelLoadError(f"model directory {path} does not exist")
-    if (path / "unet").is_dir():
-        unet_dir = path / "unet"
-        sched_dir = path / "scheduler"
-    else:
-        unet_dir = path
-        sched_dir = path if (path / "scheduler_config.json").exists() else path.parent / "scheduler"
-    if not (unet_dir / "config.json").exists():
-        raise ModelLoadError(f"{unet_dir} has no config.json: not a diffusers UNet directory")
-    if not (unet_dir / "diffusion_pytorch_model.safetensors").exists():
-        raise ModelLoadError(
-            f"{unet_dir} has no diffusion_pytorch_model.safetensors; only safetensors weights are "
-            "loaded (convert .bin weights with diffusers' save_pretrained(safe_serialization=True))"
-        )
-    if not (sched_dir / "scheduler_config.json").exists():
-        raise ModelLoadError(f"no scheduler_config.json found for {path} (looked in {sched_dir})")
-    return unet_dir, sched_dir
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:
-    """Load one checkpoint from a local diffusers directory (see module doc for layouts)."""
-    path = Path(path)
-    unet_dir, sched_dir = _resolve_dirs(path)
-    with open(unet_dir / "config.json") as f:
-        cls_name = json.load(f).get("_class_name", "UNet2DModel")
-    if cls_name == "UNet2DConditionModel" or (path / "vae").is_dir():
-        from .latent_models import load_latent_model
-
-        return load_latent_model(path, unet_dir, sched_dir, device)
-    if cls_name != "UNet2DModel":
-        raise ModelLoadError(f"{unet_dir} holds a {cls_name}; only pixel-space UNet2DModel is supported here")
-    try:
-        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True)
-        scheduler = DDPMScheduler.from_pretrained(sched_dir, local_files_only=True)
-    except (OSError, ValueError, EnvironmentError) as e:  # diffusers raises these for bad dirs
-        raise ModelLoadError(f"could not load a diffusers model from {path}: {e}") from e
-    unet.eval().requires_grad_(False).to(device)
-    files = [
-        unet_dir / "config.json",
-        unet_dir / "diffusion_pytorch_model.safetensors",
-        sched_dir / "scheduler_config.json",
-    ]
-    return DiffusionModel(unet=unet, scheduler=scheduler, path=path, checkpoint_hash=hash_files(files))
-
-
-def load_models(paths: list[str | Path], device: str | torch.device = "cpu") -> list[DiffusionModel]:
-    """Load an ensemble (M checkpoints); all must share image shape and noise schedule."""
-    if not paths:
-        raise ModelLoadError("no model directories given")
-    models = [load_model(p, device) for p in paths]
-    ref = models[0]
-    for m in models[1:]:
-        if m.image_shape != ref.image_shape:
-            raise ModelLoadError(f"{m.path} works on {m.image_shape} images but {ref.path} on {ref.image_shape}")
-        if m.pixel_shape != ref.pixel_shape or m.is_conditional != ref.is_conditional:
-            raise ModelLoadError(f"{m.path} and {ref.path} are different kinds of model (pixel size or conditioning)")
-        if not torch.allclose(m.scheduler.alphas_cumprod, ref.scheduler.alphas_cumprod):
-            raise ModelLoadError(f"{m.path} and {ref.path} use different noise schedules")
-    return models
 
 
 def resolve_device(device: str | None) -> torch.device:

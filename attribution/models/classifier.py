@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from attribution.digits import REPO_ROOT, load_digit_arrays, to_model_tensor
+from ..data.digits import REPO_ROOT, load_digit_arrays, to_model_tensor
 
 CLASSIFIER_DIR: Path = REPO_ROOT / "assets" / "classifier"
 WEIGHTS_NAME: str = "model.safetensors"
@@ -241,7 +241,7 @@ def load_classifier(directory: Path = CLASSIFIER_DIR, device: str | torch.device
     if missing:
         raise FileNotFoundError(
             f"classifier directory {directory} lacks {', '.join(missing)}; build it with "
-            "`python -m attribution.classifier`"
+            "`python -m attribution.models.classifier`"
         )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .models import ModelLoadError
+from .base import ModelLoadError
 
 # OpenAI CLIP's normalization (transformers.utils.constants.OPENAI_CLIP_MEAN / _STD)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

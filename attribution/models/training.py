@@ -30,8 +30,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
-from .config import TrainConfig
-from .store import atomic_write_bytes
+from ..config import TrainConfig
+from ..tools.files import atomic_write_bytes
 
 Progress = Callable[[int, int], None]
 

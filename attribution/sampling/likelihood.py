@@ -8,7 +8,7 @@ are those that decide it.
 
 The "classifier" is any map from images to probabilities: the bundled digit
 classifier (:func:`likelihood_curves`), or a user's local CLIP model scoring
-free-text labels zero-shot (:func:`label_curves`, see :mod:`attribution.clip`),
+free-text labels zero-shot (:func:`label_curves`, see :mod:`attribution.models.clip`),
 with the same continuation samples.
 """
 
@@ -20,9 +20,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .clip import ClipLabeler, check_labels
-from .config import SamplingConfig
-from .models import DiffusionModel
+from ..config import SamplingConfig
+from ..models.base import DiffusionModel
+from ..models.clip import ClipLabeler, check_labels
 from .trajectory import Trajectory, guided_eps, make_scheduler
 
 Progress = Callable[[int, int], None]

@@ -3,7 +3,7 @@
 Both give one score per (step, train example), shape (S, N), larger = more similar;
 they use no gradients and no store. Gradient baselines (Diffusion-TracIn and
 -ReTrac) share the store with journey-TRAK: see ``METHODS`` in
-:mod:`attribution.outputs`.
+:mod:`attribution.features.outputs`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import ImageDataset
+from ..data.datasets import ImageDataset
 
 BASELINES = {
     "pixel": "Pixel cosine similarity of x0_hat",

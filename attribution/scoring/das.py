@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import ImageDataset
-from .featurize import draw_timesteps_and_noise
-from .latents import model_space_dataset
-from .models import DiffusionModel
-from .outputs import loss_output
-from .store import Store, atomic_save_npy
+from ..data.datasets import ImageDataset
+from ..features.featurize import draw_timesteps_and_noise
+from ..features.latents import model_space_dataset
+from ..features.outputs import loss_output
+from ..features.store import Store
+from ..models.base import DiffusionModel
+from ..tools.files import atomic_save_npy
 
 RESIDUALS_FILE = "das_residuals.npy"
 

@@ -29,15 +29,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import QueryConfig
-from .data import ImageDataset
-from .featurize import checkpoint_projector
-from .factorized import projected_step_grads
-from .gradients import select_params
-from .models import DiffusionModel
-from .outputs import Method, get_method, get_output
-from .store import STREAM_CHUNK_ROWS, Store, StoreError
-from .trajectory import Trajectory
+from ..config import QueryConfig
+from ..data.datasets import ImageDataset
+from ..features.featurize import checkpoint_projector
+from ..features.gradients import DrawBatch, GradientTarget, select_params
+from ..features.outputs import Method, get_method, get_output
+from ..features.store import STREAM_CHUNK_ROWS, Store, StoreError
+from ..models.base import DiffusionModel
+from ..sampling.trajectory import Trajectory
+from .das import das_weights, leverages, store_residuals
 
 Progress = Callable[[int, int], None]
 
@@ -172,9 +172,7 @@ class Scorer:
         self.row_weights = self._das_weights(dataset) if self.method.row_weights else None
 
     def _das_weights(self, dataset: ImageDataset | None) -> list[np.ndarray]:
-        """Per-checkpoint DAS row weights (N,), see :mod:`attribution.das`."""
-        from .das import das_weights, leverages, store_residuals
-
+        """Per-checkpoint DAS row weights (N,), see :mod:`attribution.scoring.das`."""
         if dataset is None:
             raise ValueError(f"method {self.method.name!r} needs the training set (residual errors); pass dataset=")
         residuals = store_residuals(self.store, self.models, dataset)
@@ -220,8 +218,8 @@ class Scorer:
             for c in range(0, len(steps), self.query.chunk_size):
                 sl = slice(c, c + self.query.chunk_size)
                 # Plain backward passes (per step, or batched for the factorized projection), not vmap.
-                g = projected_step_grads(self.projectors[m], model, self.params[m], self.output, x0[sl], ts[sl],
-                                         noises[sl], mask, cond)
+                g = self.projectors[m].step_features(GradientTarget(model, self.params[m], self.output),
+                                                     DrawBatch(x0[sl], ts[sl], noises[sl], mask, cond))
                 rows.append(g.cpu())
                 if progress:
                     progress(m * len(steps) + min(c + self.query.chunk_size, len(steps)), total)
@@ -241,8 +239,8 @@ class Scorer:
             T = model.num_train_timesteps
             ts = ((torch.arange(K) + 0.5) * T / K).long().clamp_(0, T - 1)[None]  # (1, K)
             cond = model.encode_prompts([prompt]) if model.is_conditional else None
-            g = projected_step_grads(self.projectors[m], model, self.params[m], self.output, trajectory.sample[None],
-                                     ts, noises, mask, cond)
+            g = self.projectors[m].step_features(GradientTarget(model, self.params[m], self.output),
+                                                 DrawBatch(trajectory.sample[None], ts, noises, mask, cond))
             feats.append(g.cpu().expand(num_steps, -1).contiguous())
         return feats
 

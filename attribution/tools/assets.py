@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import FeaturizeConfig, TrainConfig
-from .store import atomic_write_bytes, sha256_file
+from ..config import FeaturizeConfig, TrainConfig
+from .files import atomic_write_bytes, sha256_file
 
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]
@@ -69,12 +69,12 @@ def build_assets(
     log: Log = print,
 ) -> None:
     """Rebuild whatever is missing under ``assets_dir`` (see module doc)."""
-    from .classifier import build_classifier
-    from .data import digits_dataset
-    from .digits import build_digits_file
-    from .featurize import featurize
-    from .models import load_models
-    from .training import train_ddpm
+    from ..data.datasets import digits_dataset
+    from ..data.digits import build_digits_file
+    from ..features.featurize import featurize
+    from ..models.classifier import build_classifier
+    from ..models.load import load_models
+    from ..models.training import train_ddpm
 
     assets_dir.mkdir(parents=True, exist_ok=True)
     digits = assets_dir / "digits" / "mnist_5k.npz"
@@ -107,6 +107,6 @@ def build_assets(
 
 
 def _store_complete(path: Path) -> bool:
-    from .store import Store
+    from ..features.store import Store
 
     return Store.open(path).is_complete()

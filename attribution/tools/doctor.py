@@ -25,7 +25,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from .store import Store, StoreError
+from ..features.store import Store, StoreError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 Level = Literal["ok", "warning", "error"]
@@ -103,7 +103,7 @@ def _check_rows(store: Store, m: int, chunk_rows: int, rerun: str) -> list[Findi
 
 
 def _check_kernels(store: Store) -> list[Finding]:
-    from .store import sha256_file
+    from .files import sha256_file
 
     out = []
     for name, recorded in sorted(store.manifest["kernels"].items()):
@@ -122,7 +122,8 @@ def _check_kernels(store: Store) -> list[Finding]:
 
 def check_models(dirs: Sequence[str | Path], store: Store | None = None) -> tuple[list, list[Finding]]:
     """Load each model directory (safetensors only) and compare its hash with the store's checkpoint."""
-    from .models import ModelLoadError, load_model
+    from ..models.base import ModelLoadError
+    from ..models.load import load_model
 
     out: list[Finding] = []
     models = []
@@ -160,8 +161,8 @@ def check_models(dirs: Sequence[str | Path], store: Store | None = None) -> tupl
 
 def check_data(spec: str, store: Store, models: list) -> list[Finding]:
     """Compare the dataset ``spec`` with the one the store was built from (needs the first model's shapes)."""
-    from .data import ImageDecodeError, load_dataset
-    from .latents import dataset_fingerprint
+    from ..data.datasets import ImageDecodeError, load_dataset
+    from ..features.latents import dataset_fingerprint
 
     if not models:
         return [Finding("error", "the data cannot be checked without a loadable model", "fix the model errors first")]

@@ -11,6 +11,7 @@ It does no drawing and imports no UI library.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from collections import OrderedDict
@@ -21,19 +22,24 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .baselines import BASELINES, SimilarityBaseline
-from .config import FeaturizeConfig, QueryConfig, SamplingConfig
-from .data import ArrayDataset, decode_image, load_dataset, model_to_uint8
-from .featurize import featurize
-from .likelihood import LikelihoodCurves, label_curves, likelihood_curves
-from .models import DiffusionModel, load_models, resolve_device
-from .outputs import METHODS, get_method
-from .paths import resolve_within
-from .scoring import Scorer, prepare_mask
-from .store import Store, StoreError
-from .trajectory import Trajectory, invert_image, sample_trajectory
+from ..config import FeaturizeConfig, QueryConfig, SamplingConfig
+from ..data.datasets import ArrayDataset, decode_image, load_dataset, model_to_uint8
+from ..features.featurize import featurize, store_spec
+from ..features.outputs import METHODS, get_method
+from ..features.store import Store, StoreError
+from ..models.base import DiffusionModel, resolve_device
+from ..models.classifier import load_classifier
+from ..models.clip import check_labels, load_clip
+from ..models.load import load_models
+from ..models.lora import apply_lora
+from ..sampling.inversion import invert_image
+from ..sampling.likelihood import LikelihoodCurves, label_curves, likelihood_curves
+from ..sampling.trajectory import Trajectory, sample_trajectory
+from ..scoring.baselines import BASELINES, SimilarityBaseline
+from ..scoring.scorer import Scorer, prepare_mask
+from ..tools.paths import resolve_within
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ASSETS_DIR = Path(os.environ.get("ATTRIBUTION_ASSETS", REPO_ROOT / "assets"))
 CACHE_DIR = Path(os.environ.get("ATTRIBUTION_CACHE", Path.home() / ".cache" / "attribution"))
 
@@ -73,13 +79,13 @@ class Bundle:
 
     Attributes:
         model_dirs: the ensemble; the first model generates samples.
-        data: dataset spec for :func:`attribution.data.load_dataset`.
+        data: dataset spec for :func:`attribution.data.datasets.load_dataset`.
         stores: train-output name -> store directory (``"loss"`` serves journey-TRAK,
             TracIn and ReTrac; ``"square"`` etc. the D-TRAK variants).
         classifier_dir: digit-style classifier for curves and the embedding baseline.
         featurize: settings used when a missing store is built.
         lora_dirs: trained LoRA weights loaded into the models (one, or one per model;
-            see :func:`attribution.latent_models.load_lora`).
+            see :func:`attribution.models.lora.load_lora`).
         clip_dir: a local CLIP model for text-label curves (and the embedding baseline
             when there is no classifier).
         roots: directories the workspace may write in (stores it builds, cached
@@ -131,8 +137,6 @@ def custom_bundle(
     Settings for stores built later are read from ``store``'s manifest when it exists, else
     the defaults, differentiating only the adapter (``re:lora_``) when LoRA weights are given.
     """
-    import json
-
     store = Path(store)
     manifest = store / "manifest.json"
     if manifest.exists():
@@ -166,16 +170,12 @@ class Workspace:
         self.device = resolve_device(device)
         self.models: list[DiffusionModel] = load_models(list(bundle.model_dirs), self.device)
         if bundle.lora_dirs:
-            from .latent_models import apply_lora
-
             apply_lora(self.models, bundle.lora_dirs)
         # images at the size users see (the VAE input for latent models; latents are made by featurize)
         self.dataset: ArrayDataset = load_dataset(bundle.data, self.models[0].pixel_shape)
         self.query = query
         self.classifier = None
         if bundle.classifier_dir is not None and Path(bundle.classifier_dir).exists():
-            from .classifier import load_classifier
-
             self.classifier = load_classifier(Path(bundle.classifier_dir), device=self.device)
         self._clip = None
         self._scorers: dict[str, Scorer] = {}
@@ -313,8 +313,6 @@ class Workspace:
                     raise StoreError(
                         f"method {method!r} needs a store of output {m.train_output!r}, which is not built yet"
                     )
-                from .featurize import store_spec
-
                 spec = store_spec(self.models, self.dataset, Store.open(path).config)
                 store = Store.open(path, spec)
                 self._scorers[method] = Scorer(store, self.models, m, self.query, dataset=self.dataset)
@@ -437,13 +435,11 @@ class Workspace:
     # ------------------------------------------------------------------ text-label curves (CLIP)
     @property
     def clip(self):
-        """The bundle's :class:`~attribution.clip.ClipLabeler` (loaded on first use), or None."""
+        """The bundle's :class:`~attribution.models.clip.ClipLabeler` (loaded on first use), or None."""
         if self.bundle.clip_dir is None:
             return None
         with self._lock:
             if self._clip is None:
-                from .clip import load_clip
-
                 self._clip = load_clip(self.bundle.clip_dir, self.device)
             return self._clip
 
@@ -456,8 +452,6 @@ class Workspace:
         progress: Progress | None = None,
     ) -> LikelihoodCurves:
         """Likelihood curves (S, L) of free-text ``labels`` under the bundle's CLIP model."""
-        from .clip import check_labels
-
         if self.bundle.clip_dir is None:
             raise StoreError("no CLIP model configured for text-label curves")
         labels = check_labels(labels)

@@ -1,54 +1,26 @@
-"""Random projections P: R^p -> R^d of gradients (Algorithm 1 line 6).
+"""The sparse Johnson-Lindenstrauss sketch (default projection, ``"sjlt"``).
 
-All projectors are generated from a seed on the CPU with ``torch.Generator``,
-blockwise over input coordinates, and then moved to the device: the same seed
-gives the same matrix on every machine and device.
-
-* :class:`SparseSignProjector` (default, ``"sjlt"``): a sparse Johnson-Lindenstrauss
-  sketch; each input coordinate goes to ``nnz`` output coordinates (one in each of
-  ``nnz`` blocks of d / nnz) with a random sign / sqrt(nnz). Projecting costs
-  O(p * nnz) per example instead of O(p * d), and memory is O(p * nnz).
-* :class:`GaussianProjector` (``"gaussian"``): dense N(0, 1/d) entries, generated
-  in blocks of ``block_rows`` input coordinates; blocks are kept in memory up to
-  ``cache_bytes`` and regenerated otherwise, so the full matrix never has to fit.
-* :class:`IdentityProjector` (``"identity"``): no projection (d = p), for exact tests.
-* ``"factorized"``: per-layer Kronecker Gaussian projection computed from one batched
-  backward without per-example gradients (:mod:`attribution.factorized`).
+Each input coordinate goes to ``nnz`` output coordinates (one in each of ``nnz`` blocks
+of d / nnz) with a random sign / sqrt(nnz). Projecting costs O(p * nnz) per example
+instead of O(p * d), and memory is O(p * nnz).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Protocol, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 
+from ...config import ProjectionKind
+from ..gradients import DrawBatch, GradientTarget
+from ..hooks import hooks_support
+from .base import block_generator
+from .dense import FullGradientProjector
+from .factorized import example_grads_from_hooks
 
-def _block_generator(seed: int, block: int) -> torch.Generator:
-    """CPU generator for block ``block`` of the projection with seed ``seed``."""
-    state = np.random.SeedSequence([int(seed), int(block)]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
-
-
-class Projector(Protocol):
-    dim_in: int
-    dim_out: int
-
-    def project(self, grads: torch.Tensor) -> torch.Tensor:
-        """(B, dim_in) -> (B, dim_out), float32."""
-        ...
-
-
-class IdentityProjector:
-    """P = I: features are the raw gradients."""
-
-    def __init__(self, dim_in: int):
-        self.dim_in = self.dim_out = dim_in
-
-    def project(self, grads: torch.Tensor) -> torch.Tensor:
-        return grads.float()
+__all__ = ["SparseSignProjector", "row_block_edges", "rows_per_block", "sjlt_csr"]
 
 
 def sjlt_csr(index: torch.Tensor, sign: torch.Tensor, dim_out: int) -> torch.Tensor:
@@ -102,7 +74,7 @@ def row_block_edges(shapes: Sequence[tuple[int, ...]], column_block: int) -> lis
     return edges + [start]
 
 
-class SparseSignProjector:
+class SparseSignProjector(FullGradientProjector):
     """Sparse sign sketch with ``nnz`` non-zeros per input coordinate (see module doc).
 
     The matrix is kept as column blocks and applied block by block. On the CPU a block
@@ -115,6 +87,7 @@ class SparseSignProjector:
     ``boundaries`` add any other block edges. The matrix is the same whatever the blocks.
     """
 
+    kind = ProjectionKind.SJLT
     BLOCK = 1 << 20  # input coordinates per generated block
     COLUMN_BLOCK = 1 << 14  # input coordinates per sparse matmul on the CPU
 
@@ -127,7 +100,7 @@ class SparseSignProjector:
         idx, sgn = [], []
         for b, start in enumerate(range(0, dim_in, self.BLOCK)):
             n = min(self.BLOCK, dim_in - start)
-            g = _block_generator(seed, b)
+            g = block_generator(seed, b)
             offs = torch.arange(nnz).mul_(width)[:, None]
             idx.append(torch.randint(0, width, (nnz, n), generator=g) + offs)
             sgn.append(torch.randint(0, 2, (nnz, n), generator=g).float().mul_(2).sub_(1))
@@ -183,78 +156,9 @@ class SparseSignProjector:
         self.accumulate_columns(grads, 0, out)
         return out.T.contiguous()
 
-
-class GaussianProjector:
-    """Dense Gaussian projection, N(0, 1/d) entries, generated blockwise (see module doc)."""
-
-    def __init__(
-        self,
-        dim_in: int,
-        dim_out: int,
-        seed: int,
-        device: str | torch.device = "cpu",
-        block_rows: int = 16384,
-        cache_bytes: int = 3 << 30,
-    ):
-        self.dim_in, self.dim_out, self.seed = dim_in, dim_out, seed
-        self.device = torch.device(device)
-        self.block_rows = block_rows
-        self._cache: dict[int, torch.Tensor] | None = {} if dim_in * dim_out * 4 <= cache_bytes else None
-
-    def block(self, b: int) -> torch.Tensor:
-        """Rows [b * block_rows, ...) of the (dim_in, dim_out) matrix, on the device."""
-        if self._cache is not None and b in self._cache:
-            return self._cache[b]
-        n = min(self.block_rows, self.dim_in - b * self.block_rows)
-        m = torch.randn(n, self.dim_out, generator=_block_generator(self.seed, b))
-        m = m.div_(self.dim_out**0.5).to(self.device)
-        if self._cache is not None:
-            self._cache[b] = m
-        return m
-
-    def matrix(self) -> torch.Tensor:
-        """The whole (dim_in, dim_out) matrix (tests and small models only)."""
-        return torch.cat([self.block(b) for b in range(self.num_blocks)], 0)
-
-    @property
-    def num_blocks(self) -> int:
-        return -(-self.dim_in // self.block_rows)
-
-    def project(self, grads: torch.Tensor) -> torch.Tensor:
-        grads = grads.float()
-        out = torch.zeros(grads.shape[0], self.dim_out, device=grads.device)
-        for b in range(self.num_blocks):
-            sl = slice(b * self.block_rows, (b + 1) * self.block_rows)
-            out.addmm_(grads[:, sl], self.block(b))
-        return out
-
-
-def make_projector(
-    kind: str,
-    dim_in: int,
-    dim_out: int,
-    seed: int,
-    nnz: int = 4,
-    device: str | torch.device = "cpu",
-    shapes: dict[str, tuple[int, ...]] | None = None,
-) -> Projector:
-    """Build the projector named ``kind`` ("sjlt", "gaussian", "identity" or "factorized").
-
-    ``shapes`` (name -> shape of each selected parameter, in gradient order) is
-    needed by "factorized" (:class:`attribution.factorized.FactorizedProjector`); "sjlt"
-    puts a block edge at each parameter's start with it (same matrix).
-    """
-    if kind == "factorized":
-        from .factorized import FactorizedProjector  # imports the model code; only when asked for
-
-        if shapes is None or sum(int(np.prod(s)) for s in shapes.values()) != dim_in:
-            raise ValueError("the factorized projection needs the shapes of the selected parameters")
-        return FactorizedProjector(shapes, dim_out, seed, device=device)
-    if kind == "identity":
-        return IdentityProjector(dim_in)
-    if kind == "sjlt":  # block edges at every parameter's start: featurize projects each layer's gradient alone
-        return SparseSignProjector(dim_in, dim_out, seed, nnz=nnz, device=device,
-                                   shapes=list(shapes.values()) if shapes else None)
-    if kind == "gaussian":
-        return GaussianProjector(dim_in, dim_out, seed, device=device)
-    raise ValueError(f"unknown projection {kind!r}")
+    def example_features(self, target: GradientTarget, batch: DrawBatch, chunk_size: int = 32) -> torch.Tensor:
+        """Fused where the hooks can form every gradient: each layer's gradient is projected as its hook forms it."""
+        if not hooks_support(target.model, target.params):
+            return super().example_features(target, batch, chunk_size)
+        return example_grads_from_hooks(target.model, target.params, target.output, batch.x0, batch.timesteps,
+                                        batch.noises, chunk_size, batch.cond, projector=self)
