@@ -36,6 +36,32 @@ PROJECTION_KINDS = tuple(k.value for k in ProjectionKind)
 #: Fixed-point refinements per DDIM inversion step of an upload (:mod:`attribution.sampling.inversion`).
 INVERSION_REFINE_ITERS = 5
 
+def setting_help(cls: type, name: str) -> str:
+    """Help text of setting ``name`` of the dataclass ``cls``, for the CLI's flags.
+
+    A field's ``metadata["help"]`` if it has one, else its entry in the class docstring
+    (``name: text`` under ``Attributes:`` or any other indented list), whitespace collapsed.
+    """
+    for f in fields(cls):
+        if f.name == name and "help" in f.metadata:
+            return f.metadata["help"]
+    entries: dict[str, list[str]] = {}
+    current = None
+    for line in (cls.__doc__ or "").splitlines():
+        head, sep, rest = line.strip().partition(": ")
+        indent = len(line) - len(line.lstrip())
+        if sep and head.replace("_", "").replace(" / ", "").isalnum() and indent <= 8:
+            for key in head.split(" / "):
+                entries[key] = current = [rest]
+        elif current is not None and line.strip() and indent > 8:
+            current.append(line.strip())
+        else:
+            current = None
+    if name not in entries:
+        raise KeyError(f"{cls.__name__}.{name} has no help text")
+    return " ".join(" ".join(entries[name]).replace("``", "").split())
+
+
 #: Values of ``FeaturizeConfig.timestep_sampling``.
 TIMESTEP_SAMPLINGS = ("auto", "stratified", "log-stratified", "uniform", "even")
 
@@ -171,6 +197,12 @@ class QueryConfig:
 class SamplingConfig:
     """How a trajectory is sampled: scheduler kind, number of steps, seed.
 
+    Attributes:
+        num_inference_steps: sampling steps S.
+        scheduler: ``"ddim"`` (deterministic given the seed's initial noise) or ``"ddpm"``.
+        seed: seed of the initial noise (and of DDPM's per-step noise).
+        eta: DDIM's eta (0: deterministic).
+
     Text-conditional models also use:
         prompt: the text the sample is conditioned on (``""``: unconditional).
         negative_prompt: the text of the unconditional branch of guidance (usually ``""``).
@@ -200,12 +232,14 @@ class SamplingConfig:
 class TrainConfig:
     """DDPM training settings (used for the bundled ensemble and LDS retraining)."""
 
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 2e-3
-    ema_decay: float = 0.995
-    seed: int = 0
-    block_out_channels: tuple[int, ...] = (16, 32, 32)
-    layers_per_block: int = 1
-    num_train_timesteps: int = 1000
+    epochs: int = field(default=40, metadata={"help": "passes over the training set"})
+    batch_size: int = field(default=64, metadata={"help": "examples per optimizer step"})
+    lr: float = field(default=2e-3, metadata={"help": "Adam learning rate"})
+    ema_decay: float = field(default=0.995, metadata={"help": "decay of the weights' exponential moving average "
+                                                              "(the saved model)"})
+    seed: int = field(default=0, metadata={"help": "seed of the initialization, shuffling, timesteps and noises"})
+    block_out_channels: tuple[int, ...] = field(default=(16, 32, 32),
+                                                metadata={"help": "channels of the UNet's resolution levels"})
+    layers_per_block: int = field(default=1, metadata={"help": "ResNet layers per UNet block"})
+    num_train_timesteps: int = field(default=1000, metadata={"help": "T of the noise schedule"})
     extra: dict[str, Any] = field(default_factory=dict)

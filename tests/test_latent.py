@@ -334,9 +334,9 @@ def test_store_is_refused_for_another_vae_or_text_encoder(latent_dirs, captioned
 
 def test_workspace_serves_a_latent_pipeline(latent_dirs, caption_folder, tmp_path, monkeypatch):
     """The front-end facade: pixel-size data, prompt-keyed trajectories, decoded baselines."""
-    import attribution.workspace.workspace as wsmod
+    import attribution.workspace as wsmod
 
-    monkeypatch.setattr(wsmod, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(wsmod.bundles, "CACHE_DIR", tmp_path / "cache")
     bundle = wsmod.Bundle(
         name="tiny sd", model_dirs=(latent_dirs["a"],), data=str(caption_folder), stores={"loss": tmp_path / "store"},
         featurize=FeaturizeConfig(proj_dim=64, num_draws=1),

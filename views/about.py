@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-import app_support as ui
+import ui
 
 ui.page_header("About", "What this explorer shows, in plain words, and how far to trust it.")
 

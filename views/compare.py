@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-import app_support as ui
+import ui
 
 ws = ui.get_workspace()
 key, traj = ui.sample_page(

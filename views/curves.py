@@ -6,10 +6,10 @@ import zlib
 
 import streamlit as st
 
-import app_support as ui
+import ui
 
 ws = ui.get_workspace()
-text_labels = ws.bundle.clip_dir is not None  # a local CLIP model scores free-text labels
+text_labels = ws.has_clip  # a local CLIP model scores free-text labels
 key, traj = ui.sample_page(
     ws,
     "Feature curves",

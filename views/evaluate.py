@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-import app_support as ui
+import ui
 from attribution.evaluation.figures import counterfactual_figure, lds_figure, step_correlation_figure
 from attribution.evaluation.report import (
     DEFAULT_REPORT_DIR,

@@ -6,10 +6,10 @@ import random
 
 import streamlit as st
 
-import app_support as ui
+import ui
 
 ws = ui.get_workspace()
-subject = "an image from a prompt" if ui.is_conditional(ws) else "a digit"
+subject = "an image from a prompt" if ws.is_conditional else "a digit"
 ui.page_header(
     "Explore",
     f"Generate {subject} (or upload one), move through its denoising steps, and see which training images "

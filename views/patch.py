@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 from streamlit_drawable_canvas import st_canvas
 
-import app_support as ui
+import ui
 
 CANVAS_SIZE = 288  # 9 canvas pixels per model pixel
 

@@ -92,6 +92,8 @@ class Method:
             checkpoint m is weighted by its normalized residual error (DAS, arXiv
             2410.18639), optionally with the leverage correction 1/(1 - h_i)^2;
             see :mod:`attribution.scoring.das`.
+        short: a short name for table headers and legends ("" for methods not offered in the app).
+        blurb: one line saying what the method is, for pickers.
     """
 
     name: str
@@ -101,17 +103,23 @@ class Method:
     combine: str = "trak"
     query_target: str = "x0_hat"
     row_weights: str | None = None
+    short: str = ""
+    blurb: str = ""
 
 
 #: Methods answered from a store (train features use ``train_output``).
 METHODS: dict[str, Method] = {
-    "journey": Method("journey", "loss", "loss", "journey-TRAK (Eq. 3)"),
-    "dtrak-square": Method("dtrak-square", "square", "square", "D-TRAK, ||eps||^2"),
-    "dtrak-l1": Method("dtrak-l1", "l1", "l1", "D-TRAK, L1 norm"),
-    "dtrak-l2": Method("dtrak-l2", "l2", "l2", "D-TRAK, L2 norm"),
-    "dtrak-mean": Method("dtrak-mean", "mean", "mean", "D-TRAK, mean"),
-    "tracin": Method("tracin", "loss", "loss", "Diffusion-TracIn", combine="tracin"),
-    "retrac": Method("retrac", "loss", "loss", "Diffusion-ReTrac", combine="retrac"),
+    "journey": Method("journey", "loss", "loss", "journey-TRAK (Eq. 3)", short="journey-TRAK",
+                      blurb="step-specific TRAK on the denoising loss (the paper's method)"),
+    "dtrak-square": Method("dtrak-square", "square", "square", "D-TRAK, ||eps||^2", short="D-TRAK ‖ε‖²",
+                           blurb="TRAK on ||ε||² instead of the loss"),
+    "dtrak-l1": Method("dtrak-l1", "l1", "l1", "D-TRAK, L1 norm", short="D-TRAK L1", blurb="TRAK on the L1 norm of ε"),
+    "dtrak-l2": Method("dtrak-l2", "l2", "l2", "D-TRAK, L2 norm", short="D-TRAK L2", blurb="TRAK on the L2 norm of ε"),
+    "dtrak-mean": Method("dtrak-mean", "mean", "mean", "D-TRAK, mean", short="D-TRAK mean", blurb="TRAK on the mean of ε"),
+    "tracin": Method("tracin", "loss", "loss", "Diffusion-TracIn", combine="tracin", short="TracIn",
+                     blurb="sum of gradient dot products over checkpoints"),
+    "retrac": Method("retrac", "loss", "loss", "Diffusion-ReTrac", combine="retrac", short="ReTrac",
+                     blurb="TracIn with normalized gradients (less bias to a few large-gradient images)"),
     "das": Method("das", "square", "square", "DAS (residual-weighted D-TRAK)", row_weights="das"),
     "das-leverage": Method(
         "das-leverage", "square", "square", "DAS with leverage correction", row_weights="das-leverage"

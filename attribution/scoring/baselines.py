@@ -20,6 +20,12 @@ BASELINES = {
     "embedding": "Classifier-embedding cosine similarity of x0_hat",
 }
 
+#: name -> (short name, one-line blurb) of each baseline, as :class:`~attribution.features.outputs.Method` has them.
+BASELINE_NOTES = {
+    "pixel": ("pixel sim.", "pixel similarity to x̂0 (no model gradients)"),
+    "embedding": ("embedding sim.", "classifier-embedding similarity to x̂0"),
+}
+
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     x = x.flatten(1).float()

@@ -27,7 +27,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import QueryConfig
 from ..data.datasets import ImageDataset
@@ -38,6 +37,7 @@ from ..features.store import STREAM_CHUNK_ROWS, Store, StoreError
 from ..models.base import DiffusionModel
 from ..sampling.trajectory import Trajectory
 from .das import das_weights, leverages, store_residuals
+from .masks import prepare_mask
 
 Progress = Callable[[int, int], None]
 
@@ -54,49 +54,6 @@ def query_noises(steps: Sequence[int], num_resamples: int, noise_seed: int, imag
         g = torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
         out.append(torch.randn((num_resamples, *image_shape), generator=g))
     return torch.stack(out)
-
-
-def downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Area-average a mask (1|C, H, W) onto a coarser (h, w) grid -> (1, h, w) in [0, 1].
-
-    Each latent cell gets the mean of the mask over the pixels it covers (exact
-    area average when H/h and W/w are integers, as for VAEs); channels are averaged.
-    """
-    return F.adaptive_avg_pool2d(mask.float().mean(0, keepdim=True)[None], size)[0]
-
-
-def prepare_mask(
-    mask: torch.Tensor | np.ndarray | None,
-    image_shape: tuple[int, int, int],
-    model: DiffusionModel | None = None,
-) -> torch.Tensor | None:
-    """A pixel mask (H, W) or (1|C, H, W) with values in [0, 1] -> float (1|C, H, W); None stays None.
-
-    With a latent ``model`` (``model.is_latent``), a mask at the model's pixel size
-    is area-averaged onto the latent grid ``image_shape[1:]`` (a mask already at
-    the latent size is used as is).
-
-    Raises:
-        ValueError: wrong size, or a mask with no selected pixel.
-    """
-    if mask is None:
-        return None
-    m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
-    if m.ndim == 2:
-        m = m[None]
-    if model is not None and model.is_latent and m.ndim == 3 and tuple(m.shape[-2:]) != tuple(image_shape[1:]):
-        pc, ph, pw = model.pixel_shape
-        if m.shape[-2:] != (ph, pw) or m.shape[0] not in (1, pc):
-            raise ValueError(f"mask has shape {tuple(m.shape)}; expected ({ph}, {pw}) or (1, {ph}, {pw})")
-        if float(m.max()) <= 0:
-            raise ValueError("the mask selects no pixel; paint a region first")
-        m = downsample_mask(m.clamp(0, 1), tuple(image_shape[1:]))
-    c, h, w = image_shape
-    if m.ndim != 3 or m.shape[-2:] != (h, w) or m.shape[0] not in (1, c):
-        raise ValueError(f"mask has shape {tuple(m.shape)}; expected ({h}, {w}) or (1, {h}, {w})")
-    if float(m.max()) <= 0:
-        raise ValueError("the mask selects no pixel; paint a region first")
-    return m.clamp(0, 1)
 
 
 @dataclass

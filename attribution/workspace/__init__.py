@@ -1,25 +1,43 @@
 """The front door for front ends: a bundle of models, data and stores, its sample recipes and jobs."""
 
-from .workspace import (
+from .bundles import (
     ASSETS_DIR,
     CACHE_DIR,
     DTRAK_STORE_OUTPUTS,
-    LRU,
     Bundle,
-    Workspace,
     custom_bundle,
     default_bundle,
-    mask_key,
+)
+from .jobs import (
+    Job,
+    JobCancelled,
+    JobRunner,
+    PriorityLock,
+)
+from .recipes import (
+    DEFAULT_NUM_STEPS,
+    SampleRecipe,
+    short_text,
+)
+from .workspace import (
+    LRU,
+    Workspace,
 )
 
 __all__ = [
     "ASSETS_DIR",
     "Bundle",
     "CACHE_DIR",
+    "DEFAULT_NUM_STEPS",
     "DTRAK_STORE_OUTPUTS",
+    "Job",
+    "JobCancelled",
+    "JobRunner",
     "LRU",
+    "PriorityLock",
+    "SampleRecipe",
     "Workspace",
     "custom_bundle",
     "default_bundle",
-    "mask_key",
+    "short_text",
 ]

@@ -4,25 +4,25 @@ This is the one object a front end (the Streamlit app, a notebook) talks to. It
 loads everything once, answers "trajectory for seed s", "scores of step s for
 method m (and mask M)", "likelihood curves", keeps per-sample results in a
 bounded, thread-safe LRU shared by all callers, and can fill the scores of the
-remaining steps in a background thread while the caller shows the first one.
-It does no drawing and imports no UI library.
+remaining steps in the background (:class:`~attribution.workspace.jobs.JobRunner`) while
+the caller shows the first one: what a caller asks for goes before that background work
+(:class:`~attribution.workspace.jobs.PriorityLock`). Trajectories are named by their
+:class:`~attribution.workspace.recipes.SampleRecipe`. It does no drawing and imports no UI library.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import copy
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from ..config import FeaturizeConfig, QueryConfig, SamplingConfig
+from ..config import QueryConfig, SamplingConfig
 from ..data.datasets import ArrayDataset, decode_image, load_dataset, model_to_uint8
 from ..features.featurize import featurize, store_spec
 from ..features.outputs import METHODS, get_method
@@ -36,12 +36,13 @@ from ..sampling.inversion import invert_image
 from ..sampling.likelihood import LikelihoodCurves, label_curves, likelihood_curves
 from ..sampling.trajectory import Trajectory, sample_trajectory
 from ..scoring.baselines import BASELINES, SimilarityBaseline
-from ..scoring.scorer import Scorer, prepare_mask
+from ..scoring.masks import PatchMask, mask_key, mask_values, prepare_mask
+from ..scoring.scorer import Scorer
 from ..tools.paths import resolve_within
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-ASSETS_DIR = Path(os.environ.get("ATTRIBUTION_ASSETS", REPO_ROOT / "assets"))
-CACHE_DIR = Path(os.environ.get("ATTRIBUTION_CACHE", Path.home() / ".cache" / "attribution"))
+from . import bundles
+from .bundles import Bundle
+from .jobs import Job, JobRunner, PriorityLock
+from .recipes import SampleRecipe
 
 Progress = Callable[[int, int], None]
 
@@ -73,95 +74,6 @@ class LRU:
             return len(self._data)
 
 
-@dataclass(frozen=True)
-class Bundle:
-    """Where a workspace's pieces live.
-
-    Attributes:
-        model_dirs: the ensemble; the first model generates samples.
-        data: dataset spec for :func:`attribution.data.datasets.load_dataset`.
-        stores: train-output name -> store directory (``"loss"`` serves journey-TRAK,
-            TracIn and ReTrac; ``"square"`` etc. the D-TRAK variants).
-        classifier_dir: digit-style classifier for curves and the embedding baseline.
-        featurize: settings used when a missing store is built.
-        lora_dirs: trained LoRA weights loaded into the models (one, or one per model;
-            see :func:`attribution.models.lora.load_lora`).
-        clip_dir: a local CLIP model for text-label curves (and the embedding baseline
-            when there is no classifier).
-        roots: directories the workspace may write in (stores it builds, cached
-            latents); empty: no restriction (library use). The app's bundles set them.
-    """
-
-    name: str
-    model_dirs: tuple[Path, ...]
-    data: str
-    stores: dict[str, Path]
-    classifier_dir: Path | None = None
-    featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
-    lora_dirs: tuple[Path, ...] = ()
-    clip_dir: Path | None = None
-    roots: tuple[Path, ...] = ()
-
-
-def default_bundle() -> Bundle:
-    """The bundled digits ensemble (see ``assets/README`` and ``attribution build-assets``)."""
-    cfg = FeaturizeConfig()
-    return Bundle(
-        name="Bundled MNIST digits (3 tiny DDPMs)",
-        model_dirs=tuple(ASSETS_DIR / "ensemble" / f"ddpm-seed{s}" for s in range(3)),
-        data="digits",
-        stores={
-            "loss": ASSETS_DIR / "store" / "journey",
-            **{o: CACHE_DIR / "stores" / f"digits-{o}" for o in ("square", "l1", "l2", "mean")},
-        },
-        classifier_dir=ASSETS_DIR / "classifier",
-        featurize=cfg,
-        roots=(ASSETS_DIR, CACHE_DIR),
-    )
-
-
-DTRAK_STORE_OUTPUTS = ("square", "l1", "l2", "mean")
-
-
-def custom_bundle(
-    model_dirs: Sequence[str | Path],
-    data: str | Path,
-    store: str | Path,
-    lora_dirs: Sequence[str | Path] = (),
-    clip_dir: str | Path | None = None,
-    name: str | None = None,
-) -> Bundle:
-    """A bundle of a user's own models, training data and store directory.
-
-    The journey store is ``store``; the D-TRAK stores go beside it (``<store>-square``, ...).
-    Settings for stores built later are read from ``store``'s manifest when it exists, else
-    the defaults, differentiating only the adapter (``re:lora_``) when LoRA weights are given.
-    """
-    store = Path(store)
-    manifest = store / "manifest.json"
-    if manifest.exists():
-        cfg = FeaturizeConfig.from_dict(json.loads(manifest.read_text())["settings"])
-    else:
-        cfg = FeaturizeConfig(param_filter=("re:lora_",) if lora_dirs else None)
-    return Bundle(
-        name=name or f"Your model {Path(model_dirs[0]).name}/ on {Path(data).name}/",
-        model_dirs=tuple(Path(d) for d in model_dirs),
-        data=str(data),
-        stores={"loss": store, **{o: store.with_name(f"{store.name}-{o}") for o in DTRAK_STORE_OUTPUTS}},
-        classifier_dir=None,
-        featurize=cfg,
-        lora_dirs=tuple(Path(d) for d in lora_dirs),
-        clip_dir=Path(clip_dir) if clip_dir is not None else None,
-        roots=(store.parent, CACHE_DIR),
-    )
-
-
-def mask_key(mask: np.ndarray | None) -> str:
-    if mask is None:
-        return "full"
-    return hashlib.sha256(np.ascontiguousarray(np.asarray(mask, dtype=np.float32)).tobytes()).hexdigest()[:16]
-
-
 class Workspace:
     """Models, data, stores and classifier of one bundle, with cached per-sample answers."""
 
@@ -185,14 +97,62 @@ class Workspace:
         self._curves = LRU(64)
         self._lock = threading.RLock()
         # torch.func.functional_call swaps the shared UNet's parameters while it runs, so two
-        # threads computing gradients at once corrupt each other's scores: one at a time.
-        self._compute_lock = threading.Lock()
-        self._jobs: dict[tuple, dict[str, Any]] = {}
+        # threads computing gradients at once corrupt each other's scores: one at a time, the
+        # caller's request before the background jobs'.
+        self._compute_lock = PriorityLock()
+        self.jobs = JobRunner()
 
     # ------------------------------------------------------------------ data
     @property
     def num_train(self) -> int:
         return len(self.dataset)
+
+    @property
+    def is_conditional(self) -> bool:
+        """Whether the models take a text prompt."""
+        return self.models[0].is_conditional
+
+    @property
+    def is_latent(self) -> bool:
+        """Whether the models work on VAE latents."""
+        return self.models[0].is_latent
+
+    @property
+    def captions(self) -> list[str] | None:
+        """The training set's captions, if it has them."""
+        return self.dataset.captions
+
+    @property
+    def has_clip(self) -> bool:
+        """Whether a CLIP model is configured (text-label curves)."""
+        return self.bundle.clip_dir is not None
+
+    def describe(self) -> str:
+        """One markdown paragraph saying what the loaded bundle is."""
+        c, h, w = self.image_shape
+        kind = "grayscale" if c == 1 else "colour"
+        n_models = len(self.models)
+        digits = self.bundle.data.startswith("digits") or self.class_names() == [str(i) for i in range(10)]
+        what = "MNIST digits" if digits else "images"
+        stores = ", ".join(label for name, label in self.available_methods().items() if not name.startswith("baseline"))
+        if self.is_latent:
+            lc, lh, lw = self.image_shape
+            _, ph, pw = self.pixel_shape
+            kind = "text-conditional latent" if self.is_conditional else "latent"
+            lora = " with a LoRA adapter" if self.bundle.lora_dirs else ""
+            return (
+                f"**{self.bundle.name}**  \n"
+                f"{n_models} {kind} diffusion model{'s' if n_models > 1 else ''}{lora} "
+                f"({ph}×{pw} images, {lc}×{lh}×{lw} latents), trained on **{self.num_train:,} "
+                f"{'captioned ' if self.captions is not None else ''}images**.  \n"
+                f"Attribution methods ready: {stores or 'similarity baselines only'}."
+            )
+        return (
+            f"**{self.bundle.name}**  \n"
+            f"{n_models} diffusion models (DDPMs) trained on **{self.num_train:,} {what}** ({h}×{w} {kind}); "
+            f"the first generates, all {n_models} are averaged for the scores.  \n"
+            f"Attribution methods ready: {stores or 'similarity baselines only'}."
+        )
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -232,9 +192,8 @@ class Workspace:
 
         ``prompt`` and ``guidance_scale`` apply to text-conditional models only.
         """
-        key = f"seed{seed}-{scheduler}{num_steps}"
-        if self.models[0].is_conditional:
-            key += "-" + hashlib.sha256(f"{guidance_scale}|{prompt}".encode()).hexdigest()[:12]
+        key = SampleRecipe("seed", seed=int(seed), prompt=prompt, guidance_scale=guidance_scale, num_steps=num_steps,
+                           scheduler=scheduler).key(self.is_conditional)
         traj = self._trajectories.get(key)
         if traj is None:
             cfg = SamplingConfig(num_inference_steps=num_steps, seed=seed, scheduler=scheduler, prompt=prompt,
@@ -246,9 +205,7 @@ class Workspace:
     def upload(self, data: bytes, num_steps: int = 50, prompt: str = "") -> tuple[str, Trajectory]:
         """Decode an uploaded image (raises ``ImageDecodeError`` with a message) and invert it
         (conditioned on ``prompt`` for text-conditional models)."""
-        key = "upload-" + hashlib.sha256(data).hexdigest()[:16] + f"-{num_steps}"
-        if prompt:
-            key += "-" + hashlib.sha256(prompt.encode()).hexdigest()[:12]
+        key = SampleRecipe("upload", data=data, prompt=prompt, num_steps=num_steps).key(self.is_conditional)
         traj = self._trajectories.get(key)
         if traj is None:
             image = decode_image(data, self.pixel_shape)
@@ -258,6 +215,14 @@ class Workspace:
 
     def trajectory(self, key: str) -> Trajectory | None:
         return self._trajectories.get(key)
+
+    def sample(self, recipe: SampleRecipe) -> tuple[str, Trajectory]:
+        """The trajectory of ``recipe`` (made, or from the cache) and its key."""
+        prompt = recipe.prompt or ""
+        if recipe.kind == "seed":
+            scale = recipe.guidance_scale if recipe.guidance_scale is not None else SamplingConfig.guidance_scale
+            return self.generate(recipe.seed, recipe.num_steps, recipe.scheduler, prompt=prompt, guidance_scale=scale)
+        return self.upload(recipe.data, recipe.num_steps, prompt=prompt)
 
     # ------------------------------------------------------------------ methods
     def available_methods(self) -> dict[str, str]:
@@ -294,15 +259,31 @@ class Workspace:
             raise StoreError(f"no store location configured for output {output!r}")
         return self.writable_path(path)
 
-    def build_store(self, output: str, progress: Progress | None = None) -> Path:
-        """Featurize the store of train output ``output`` (resumes if interrupted)."""
-        path = self.store_path(output)
-        from dataclasses import replace
+    def build_store(self, output: str, progress: Progress | None = None,
+                    models: Sequence[DiffusionModel] | None = None) -> Path:
+        """Featurize the store of train output ``output`` (resumes if interrupted).
 
+        ``models``: the checkpoints to differentiate (default: the workspace's own); a background
+        build passes copies, so that it never differentiates the modules a caller is scoring with.
+        """
+        path = self.store_path(output)
         cfg = replace(self.bundle.featurize, output=output)
-        featurize(self.models, self.dataset, path, cfg, progress=progress,
-                  latent_cache_dir=self.writable_path(CACHE_DIR / "latents"))
+        featurize(list(models or self.models), self.dataset, path, cfg, progress=progress,
+                  latent_cache_dir=self.writable_path(bundles.CACHE_DIR / "latents"))
         return path
+
+    def start_build(self, output: str) -> Job:
+        """Build the store of ``output`` in the background, on copies of the models (no-op while one runs)."""
+        self.store_path(output)  # refuses a location outside the bundle's directories before starting
+
+        def work(job: Job) -> None:
+            self.build_store(output, job.progress, models=[copy.deepcopy(m) for m in self.models])
+
+        return self.jobs.start(("build", output), f"build-store-{output}", work)
+
+    def build_job(self, output: str) -> Job | None:
+        """The background build of ``output`` started by :meth:`start_build`, if any."""
+        return self.jobs.get(("build", output))
 
     def scorer(self, method: str) -> Scorer:
         with self._lock:
@@ -336,7 +317,7 @@ class Workspace:
             return self._baselines[name]
 
     # ------------------------------------------------------------------ scores
-    def cached_scores(self, key: str, method: str, step: int, mask: np.ndarray | None = None) -> np.ndarray | None:
+    def cached_scores(self, key: str, method: str, step: int, mask: np.ndarray | PatchMask | None = None) -> np.ndarray | None:
         return self._scores.get((key, method, int(step), mask_key(mask)))
 
     def scores(
@@ -344,19 +325,24 @@ class Workspace:
         key: str,
         method: str,
         steps: Sequence[int],
-        mask: np.ndarray | None = None,
+        mask: np.ndarray | PatchMask | None = None,
         progress: Progress | None = None,
     ) -> np.ndarray:
-        """(len(steps), N) scores of trajectory ``key``; computes only the steps not cached."""
+        """(len(steps), N) scores of trajectory ``key``; computes only the steps not cached.
+
+        ``mask``: (H, W) patch weights at the pixel size, or a :class:`~attribution.scoring.masks.PatchMask`
+        (hashed once for all the calls that name it).
+        """
         traj = self._trajectories.get(key)
         if traj is None:
             raise KeyError(f"unknown trajectory {key!r}; generate or upload it first")
         steps = [int(s) for s in steps]
         mk = mask_key(mask)
+        mask = mask_values(mask)
         # rows are kept locally: other callers may evict them from the bounded cache at any time
         rows = {s: self._scores.get((key, method, s, mk)) for s in steps}
         if any(r is None for r in rows.values()):
-            with self._compute_lock:
+            with self._compute_lock.hold(background=self.jobs.in_job()):
                 rows.update(self._compute_missing(traj, key, method, [s for s, r in rows.items() if r is None], mask, mk, progress))
         return np.stack([rows[s] for s in steps])
 
@@ -380,33 +366,27 @@ class Workspace:
         return found
 
     def prefetch(self, key: str, method: str, steps: Sequence[int], chunk: int = 5) -> None:
-        """Compute the scores of ``steps`` in a background thread (no-op if already running)."""
-        job_key = (key, method)
-        with self._lock:
-            job = self._jobs.get(job_key)
-            if job is not None and job["thread"].is_alive():
-                return
-            todo = [int(s) for s in steps]
-            job = {"done": 0, "total": len(todo), "error": None}
+        """Compute the scores of ``steps`` in the background, ``chunk`` at a time (no-op if already running)."""
+        todo = [int(s) for s in steps]
 
-            def run() -> None:
-                try:
-                    for i in range(0, len(todo), chunk):
-                        self.scores(key, method, todo[i : i + chunk])
-                        job["done"] = min(i + chunk, len(todo))
-                except Exception as e:  # reported to the caller through job_status
-                    job["error"] = f"{type(e).__name__}: {e}"
+        def work(job: Job) -> None:
+            for i in range(0, len(todo), chunk):
+                job.check()
+                self.scores(key, method, todo[i : i + chunk])
+                job.done = min(i + chunk, len(todo))
 
-            job["thread"] = threading.Thread(target=run, daemon=True, name=f"prefetch-{key}-{method}")
-            self._jobs[job_key] = job
-            job["thread"].start()
+        self.jobs.start(("scores", key, method), f"prefetch-{key}-{method}", work, total=len(todo))
 
     def job_status(self, key: str, method: str) -> tuple[int, int, str | None]:
         """(steps done, steps total, error or None) of the background job for (key, method)."""
-        job = self._jobs.get((key, method))
+        job = self.jobs.get(("scores", key, method))
         if job is None:
             return (0, 0, None)
-        return (job["done"], job["total"], job["error"])
+        return (job.done, job.total, job.error)
+
+    def shutdown(self) -> None:
+        """Stop the background jobs and wait for them (also done at interpreter exit)."""
+        self.jobs.shutdown()
 
     # ------------------------------------------------------------------ curves
     def classify(self, images: torch.Tensor) -> torch.Tensor:
