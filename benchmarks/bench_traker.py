@@ -43,7 +43,7 @@ Usage::
 
 Writes ``benchmarks/results/bench_traker.json`` (``--out``).
 traker's fp16 path (its default, ``use_half_precision=True``) is not run: fp16 matmuls
-are ~30x slower on this CPU (0.4 examples/s measured, shared/notes/performance-facts.md).
+are ~30x slower on this CPU (0.4 examples/s measured, docs/performance.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Sample quality of the bundled ensemble: share of samples the digit classifier labels with confidence >= 0.9.
 
-Usage: python scripts/sample_quality.py [--num-samples 100] [--steps 50] [--out runs/sample_quality.json]
+Usage: python benchmarks/sample_quality.py [--num-samples 100] [--steps 50] [--out runs/sample_quality.json]
 Prints a table (one row per checkpoint) and writes JSON.
 """
 

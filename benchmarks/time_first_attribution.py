@@ -1,6 +1,6 @@
 """Time from a fresh process to the first attribution on the bundled default (what the app does on first load).
 
-Usage: python scripts/time_first_attribution.py
+Usage: python benchmarks/time_first_attribution.py
 """
 
 import time

@@ -6,8 +6,8 @@ latents 4 x 16 x 16; a small AutoencoderKL and CLIP text encoder), a captioned
 random image set, and times (1) encoding the latents and (2) featurize with the
 default projection, printing examples per second. Nothing is downloaded.
 
-    OMP_NUM_THREADS=1 python scripts/time_latent_featurize.py --num-train 64
-    python scripts/time_latent_featurize.py --lora      # gradients of LoRA weights only
+    OMP_NUM_THREADS=1 python benchmarks/time_latent_featurize.py --num-train 64
+    python benchmarks/time_latent_featurize.py --lora      # gradients of LoRA weights only
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Starts ``streamlit run app.py`` on a free port (stopped by PID at teardown), drives
 it with Playwright through Debian's ``/usr/bin/chromium`` (see
-``shared/notes/browser-testing.md``), saves a screenshot of every page into
+``docs/browser-testing.md``), saves a screenshot of every page into
 ``screenshots/`` and prints (does not assert) the time of a first computation and
 of redraws of cached steps.
 """

@@ -1,4 +1,4 @@
-"""Core math against brute force on tiny models (see shared/DESIGN.md, testing strategy)."""
+"""Core math against brute force on tiny models (see docs/design.md, Testing)."""
 
 from __future__ import annotations
 

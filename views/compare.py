@@ -14,7 +14,7 @@ key, traj = ui.sample_page(
     "rankings of the training set agree.",
 )
 step = ui.step_slider(traj)
-k = st.sidebar.slider("Influencers per method", 3, 8, 5, key="compare_k", persist_state="session")
+k = st.sidebar.slider("Influencers per method", 3, 8, 5, key=ui.state.COMPARE_K, persist_state="session")
 
 methods = ui.available_methods(ws)
 rows = {}
