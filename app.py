@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-import app_support as ui
+import ui
 
 st.set_page_config(page_title="Diffusion attribution explorer", page_icon=":material/blur_on:", layout="wide")
 
@@ -40,7 +40,7 @@ with st.sidebar:
             st.stop()
     else:
         with st.container(border=True):
-            st.markdown(ui.describe_bundle(ws))
+            st.markdown(ws.describe())
         sample_slot = st.empty()
 
 page.run()

@@ -8,15 +8,27 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from .allocator import tune_malloc
-from .config import DRAW_SHARINGS, INVERSION_REFINE_ITERS, TIMESTEP_SAMPLINGS, FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig
+from .config import (
+    DRAW_SHARINGS,
+    INVERSION_REFINE_ITERS,
+    PROJECTION_KINDS,
+    TIMESTEP_SAMPLINGS,
+    TRAIN_OUTPUTS,
+    FeaturizeConfig,
+    QueryConfig,
+    SamplingConfig,
+    TrainConfig,
+    setting_help,
+)
+from .features.outputs import METHODS
+from .tools.allocator import tune_malloc
 
 
 class _LazyBar:
@@ -57,8 +69,8 @@ def _steps(spec: str, num_steps: int) -> list[int]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .data import load_dataset
-    from .training import train_ddpm
+    from .data.datasets import load_dataset
+    from .models.training import train_ddpm
 
     ds = load_dataset(args.data, image_shape=None if args.data.startswith("digits") else (args.channels, args.size, args.size))
     subset = None
@@ -79,20 +91,20 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _load_with_lora(paths, lora_dirs, device):
     """The models of ``paths`` with trained LoRA weights loaded (one directory, or one per model)."""
-    from .models import load_models
+    from .models.load import load_models
 
     models = load_models(paths, device)
     if lora_dirs:
-        from .latent_models import apply_lora
+        from .models.lora import apply_lora
 
         apply_lora(models, lora_dirs)
     return models
 
 
 def cmd_featurize(args: argparse.Namespace) -> None:
-    from .data import load_dataset
-    from .featurize import featurize
-    from .models import resolve_device
+    from .data.datasets import load_dataset
+    from .features.featurize import featurize
+    from .models.base import resolve_device
 
     if args.anchors and args.distributed:
         raise ValueError("--anchors cannot be combined with --distributed yet: featurize each anchor's store alone")
@@ -100,7 +112,7 @@ def cmd_featurize(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     rank, world_size = 0, 1
     if args.distributed:
-        from .distributed import init_from_env, local_device
+        from .features.distributed import init_from_env, local_device
 
         device = local_device(device)
         rank, world_size = init_from_env(device)
@@ -120,7 +132,7 @@ def cmd_featurize(args: argparse.Namespace) -> None:
         draw_seed=args.draw_seed,
     )
     if args.distributed:
-        from .distributed import featurize_distributed, shutdown
+        from .features.distributed import featurize_distributed, shutdown
 
         bar, update = _bar(f"featurize (rank 0 of {world_size})") if rank == 0 else (None, None)
         try:
@@ -146,10 +158,11 @@ def cmd_featurize(args: argparse.Namespace) -> None:
 
 
 def cmd_attribute(args: argparse.Namespace) -> None:
-    from .anchored import checkpoint_dirs, open_scorer
-    from .data import decode_image
-    from .models import resolve_device
-    from .trajectory import invert_image, sample_trajectory
+    from .data.datasets import decode_image
+    from .models.base import resolve_device
+    from .sampling.inversion import invert_image
+    from .sampling.trajectory import sample_trajectory
+    from .scoring.anchored import checkpoint_dirs, open_scorer
 
     device = resolve_device(args.device)
     paths = args.model or checkpoint_dirs(args.store)
@@ -167,9 +180,12 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     steps = _steps(args.steps, traj.num_steps)
     mask = None
     if args.mask:
-        from .data import decode_image as _decode
+        from .scoring.masks import mask_from_selection
 
-        mask = (_decode(Path(args.mask), (1, *models[0].pixel_shape[1:])) > 0).float()
+        size = tuple(models[0].pixel_shape[1:])
+        mask = mask_from_selection(decode_image(Path(args.mask), (1, *size))[0].numpy(), size, soft=False)
+        if mask is None:
+            raise ValueError("the mask selects no pixel; paint a region first")
     scorer = open_scorer(args.store, models, args.method, QueryConfig(num_resamples=args.num_resamples, ridge=args.ridge))
     bar, update = _bar("attribute")
     result = scorer.score(traj, steps, mask, progress=update)
@@ -191,8 +207,8 @@ def cmd_attribute(args: argparse.Namespace) -> None:
 
 
 def cmd_build_assets(args: argparse.Namespace) -> None:
-    from .assets import build_assets, verify_assets
-    from .workspace import ASSETS_DIR
+    from .tools.assets import build_assets, verify_assets
+    from .workspace.workspace import ASSETS_DIR
 
     assets = args.assets or ASSETS_DIR
     if args.verify:
@@ -216,7 +232,7 @@ def cmd_build_assets(args: argparse.Namespace) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import healthy, run_doctor
+    from .tools.doctor import healthy, run_doctor
 
     findings = run_doctor(args.store, args.model, args.data, record_checksums=args.record_checksums)
     for f in findings:
@@ -229,20 +245,28 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if healthy(findings) else 1
 
 
+def _setting(parser: argparse.ArgumentParser, flag: str, cls: type, name: str, **kw) -> None:
+    """A flag for setting ``name`` of the config dataclass ``cls``: its default and its help text come from ``cls``."""
+    default = next(f.default for f in fields(cls) if f.name == name)
+    if isinstance(default, tuple):
+        default = list(default)
+    parser.add_argument(flag, default=default, help=kw.pop("help", setting_help(cls, name)), **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attribution", description="Step-by-step data attribution for diffusion models")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a DDPM on a dataset or a subset of it")
-    t.add_argument("--data", default="digits", help="'digits', an image folder or an .npz")
-    t.add_argument("--out", required=True, type=Path)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    t.add_argument("--lr", type=float, default=TrainConfig.lr)
-    t.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
-    t.add_argument("--block-out-channels", type=int, nargs="+", default=list(TrainConfig.block_out_channels))
-    t.add_argument("--layers-per-block", type=int, default=TrainConfig.layers_per_block)
+    t.add_argument("--data", default="digits", help="training set: 'digits', an image folder or an .npz")
+    t.add_argument("--out", required=True, type=Path, help="directory to save the trained pipeline in")
+    t.add_argument("--seed", type=int, default=0, help=setting_help(TrainConfig, "seed"))
+    _setting(t, "--epochs", TrainConfig, "epochs", type=int)
+    _setting(t, "--batch-size", TrainConfig, "batch_size", type=int)
+    _setting(t, "--lr", TrainConfig, "lr", type=float)
+    _setting(t, "--ema-decay", TrainConfig, "ema_decay", type=float)
+    _setting(t, "--block-out-channels", TrainConfig, "block_out_channels", type=int, nargs="+")
+    _setting(t, "--layers-per-block", TrainConfig, "layers_per_block", type=int)
     t.add_argument("--subset-mask", type=Path, help=".npy bool mask (N,) of training examples to keep")
     t.add_argument("--coupled", action="store_true",
                    help="with --subset-mask: replay the full-data run of --seed (shuffling, timesteps, noises) and "
@@ -253,29 +277,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("featurize", help="compute train features of every checkpoint into a store")
     f.add_argument("--model", action="append", required=True, help="diffusers model directory (repeat for an ensemble)")
-    f.add_argument("--data", default="digits")
-    f.add_argument("--store", required=True, type=Path)
-    f.add_argument("--proj-dim", type=int, default=FeaturizeConfig.proj_dim)
-    f.add_argument("--projection", choices=["sjlt", "gaussian", "identity", "factorized"], default=FeaturizeConfig.proj_kind)
-    f.add_argument("--proj-seed", type=int, default=0)
-    f.add_argument("--num-draws", type=int, default=FeaturizeConfig.num_draws, help="(timestep, noise) draws per example")
-    f.add_argument("--timestep-sampling", choices=list(TIMESTEP_SAMPLINGS), default=FeaturizeConfig.timestep_sampling,
-                   help="how the draws' timesteps are chosen (even: 0, T/D, 2T/D, ... as D-TRAK)")
+    f.add_argument("--data", default="digits", help="training set: 'digits', an image folder or an .npz")
+    f.add_argument("--store", required=True, type=Path, help="store directory to create or resume")
+    _setting(f, "--proj-dim", FeaturizeConfig, "proj_dim", type=int)
+    _setting(f, "--projection", FeaturizeConfig, "proj_kind", choices=list(PROJECTION_KINDS),
+             help="random projection: sjlt (sparse sign sketch), gaussian (dense), identity (no projection) or "
+                  "factorized (per-layer Kronecker, without per-example gradients)")
+    f.add_argument("--proj-seed", type=int, default=0, help=setting_help(FeaturizeConfig, "proj_seed"))
+    _setting(f, "--num-draws", FeaturizeConfig, "num_draws", type=int, help="(timestep, noise) draws per example")
+    _setting(f, "--timestep-sampling", FeaturizeConfig, "timestep_sampling", choices=list(TIMESTEP_SAMPLINGS),
+             help="how the draws' timesteps are chosen (even: 0, T/D, 2T/D, ... as D-TRAK)")
     f.add_argument("--timestep-range", type=int, nargs=2, metavar=("LO", "HI"),
                    help="draw timesteps from [LO, HI) only (default: all T); LO LO+1 matches one sampling step")
-    f.add_argument("--output", default="loss", help="model output: loss (journey-TRAK) or square/l1/l2/mean (D-TRAK)")
+    f.add_argument("--output", default="loss", choices=list(TRAIN_OUTPUTS),
+                   help="model output: loss (journey-TRAK) or square/l1/l2/mean (D-TRAK)")
     f.add_argument("--params", nargs="*", help="parameter-name prefixes to differentiate (default: all; with --lora: re:lora_)")
     f.add_argument("--lora", action="append", help="trained LoRA weights (peft dir or pytorch_lora_weights.safetensors); one, or one per --model")
     f.add_argument("--half", action="store_true", help="store features in float16")
     f.add_argument("--anchors", type=int, nargs="+",
                    help="build an anchored store: one store per anchor timestep, with --num-draws common draws at "
-                        "exactly that timestep; queries use the nearest anchor and its noises (attribution.anchored)")
+                        "exactly that timestep; queries use the nearest anchor and its noises (attribution.scoring.anchored)")
     f.add_argument("--draw-seed", type=int, default=FeaturizeConfig.draw_seed,
                    help="seed of the (timestep, noise) draws")
     f.add_argument("--draw-sharing", choices=list(DRAW_SHARINGS), default=FeaturizeConfig.draw_sharing,
                    help="per-example: each example draws its own (timestep, noise) pairs; common: every example "
                         "shares the same pairs (common random numbers)")
-    f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--batch-size", type=int, default=64, help="examples per store write (gradients are chunked inside)")
     f.add_argument("--device", default="auto", help="cpu, cuda or auto")
     f.add_argument(
         "--distributed",
@@ -287,34 +314,36 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_featurize)
 
     a = sub.add_parser("attribute", help="score every training example at the steps of a sample")
-    a.add_argument("--store", required=True, type=Path)
+    a.add_argument("--store", required=True, type=Path, help="store built by featurize")
     a.add_argument("--model", action="append", help="model directories (default: those recorded in the store)")
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--seed", type=int, help="generate a sample from this seed")
     src.add_argument("--image", type=Path, help="attribute an image file (DDIM inversion)")
     a.add_argument("--steps", default="all", help="'all' or comma-separated step indices")
-    a.add_argument("--num-steps", type=int, default=50, help="sampling steps")
+    _setting(a, "--num-steps", SamplingConfig, "num_inference_steps", type=int, help="sampling steps")
     a.add_argument("--inversion-iters", type=int, default=INVERSION_REFINE_ITERS,
                    help="with --image: fixed-point refinements per DDIM inversion step (0: plain inversion)")
-    a.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
+    _setting(a, "--scheduler", SamplingConfig, "scheduler", choices=["ddim", "ddpm"])
     a.add_argument("--lora", action="append", help="the LoRA weights the store was built with (as for featurize)")
-    a.add_argument("--prompt", default="", help="text prompt (text-conditional models)")
-    a.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (text-conditional models)")
+    _setting(a, "--prompt", SamplingConfig, "prompt", help="text prompt (text-conditional models)")
+    _setting(a, "--guidance-scale", SamplingConfig, "guidance_scale", type=float,
+             help="classifier-free guidance (text-conditional models)")
     a.add_argument("--mask", type=Path, help="image whose non-black pixels select the patch")
-    a.add_argument("--method", default="journey")
-    a.add_argument("--num-resamples", type=int, default=QueryConfig.num_resamples, help="K in Eq. (3)")
-    a.add_argument("--ridge", type=float, default=QueryConfig.ridge)
-    a.add_argument("--top-k", type=int, default=10)
-    a.add_argument("--device", default="auto")
-    a.add_argument("--out", required=True, type=Path)
+    a.add_argument("--method", default="journey", choices=list(METHODS), metavar="METHOD",
+                   help="attribution method: " + "; ".join(f"{n} ({m.label})" for n, m in METHODS.items()))
+    _setting(a, "--num-resamples", QueryConfig, "num_resamples", type=int, help="K in Eq. (3)")
+    _setting(a, "--ridge", QueryConfig, "ridge", type=float)
+    a.add_argument("--top-k", type=int, default=10, help="influencers each way to print and save")
+    a.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    a.add_argument("--out", required=True, type=Path, help="output .npz of the scores")
     a.set_defaults(func=cmd_attribute)
     b = sub.add_parser("build-assets", help="rebuild the bundled default under assets/ (skips what exists)")
     b.add_argument("--assets", type=Path, help="assets directory (default: the repo's assets/)")
-    b.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    _setting(b, "--epochs", TrainConfig, "epochs", type=int)
     b.add_argument("--verify", action="store_true", help="only check the files against MANIFEST.json")
     b.set_defaults(func=cmd_build_assets)
     d = sub.add_parser("doctor", help="verify a store, its model directories and data; print what is wrong and the fix")
-    d.add_argument("--store", required=True, type=Path)
+    d.add_argument("--store", required=True, type=Path, help="store directory to check")
     d.add_argument("--model", action="append", help="model directories (default: those recorded in the store)")
     d.add_argument("--data", help="dataset spec to compare with the store's ('digits', a folder, an .npz)")
     d.add_argument("--record-checksums", action="store_true",

@@ -10,17 +10,57 @@ Defaults are sized for the bundled digit models on a 2-core CPU.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
 from typing import Any
 
-#: Names of the model-output functions, see :mod:`attribution.outputs`.
+#: Names of the model-output functions, see :mod:`attribution.features.outputs`.
 TRAIN_OUTPUTS = ("loss", "square", "l1", "l2", "mean")
 
 #: Default relative ridge: lambda = DEFAULT_RIDGE * trace(Phi^T Phi) / d.
 DEFAULT_RIDGE = 1e-2
 
 
-#: Fixed-point refinements per DDIM inversion step of an upload (:mod:`attribution.trajectory`).
+class ProjectionKind(str, Enum):
+    """The kinds of random projection (:mod:`attribution.features.projection`); values are the names used in
+    settings, store manifests and the CLI."""
+
+    SJLT = "sjlt"
+    GAUSSIAN = "gaussian"
+    IDENTITY = "identity"
+    FACTORIZED = "factorized"
+
+
+#: Values of ``FeaturizeConfig.proj_kind``.
+PROJECTION_KINDS = tuple(k.value for k in ProjectionKind)
+
+#: Fixed-point refinements per DDIM inversion step of an upload (:mod:`attribution.sampling.inversion`).
 INVERSION_REFINE_ITERS = 5
+
+def setting_help(cls: type, name: str) -> str:
+    """Help text of setting ``name`` of the dataclass ``cls``, for the CLI's flags.
+
+    A field's ``metadata["help"]`` if it has one, else its entry in the class docstring
+    (``name: text`` under ``Attributes:`` or any other indented list), whitespace collapsed.
+    """
+    for f in fields(cls):
+        if f.name == name and "help" in f.metadata:
+            return f.metadata["help"]
+    entries: dict[str, list[str]] = {}
+    current = None
+    for line in (cls.__doc__ or "").splitlines():
+        head, sep, rest = line.strip().partition(": ")
+        indent = len(line) - len(line.lstrip())
+        if sep and head.replace("_", "").replace(" / ", "").isalnum() and indent <= 8:
+            for key in head.split(" / "):
+                entries[key] = current = [rest]
+        elif current is not None and line.strip() and indent > 8:
+            current.append(line.strip())
+        else:
+            current = None
+    if name not in entries:
+        raise KeyError(f"{cls.__name__}.{name} has no help text")
+    return " ".join(" ".join(entries[name]).replace("``", "").split())
+
 
 #: Values of ``FeaturizeConfig.timestep_sampling``.
 TIMESTEP_SAMPLINGS = ("auto", "stratified", "log-stratified", "uniform", "even")
@@ -42,7 +82,7 @@ class FeaturizeConfig:
             dense matrix), ``"gaussian"`` (dense N(0, 1/d), generated blockwise) or
             ``"identity"`` (no projection; d = number of parameters; for exact tests)
             or ``"factorized"`` (per-layer Kronecker Gaussian computed without
-            per-example gradients, :mod:`attribution.factorized`).
+            per-example gradients, :mod:`attribution.features.projection.factorized`).
         proj_seed: seed of the projection of checkpoint 0; checkpoint m uses
             ``proj_seed + m`` (a fresh matrix per checkpoint, Algorithm 1 line 6).
         sjlt_nnz: non-zeros per input coordinate of the sparse sketch.
@@ -54,7 +94,7 @@ class FeaturizeConfig:
             ``num_draws`` equal strata of [0, T)), ``"log-stratified"`` (strata of
             equal width in log(t + T/200): denser at small t, where the loss gradient
             changes fastest with t; what makes late-step self-attribution work, see
-            :func:`attribution.featurize.log_strata`), ``"uniform"`` or ``"even"``
+            :func:`attribution.features.featurize.log_strata`), ``"uniform"`` or ``"even"``
             (D-TRAK's ``range(0, T, T // num_draws)``).
         timestep_range: ``(lo, hi)``: take the draws from ``[lo, hi)`` instead of
             ``[0, T)`` (strata, even grid or uniform draws within it). ``(t, t + 1)``
@@ -71,7 +111,7 @@ class FeaturizeConfig:
         param_filter: parameters to differentiate (``None``: all): name prefixes, or
             regular expressions written ``"re:<pattern>"`` (searched in the name), e.g.
             ``("re:lora_",)`` for LoRA adapter weights; see
-            :func:`attribution.gradients.param_matcher`.
+            :func:`attribution.features.gradients.param_matcher`.
         store_dtype: dtype of the stored features (``"float32"`` or ``"float16"``).
     """
 
@@ -91,7 +131,7 @@ class FeaturizeConfig:
     def __post_init__(self) -> None:
         if self.output not in TRAIN_OUTPUTS:
             raise ValueError(f"unknown output {self.output!r}; choose one of {TRAIN_OUTPUTS}")
-        if self.proj_kind not in ("sjlt", "gaussian", "identity", "factorized"):
+        if self.proj_kind not in PROJECTION_KINDS:
             raise ValueError(f"unknown proj_kind {self.proj_kind!r}; choose sjlt, gaussian, identity or factorized")
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}")
@@ -171,6 +211,12 @@ class QueryConfig:
 class SamplingConfig:
     """How a trajectory is sampled: scheduler kind, number of steps, seed.
 
+    Attributes:
+        num_inference_steps: sampling steps S.
+        scheduler: ``"ddim"`` (deterministic given the seed's initial noise) or ``"ddpm"``.
+        seed: seed of the initial noise (and of DDPM's per-step noise).
+        eta: DDIM's eta (0: deterministic).
+
     Text-conditional models also use:
         prompt: the text the sample is conditioned on (``""``: unconditional).
         negative_prompt: the text of the unconditional branch of guidance (usually ``""``).
@@ -200,12 +246,14 @@ class SamplingConfig:
 class TrainConfig:
     """DDPM training settings (used for the bundled ensemble and LDS retraining)."""
 
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 2e-3
-    ema_decay: float = 0.995
-    seed: int = 0
-    block_out_channels: tuple[int, ...] = (16, 32, 32)
-    layers_per_block: int = 1
-    num_train_timesteps: int = 1000
+    epochs: int = field(default=40, metadata={"help": "passes over the training set"})
+    batch_size: int = field(default=64, metadata={"help": "examples per optimizer step"})
+    lr: float = field(default=2e-3, metadata={"help": "Adam learning rate"})
+    ema_decay: float = field(default=0.995, metadata={"help": "decay of the weights' exponential moving average "
+                                                              "(the saved model)"})
+    seed: int = field(default=0, metadata={"help": "seed of the initialization, shuffling, timesteps and noises"})
+    block_out_channels: tuple[int, ...] = field(default=(16, 32, 32),
+                                                metadata={"help": "channels of the UNet's resolution levels"})
+    layers_per_block: int = field(default=1, metadata={"help": "ResNet layers per UNet block"})
+    num_train_timesteps: int = field(default=1000, metadata={"help": "T of the noise schedule"})
     extra: dict[str, Any] = field(default_factory=dict)

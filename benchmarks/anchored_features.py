@@ -35,16 +35,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from class_signal_levers import GRID, TrakVariant, draw_store  # noqa: E402
 
-from attribution.classifier import load_classifier  # noqa: E402
+from attribution.models.classifier import load_classifier  # noqa: E402
 from attribution.config import QueryConfig, SamplingConfig  # noqa: E402
-from attribution.data import digits_dataset  # noqa: E402
+from attribution.data.datasets import digits_dataset  # noqa: E402
 from attribution.evaluation.class_signal import class_measures, steps_of_timesteps  # noqa: E402
-from attribution.factorized import projected_step_grads  # noqa: E402
-from attribution.featurize import draw_timesteps_and_noise  # noqa: E402
-from attribution.models import load_models  # noqa: E402
-from attribution.scoring import Scorer  # noqa: E402
-from attribution.store import Store  # noqa: E402
-from attribution.trajectory import sample_trajectory  # noqa: E402
+from attribution.features.gradients import DrawBatch, GradientTarget  # noqa: E402
+from attribution.features.featurize import draw_timesteps_and_noise  # noqa: E402
+from attribution.models.load import load_models  # noqa: E402
+from attribution.scoring.scorer import Scorer  # noqa: E402
+from attribution.features.store import Store  # noqa: E402
+from attribution.sampling.trajectory import sample_trajectory  # noqa: E402
 
 MODELS = [ROOT / "assets" / "ensemble" / f"ddpm-seed{s}" for s in range(3)]
 
@@ -104,7 +104,8 @@ def main() -> None:
     def query(m: int, x0: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
         sc = scorer_of[t]
         ts = torch.full((1, len(eps)), t, dtype=torch.long)
-        return projected_step_grads(sc.projectors[m], models[m], sc.params[m], sc.output, x0[None], ts, eps[None])[0].double()
+        target = GradientTarget(models[m], sc.params[m], sc.output)
+        return sc.projectors[m].step_features(target, DrawBatch(x0[None], ts, eps[None]))[0].double()
 
     rows: dict[str, list] = {}
     for q in range(args.num_samples):

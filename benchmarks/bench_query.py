@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from attribution.config import QueryConfig, SamplingConfig
+    from attribution.features import Store
     from attribution.models import load_models
+    from attribution.sampling import sample_trajectory
     from attribution.scoring import Scorer, query_noises
-    from attribution.store import Store
-    from attribution.trajectory import sample_trajectory
 
     torch.set_num_threads(args.threads)
     store = Store.open(args.store)

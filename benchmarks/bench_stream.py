@@ -1,6 +1,6 @@
 """Scoring against a store too large for memory: time and peak RSS of the streamed pass.
 
-Builds a synthetic store in the :class:`attribution.store.Store` layout (default
+Builds a synthetic store in the :class:`attribution.features.store.Store` layout (default
 1,000,000 train examples x 4,096 dims, float16: ~8 GB on disk under /tmp), then
 scores a 50-step query with ``Scorer.scores_from_features`` (which streams Phi in
 chunks of 16,384 rows through two reused buffers, ``Store.iter_chunks``) in a fresh subprocess, and reports its wall time and peak
@@ -55,7 +55,7 @@ import common  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 RIDGE = 1e-2
-CHUNK_ROWS = 16384  # attribution.store.STREAM_CHUNK_ROWS, Scorer.scores_from_features' default
+CHUNK_ROWS = 16384  # attribution.features.store.STREAM_CHUNK_ROWS, Scorer.scores_from_features' default
 
 
 # ====================================================================== building the store
@@ -64,7 +64,8 @@ def build_store(root: Path, rows: int, dim: int, seed: int = 0, base_rows: int =
     import numpy as np
 
     from attribution.config import FeaturizeConfig
-    from attribution.store import Store, StoreSpec, atomic_save_npy, atomic_write_bytes, sha256_file
+    from attribution.features import Store, StoreSpec
+    from attribution.tools import atomic_save_npy, atomic_write_bytes, sha256_file
 
     t_start = time.perf_counter()
     spec = StoreSpec(
@@ -134,12 +135,12 @@ def header_offset(npy_path: Path) -> int:
 
 # ====================================================================== scoring
 def stream_scorer(store, ridge: float = RIDGE):
-    """A :class:`attribution.scoring.Scorer` for the ``journey`` method without models
+    """A :class:`attribution.scoring.scorer.Scorer` for the ``journey`` method without models
     (enough for ``scores_from_features``); the Cholesky factor is built as ``Scorer.__init__`` does."""
     import torch
 
     from attribution.config import QueryConfig
-    from attribution.outputs import get_method
+    from attribution.features import get_method
     from attribution.scoring import Scorer
 
     sc = Scorer.__new__(Scorer)
@@ -263,7 +264,7 @@ def parse_variant(variant: str) -> tuple[str, int]:
 def worker_score(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
-    from attribution.store import Store
+    from attribution.features import Store
 
     root = Path(spec["store"])
     store = Store.open(root)
@@ -338,7 +339,7 @@ def worker_probe(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from attribution.store import Store
+    from attribution.features import Store
 
     root = Path(spec["store"])
     store = Store.open(root)

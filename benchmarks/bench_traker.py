@@ -1,7 +1,7 @@
 """Featurize / query speed, peak memory and score agreement: attribution vs traker (TRAK).
 
 Everything is measured in one run, on the same model, the same data, the same
-(timestep, noise) draws (``attribution.featurize.draw_timesteps_and_noise``), the
+(timestep, noise) draws (``attribution.features.featurize.draw_timesteps_and_noise``), the
 same projection dimension d and the same number of checkpoints M:
 
 * train examples/s featurized -- ours (``featurize`` with ``proj_kind="sjlt"``,
@@ -22,7 +22,7 @@ same projection dimension d and the same number of checkpoints M:
   settles at. The limit proxy is warm (one warm-up batch first). ``--no-warm-rerun`` skips it;
 * peak RSS of every method (each in its own subprocess, featurize and query apart);
 * ``--tune-malloc``: every worker (limit, ours, traker) first keeps freed memory in glibc's heap
-  (``attribution.allocator.tune_malloc``, what ``attribution featurize`` does), so the allocator is the
+  (``attribution.tools.allocator.tune_malloc``, what ``attribution featurize`` does), so the allocator is the
   same for all and the ratios compare the methods, not the allocators;
 * Spearman correlation of the scores: ours vs traker with independent matrices,
   with traker given *our* sjlt or factorized matrices (same math -> rho ~ 1), and ours at larger d
@@ -43,14 +43,13 @@ Usage::
 
 Writes ``benchmarks/results/bench_traker.json`` (``--out``).
 traker's fp16 path (its default, ``use_half_precision=True``) is not run: fp16 matmuls
-are ~30x slower on this CPU (0.4 examples/s measured, shared/notes/performance-facts.md).
+are ~30x slower on this CPU (0.4 examples/s measured, docs/performance.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -89,7 +88,7 @@ def _device(spec: dict[str, Any]) -> str:
 
 def _trajectory(model):
     from attribution.config import SamplingConfig
-    from attribution.trajectory import sample_trajectory
+    from attribution.sampling import sample_trajectory
 
     return sample_trajectory(model, SamplingConfig(num_inference_steps=NUM_STEPS, seed=0))
 
@@ -98,7 +97,7 @@ def _train_draws(model, n: int):
     import numpy as np
 
     from attribution.config import FeaturizeConfig
-    from attribution.featurize import draw_timesteps_and_noise
+    from attribution.features import draw_timesteps_and_noise
 
     cfg = FeaturizeConfig(num_draws=1)
     return draw_timesteps_and_noise(np.arange(n), cfg, model.num_train_timesteps, model.image_shape)
@@ -165,8 +164,7 @@ def worker_limit(spec: dict[str, Any]) -> dict[str, Any]:
 
 def worker_ours_featurize(spec: dict[str, Any]) -> dict[str, Any]:
     from attribution.config import FeaturizeConfig
-    from attribution.featurize import checkpoint_projector, featurize
-    from attribution.gradients import num_params, select_params
+    from attribution.features import checkpoint_projector, featurize, num_params, select_params
 
     models, ds = _load(spec)
     rss0 = common.rss_bytes()
@@ -205,8 +203,8 @@ def worker_ours_query(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from attribution.config import QueryConfig
+    from attribution.features import Store
     from attribution.scoring import Scorer
-    from attribution.store import Store
 
     models, _ = _load(spec)
     traj = _trajectory(models[0])
@@ -271,7 +269,7 @@ def _trak_projector(spec: dict[str, Any], params: dict[str, Any]):
     from trak.projectors import AbstractProjector, BasicProjector, ProjectionType
     from trak.utils import vectorize
 
-    from attribution.gradients import num_params as count_params
+    from attribution.features import num_params as count_params
 
     num_params = count_params(params)
     variant = spec["variant"]
@@ -289,7 +287,7 @@ def _trak_projector(spec: dict[str, Any], params: dict[str, Any]):
         )
     if variant in OUR_MATRIX_VARIANTS:
         from attribution.config import FeaturizeConfig
-        from attribution.featurize import checkpoint_projector
+        from attribution.features import checkpoint_projector
 
         kind = OUR_MATRIX_VARIANTS[variant]
         cfg = FeaturizeConfig(proj_kind=kind, proj_dim=spec["proj_dim"], num_draws=1, store_dtype="float32")
@@ -320,7 +318,7 @@ def _traker(spec: dict[str, Any], models, load: bool):
 
     from trak import TRAKer
 
-    from attribution.gradients import select_params
+    from attribution.features import select_params
 
     return TRAKer(
         model=models[0].unet,
@@ -441,8 +439,7 @@ def worker_exact(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from attribution.gradients import per_example_grads, select_params
-    from attribution.outputs import get_output
+    from attribution.features import get_output, per_example_grads, select_params
     from attribution.scoring import query_noises
 
     models, ds = _load(spec)
@@ -492,7 +489,7 @@ def worker_main(spec_json: str) -> None:
         torch.set_num_threads(int(spec["threads"]))
     tuned = False
     if spec.get("tune_malloc"):  # every method alike: the limit, ours and traker
-        from attribution.allocator import tune_malloc
+        from attribution.tools import tune_malloc
 
         tuned = tune_malloc()
     result = WORKERS[spec["kind"]](spec)
@@ -729,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
                         "fast_jl is installed, else BasicProjector)")
     p.add_argument("--tune-malloc", action="store_true",
                    help="every worker (limit, ours, traker) keeps freed memory in glibc's heap "
-                        "(attribution.allocator.tune_malloc, what `attribution featurize` does)")
+                        "(attribution.tools.allocator.tune_malloc, what `attribution featurize` does)")
     p.add_argument("--batch-size", type=int, default=64, help="featurize batch of ours, traker default and the limit (default model)")
     p.add_argument("--out", type=Path, default=common.RESULTS / "bench_traker.json")
     p.add_argument("--work", type=Path, help="scratch directory (default: a fresh one under /tmp)")

@@ -36,17 +36,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attribution.classifier import load_classifier  # noqa: E402
+from attribution.models.classifier import load_classifier  # noqa: E402
 from attribution.config import QueryConfig, SamplingConfig  # noqa: E402
-from attribution.data import digits_dataset  # noqa: E402
+from attribution.data.datasets import digits_dataset  # noqa: E402
 from attribution.config import FeaturizeConfig  # noqa: E402
 from attribution.evaluation.class_signal import REPORT_TIMESTEPS, class_measures, steps_of_timesteps  # noqa: E402
-from attribution.factorized import projected_step_grads  # noqa: E402
-from attribution.featurize import draw_timesteps_and_noise  # noqa: E402
-from attribution.models import load_models  # noqa: E402
-from attribution.scoring import Scorer  # noqa: E402
-from attribution.store import Store  # noqa: E402
-from attribution.trajectory import sample_trajectory  # noqa: E402
+from attribution.features.gradients import DrawBatch, GradientTarget  # noqa: E402
+from attribution.features.featurize import draw_timesteps_and_noise  # noqa: E402
+from attribution.models.load import load_models  # noqa: E402
+from attribution.scoring.scorer import Scorer  # noqa: E402
+from attribution.features.store import Store  # noqa: E402
+from attribution.sampling.trajectory import sample_trajectory  # noqa: E402
 
 GRID = (0, 2, 5, 10, 20, 40, 70, 110, 160, 240, 330, 480, 600, 740, 860, 980)
 
@@ -107,8 +107,8 @@ def main() -> None:
 
     def matched_query(x0: torch.Tensor, t: int, near: list[int]) -> torch.Tensor:
         ts = torch.full((1, len(near)), t, dtype=torch.long)
-        return projected_step_grads(scorer.projectors[0], model, scorer.params[0], scorer.output, x0[None], ts,
-                                    draw_noise[near][None])[0].double()
+        target = GradientTarget(model, scorer.params[0], scorer.output)
+        return scorer.projectors[0].step_features(target, DrawBatch(x0[None], ts, draw_noise[near][None]))[0].double()
     results: dict[str, dict] = {}
     for q in range(args.num_samples):
         traj = sample_trajectory(model, SamplingConfig(seed=args.seed_offset + q))

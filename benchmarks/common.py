@@ -1,6 +1,6 @@
 """Helpers shared by the benchmark scripts: machine info, memory, timing, subprocesses, models.
 
-Benchmarks are scripts, not tests (see shared/DESIGN.md): each prints a table and
+Benchmarks are scripts, not tests (see docs/design.md): each prints a table and
 writes JSON under ``benchmarks/results/``. Methods whose peak memory we report run
 in their own subprocess (``run_worker``) so that one method's peak cannot hide
 another's.
@@ -181,7 +181,7 @@ def save_random_pipeline(
     from diffusers import DDPMScheduler
 
     from attribution.config import TrainConfig
-    from attribution.training import make_unet
+    from attribution.models import make_unet
 
     if (directory / "model_index.json").exists():
         return directory

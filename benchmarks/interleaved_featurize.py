@@ -7,7 +7,7 @@ round's ratios are measured under the same load:
 * ``limit``: plain batched forward+backward of the mean loss (parameters requiring grad);
 * ``factorized``: ``FactorizedProjector.project_examples`` (one batched pass with hooks);
 * ``vmap+sjlt``: ``per_example_grads`` (torch.func vmap) then the sparse sketch;
-* ``hooks+sjlt``: ``projected_example_grads`` with the sjlt sketch, featurize's default path:
+* ``hooks+sjlt``: ``SparseSignProjector.example_features``, featurize's default path:
   one batched pass per chunk whose layer hooks form each layer's per-example gradients
   (convolutions by the grouped weight-gradient kernel or im2col) and project them at once;
   im2col layers hand their gradients over in cache-sized tiles of output rows;
@@ -28,8 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,12 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from attribution.config import FeaturizeConfig
-    from attribution.factorized import projected_example_grads
-    from attribution.featurize import checkpoint_projector, draw_timesteps_and_noise
-    from attribution.gradients import num_params, per_example_grads, select_params
+    from attribution.features import (
+        DrawBatch,
+        GradientTarget,
+        SparseSignProjector,
+        checkpoint_projector,
+        draw_timesteps_and_noise,
+        get_output,
+        num_params,
+        per_example_grads,
+        select_params,
+    )
     from attribution.models import load_models
-    from attribution.outputs import get_output
-    from attribution.projection import SparseSignProjector
 
     torch.set_num_threads(args.threads)
     if args.large:
@@ -92,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         "factorized": lambda sl: fact.project_examples(model, params, out, x0[sl], ts[sl], noises[sl]),
         "vmap+sjlt": lambda sl: sjlt.project(per_example_grads(model, params, out, x0[sl], ts[sl], noises[sl],
                                                                chunk_size=args.batch)),
-        "hooks+sjlt": lambda sl: projected_example_grads(sjlt, model, params, out, x0[sl], ts[sl], noises[sl],
+        "hooks+sjlt": lambda sl: sjlt.example_features(GradientTarget(model, params, out), DrawBatch(x0[sl], ts[sl], noises[sl]),
                                                          chunk_size=args.batch),
-        "hooks+sjlt untiled": lambda sl: projected_example_grads(untiled, model, params, out, x0[sl], ts[sl], noises[sl],
+        "hooks+sjlt untiled": lambda sl: untiled.example_features(GradientTarget(model, params, out), DrawBatch(x0[sl], ts[sl], noises[sl]),
                                                                  chunk_size=args.batch),
     }
     if args.skip_vmap:

@@ -5,15 +5,15 @@ The sjlt featurize path spends ~78 % of its time in vmap's per-example gradients
 UNet, the weight part of that work:
 
 * ``vmap``: ``vmap(grad(<conv(x_i, w), g_i>))``, featurize's path before 2026-11-25 (forward included);
-* ``grouped``: :func:`attribution.factorized.grouped_weight_grads`, featurize's path since 2026-11-29:
+* ``grouped``: :func:`attribution.features.hooks.grouped_weight_grads`, featurize's path since 2026-11-29:
   the convolution's own weight-gradient kernel with one group per example (the examples
   stacked along the channels), so mkldnn forms all B gradients in one call;
 * ``shifted``: 9 batched matmuls on a "wide" layout (the path of 2026-11-25): the output
   gradient is zero-padded to the padded input's width, so the input window of each kernel
   offset (ky, kx) is a contiguous slice of the flattened padded input, no im2col copy;
-* ``unfold``: :func:`attribution.factorized.unfold_weight_grads`, ``F.unfold`` (im2col) + one ``bmm``
+* ``unfold``: :func:`attribution.features.hooks.unfold_weight_grads`, ``F.unfold`` (im2col) + one ``bmm``
   (tried in section 00.4; since 2026-11-30 featurize's path for wide layers on small maps, the
-  ``chosen`` column says which of the two :func:`~attribution.factorized.conv_weight_grads` takes);
+  ``chosen`` column says which of the two :func:`~attribution.features.hooks.conv_weight_grads` takes);
 * ``batched``: the summed weight gradient of the batch (what a plain backward computes; the limit).
 
 All five are checked to agree before timing. Run:
@@ -30,9 +30,10 @@ from typing import Callable
 
 import common  # noqa: F401  (puts this checkout first on sys.path)
 import torch
-from attribution.factorized import grouped_weight_grads, unfold_weight_grads, use_unfold
 import torch.nn.functional as F
 from torch.func import grad, vmap
+
+from attribution.features import grouped_weight_grads, unfold_weight_grads, use_unfold
 
 SHAPES = {  # (B, C_in, C_out, H = W)
     "bundled": [(32, 16, 16, 32), (32, 32, 32, 16), (32, 32, 32, 8), (32, 1, 16, 32)],

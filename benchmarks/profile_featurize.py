@@ -1,6 +1,6 @@
 """Where featurize spends its time: gradients vs projection vs store I/O vs the rest.
 
-Wraps the functions :func:`attribution.featurize.featurize` calls (per-example
+Wraps the functions :func:`attribution.features.featurize.featurize` calls (per-example
 gradients, the projector, the (timestep, noise) draws, image loading, store
 writes, the kernel in ``finalize``) with timers, without editing the core, and
 runs one featurize of the bundled default model. Optionally adds torch.profiler's
@@ -49,14 +49,16 @@ def _timer(acc: dict[str, float], key: str, fn):
 
 def profile_once(models, ds, proj_kind: str, proj_dim: int, batch_size: int, chunk_size: int, work: Path,
                  torch_profiler: bool = False) -> dict[str, Any]:
-    import attribution.factorized as FZ
-    import attribution.featurize as F
+    import attribution.features.featurize as F
+    import attribution.features.projection.dense as DENSE
+    import attribution.features.projection.sjlt as SJLT
     from attribution.config import FeaturizeConfig
-    from attribution.store import Store
+    from attribution.features import Store
 
     acc: dict[str, float] = defaultdict(float)
     saved = {name: getattr(F, name) for name in ("draw_timesteps_and_noise", "checkpoint_projector")}
-    saved_grads, saved_hooks = FZ.per_example_grads, FZ.example_grads_from_hooks
+    # the projectors' example_features call these through their modules' globals
+    saved_grads, saved_hooks = DENSE.per_example_grads, DENSE.example_grads_from_hooks
     saved_write, saved_finalize = Store.write_rows, Store.finalize
     saved_images = type(ds).images
 
@@ -70,8 +72,9 @@ def profile_once(models, ds, proj_kind: str, proj_dim: int, batch_size: int, chu
                                            proj.project_examples)
         return proj
 
-    FZ.per_example_grads = _timer(acc, "per-example gradients (vmap)", saved_grads)
-    FZ.example_grads_from_hooks = _timer(acc, "per-example gradients (hooks)", saved_hooks)
+    DENSE.per_example_grads = _timer(acc, "per-example gradients (vmap)", saved_grads)
+    DENSE.example_grads_from_hooks = SJLT.example_grads_from_hooks = _timer(acc, "per-example gradients (hooks)",
+                                                                            saved_hooks)
     F.draw_timesteps_and_noise = _timer(acc, "draws (timesteps, noise)", saved["draw_timesteps_and_noise"])
     F.checkpoint_projector = make_projector
     Store.write_rows = _timer(acc, "store writes (+flush)", saved_write)
@@ -100,7 +103,8 @@ def profile_once(models, ds, proj_kind: str, proj_dim: int, batch_size: int, chu
             prof.__exit__(None, None, None)
         for name, fn in saved.items():
             setattr(F, name, fn)
-        FZ.per_example_grads, FZ.example_grads_from_hooks = saved_grads, saved_hooks
+        DENSE.per_example_grads, DENSE.example_grads_from_hooks = saved_grads, saved_hooks
+        SJLT.example_grads_from_hooks = saved_hooks
         Store.write_rows, Store.finalize = saved_write, saved_finalize
         type(ds).images = saved_images
         shutil.rmtree(store_dir, ignore_errors=True)
@@ -122,9 +126,16 @@ def sweep(models, ds, proj_dim: int) -> dict[str, Any]:
     import torch
 
     from attribution.config import FeaturizeConfig
-    from attribution.featurize import checkpoint_projector, draw_timesteps_and_noise
-    from attribution.gradients import num_params, per_example_grads, select_params
-    from attribution.outputs import get_output
+    from attribution.features import (
+        DrawBatch,
+        GradientTarget,
+        checkpoint_projector,
+        draw_timesteps_and_noise,
+        get_output,
+        num_params,
+        per_example_grads,
+        select_params,
+    )
 
     model = models[0]
     params = select_params(model)
@@ -138,18 +149,17 @@ def sweep(models, ds, proj_dim: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         per_example_grads(model, params, get_output("loss"), x0, ts, noises, chunk_size=chunk)
         out["grad_examples_per_s_by_chunk"][chunk] = n / (time.perf_counter() - t0)
-    from attribution.factorized import projected_example_grads
 
     fact = checkpoint_projector(FeaturizeConfig(proj_kind="factorized", proj_dim=proj_dim), p, 0, model.device, params)
     out["factorized_examples_per_s_by_chunk"] = {}
     for chunk in (16, 32, 64):
         t0 = time.perf_counter()
-        projected_example_grads(fact, model, params, get_output("loss"), x0, ts, noises, chunk_size=chunk)
+        fact.example_features(GradientTarget(model, params, get_output("loss")), DrawBatch(x0, ts, noises), chunk_size=chunk)
         out["factorized_examples_per_s_by_chunk"][chunk] = n / (time.perf_counter() - t0)
     # the Eq. (3) query: 50 steps x K = 20 rows, steps per vmapped call (QueryConfig.chunk_size, default 10)
     from attribution.config import SamplingConfig
+    from attribution.sampling import sample_trajectory
     from attribution.scoring import query_noises
-    from attribution.trajectory import sample_trajectory
 
     traj = sample_trajectory(model, SamplingConfig(num_inference_steps=50, seed=0))
     qn = query_noises(range(50), 20, 0, model.image_shape)
@@ -163,7 +173,7 @@ def sweep(models, ds, proj_dim: int) -> dict[str, Any]:
                               qn[s : s + chunk], chunk_size=chunk)
         out["query_50_steps_s_by_chunk"][chunk] = time.perf_counter() - t0
     # the same 50 gradients with plain autograd, one step (K rows in one batch) at a time (what queries use)
-    from attribution.gradients import per_step_grads
+    from attribution.features import per_step_grads
 
     t0 = time.perf_counter()
     looped = per_step_grads(model, params, get_output("loss"), traj.x0_hat, qt, qn)

@@ -8,7 +8,7 @@ Two measurements on a bundled checkpoint, with exact (unprojected) gradients:
    gradient is; the cosine between timesteps says how much of the query's timestep
    survives in train features averaged over all timesteps.
 2. Self-rank: for each image, uploaded (DDIM inversion, plain and with the fixed-point
-   refinement :func:`attribution.trajectory.invert_image` now does) and queried at late
+   refinement :func:`attribution.sampling.inversion.invert_image` now does) and queried at late
    steps (Eq. 3, K = 20), its rank among the first ``--n`` training images (0 = first)
    with the TRAK kernel of train features drawn (a) over all timesteps in equal strata
    (the paper's choice), (b) over all timesteps in strata equal in log(t + T/200)
@@ -29,15 +29,13 @@ import time
 
 import numpy as np
 import torch
+from common import REPO, RESULTS, machine_info, print_table  # noqa: I001 (puts the checkout first on sys.path)
 
-from common import RESULTS, REPO, machine_info, print_table  # noqa: I001 (puts the checkout first on sys.path)
 from attribution.config import FeaturizeConfig
 from attribution.data import digits_dataset
-from attribution.featurize import draw_timesteps_and_noise
-from attribution.gradients import per_example_grads, per_step_grads, select_params
+from attribution.features import draw_timesteps_and_noise, get_output, per_example_grads, per_step_grads, select_params
 from attribution.models import load_model
-from attribution.outputs import get_output
-from attribution.trajectory import invert_image
+from attribution.sampling import invert_image
 
 
 def mean_grads(model, params, x: torch.Tensor, timesteps: list[int], noises: int, g: torch.Generator) -> torch.Tensor:

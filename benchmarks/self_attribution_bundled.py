@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS, machine_info, print_table  # noqa: I001 (puts the checkout first on sys.path)
 from PIL import Image
 
-from common import RESULTS, machine_info, print_table  # noqa: I001 (puts the checkout first on sys.path)
 from attribution.config import QueryConfig
-from attribution.outputs import get_method
+from attribution.features import get_method
 from attribution.scoring import Scorer
 from attribution.workspace import Workspace, default_bundle
 

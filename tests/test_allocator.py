@@ -6,9 +6,9 @@ import platform
 
 import numpy as np
 
-from attribution.allocator import tune_malloc
 from attribution.config import FeaturizeConfig
-from attribution.featurize import featurize
+from attribution.features import featurize
+from attribution.tools import tune_malloc
 
 
 def test_tune_malloc_changes_no_feature(tiny_models, tiny_dataset, tmp_path):

@@ -1,4 +1,4 @@
-"""Timestep-anchored stores with matched query noises (attribution.anchored)."""
+"""Timestep-anchored stores with matched query noises (attribution.scoring.anchored)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from attribution.anchored import AnchoredScorer, AnchoredStore, featurize_anchored, is_anchored, nearest_anchor, open_scorer
 from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig
-from attribution.featurize import draw_timesteps_and_noise
-from attribution.gradients import looped_grads, select_params
-from attribution.outputs import get_output
-from attribution.store import StoreError
-from attribution.trajectory import sample_trajectory
+from attribution.features import StoreError, draw_timesteps_and_noise, get_output, looped_grads, select_params
+from attribution.sampling import sample_trajectory
+from attribution.scoring.anchored import (
+    AnchoredScorer,
+    AnchoredStore,
+    featurize_anchored,
+    is_anchored,
+    nearest_anchor,
+    open_scorer,
+)
 
 SMALL_PARAMS = ("conv_in", "conv_out")  # 77 parameters: the identity projection stays tiny
 

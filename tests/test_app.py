@@ -34,7 +34,7 @@ def real_assets_present() -> bool:
     store_dir = REPO / "assets/store/journey"
     if not (store_dir / "manifest.json").exists():
         return False
-    from attribution.store import Store
+    from attribution.features import Store
 
     try:
         store = Store.open(store_dir)
@@ -67,7 +67,7 @@ def build_tiny_bundle(root: Path, num_train: int = 200) -> Path:
     """A bundle for ``$ATTRIBUTION_BUNDLE``: m0..m2 (random tiny UNets), data.npz, store, store-square."""
     from attribution.config import FeaturizeConfig
     from attribution.data import digits_dataset, load_dataset
-    from attribution.featurize import featurize
+    from attribution.features import featurize
     from attribution.models import load_models
 
     if (root / "store-square" / "manifest.json").exists():
@@ -122,9 +122,9 @@ def quiet_prefetch(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def ws(app_bundle):
-    import app_support
+    import ui
 
-    yield app_support.get_workspace()
+    yield ui.get_workspace()
     # Let background scoring threads finish: torch aborts if the interpreter exits under them.
     for thread in threading.enumerate():
         if thread.name.startswith(("prefetch-", "build-store-")):
@@ -228,8 +228,8 @@ def test_explore_method_selector_and_baseline_labels(app_bundle, ws):
 
 
 def test_upload_handler_good_and_bad_bytes(app_bundle, ws):
-    import app_support as ui
-    from streamlit.testing.v1 import AppTest
+
+    import ui
 
     # The handler itself, outside a page: bad bytes give a message and leave the state alone.
     err = ui.handle_upload(ws, b"not an image at all", "notes.txt")
@@ -256,7 +256,7 @@ def test_upload_on_the_page(app_bundle, ws):
 
 
 def test_explore_exports(app_bundle, ws):
-    import app_support as ui
+    import ui
 
     at = make_app()
     labels = [b.label for b in at.get("download_button")]
@@ -314,7 +314,7 @@ def test_patch_empty_then_painted(app_bundle, ws):
 
 
 def test_canvas_to_mask():
-    import app_support as ui
+    import ui
 
     rgba = np.zeros((320, 320, 4), np.uint8)
     assert ui.canvas_to_mask(rgba, (32, 32)) is None
@@ -425,7 +425,7 @@ def test_compare_methods(app_bundle, ws, monkeypatch):
 def test_compare_build_button_runs_a_background_build(app_bundle, ws, monkeypatch):
     import threading
 
-    import app_support as ui
+    import ui
 
     missing = [o for o in ui.DTRAK_OUTPUTS if not ws.store_exists(o)]
     if not missing:
@@ -439,7 +439,7 @@ def test_compare_build_button_runs_a_background_build(app_bundle, ws, monkeypatc
         release.wait(30)
         return Path("/nonexistent")
 
-    monkeypatch.setattr(ui, "build_store_isolated", fake_build)
+    monkeypatch.setattr(ws, "build_store", lambda output, progress=None, models=None: fake_build(ws, output, progress))
     at = make_app("compare")
     at.button(key=f"build-{missing[0]}").click().run()
     try:

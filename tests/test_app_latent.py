@@ -31,7 +31,7 @@ def latent_launch(latent_dirs, caption_folder, tmp_path_factory) -> dict[str, st
     """Environment that launches the app on the tiny latent pipeline, its captioned data, a store and a CLIP."""
     from attribution.config import FeaturizeConfig
     from attribution.data import image_folder_dataset
-    from attribution.featurize import featurize
+    from attribution.features import featurize
     from attribution.models import load_model
 
     root = tmp_path_factory.mktemp("latent_app")
@@ -47,7 +47,7 @@ def latent_launch(latent_dirs, caption_folder, tmp_path_factory) -> dict[str, st
 @pytest.fixture
 def latent_ws(latent_launch, monkeypatch):
     """The app's workspace under the latent launch settings (background scoring of all steps stubbed)."""
-    import app_support as ui
+    import ui
 
     for k, v in latent_launch.items():
         monkeypatch.setenv(k, v)
@@ -107,7 +107,7 @@ def test_explore_with_a_prompt_shows_decoded_images_and_captions(latent_ws):
 
 
 def ui_sample(traj) -> np.ndarray:
-    import app_support as ui
+    import ui
 
     return ui.sample_uint8(traj)
 
@@ -146,7 +146,7 @@ def test_patch_and_other_pages_run_on_the_latent_model(latent_ws):
 
 
 def test_launch_settings_from_arguments(latent_launch, tmp_path):
-    import app_support as ui
+    import ui
 
     env = {"ATTRIBUTION_ALLOWED_DIRS": latent_launch["ATTRIBUTION_ALLOWED_DIRS"]}
     model, data, store = latent_launch["ATTRIBUTION_MODEL"], latent_launch["ATTRIBUTION_DATA"], latent_launch["ATTRIBUTION_STORE"]

@@ -9,7 +9,7 @@ import torch
 from attribution.config import FeaturizeConfig
 from attribution.evaluation.class_signal import class_measures, steps_of_timesteps
 from attribution.evaluation.designs import capped_allocation, design_subsets, kmeans
-from attribution.featurize import draw_timesteps_and_noise
+from attribution.features import draw_timesteps_and_noise
 
 LABELS = np.repeat(np.arange(10), 30)
 
@@ -116,7 +116,7 @@ def test_group_metrics_score_a_perfect_and_a_reversed_predictor():
 
 
 def test_group_influence_sums_shares_and_top_k_make_up():
-    from attribution.group_influence import group_influence
+    from attribution.scoring.groups import group_influence
 
     scores = np.array([3.0, 1.0, -2.0, 0.5, -0.5, 0.0])
     groups = np.array([0, 0, 1, 1, 2, 2])

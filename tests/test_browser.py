@@ -2,7 +2,7 @@
 
 Starts ``streamlit run app.py`` on a free port (stopped by PID at teardown), drives
 it with Playwright through Debian's ``/usr/bin/chromium`` (see
-``shared/notes/browser-testing.md``), saves a screenshot of every page into
+``docs/browser-testing.md``), saves a screenshot of every page into
 ``screenshots/`` and prints (does not assert) the time of a first computation and
 of redraws of cached steps.
 """
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
-
 from test_app import REPO, ensure_app_bundle
 
 CHROMIUM = "/usr/bin/chromium"

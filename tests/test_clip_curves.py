@@ -9,12 +9,11 @@ from PIL import Image
 
 pytest.importorskip("transformers")
 
-from attribution.clip import check_labels, load_clip  # noqa: E402
-from attribution.config import SamplingConfig  # noqa: E402
-from attribution.likelihood import continue_from_step, label_curves, likelihood_curves  # noqa: E402
-from attribution.models import ModelLoadError, load_model  # noqa: E402
-from attribution.trajectory import sample_trajectory  # noqa: E402
 from latent_builders import make_tiny_clip  # noqa: E402
+
+from attribution.config import SamplingConfig
+from attribution.models import ModelLoadError, check_labels, load_clip, load_model
+from attribution.sampling import continue_from_step, label_curves, likelihood_curves, sample_trajectory
 
 LABELS = ["a red square", "blue stripes", "dark noise"]
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from attribution.config import FeaturizeConfig, QueryConfig
-from attribution.featurize import featurize
+from attribution.features import featurize
 from attribution.workspace import Bundle, Workspace
 
 CLIENTS = 8

@@ -1,4 +1,4 @@
-"""Core math against brute force on tiny models (see shared/DESIGN.md, testing strategy)."""
+"""Core math against brute force on tiny models (see docs/design.md, Testing)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,23 @@ import torch
 
 from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig
 from attribution.data import ArrayDataset
-from attribution.featurize import draw_timesteps_and_noise, featurize, store_spec
-from attribution.gradients import looped_grads, per_example_grads, select_params
+from attribution.features import (
+    GaussianProjector,
+    SparseSignProjector,
+    Store,
+    StoreError,
+    draw_timesteps_and_noise,
+    featurize,
+    get_output,
+    looped_grads,
+    make_projector,
+    per_example_grads,
+    select_params,
+    store_spec,
+)
 from attribution.models import load_models
-from attribution.outputs import get_output
-from attribution.projection import GaussianProjector, SparseSignProjector, make_projector
+from attribution.sampling import invert_image, sample_trajectory
 from attribution.scoring import Scorer, query_noises, top_k
-from attribution.store import Store, StoreError
-from attribution.trajectory import invert_image, sample_trajectory
 
 SMALL_PARAMS = ("conv_in", "conv_out")  # 77 parameters: identity projection stays tiny
 
@@ -231,7 +240,7 @@ def test_interrupted_featurize_resumes_byte_identical(tiny_models, tiny_dataset,
 
 def test_chunk_size_changes_speed_not_features(tiny_models, tiny_dataset, tmp_path):
     """The auto chunk size follows the gradient memory and the rows per pass; features do not depend on it."""
-    from attribution.featurize import auto_chunk_size
+    from attribution.features import auto_chunk_size
 
     assert auto_chunk_size(263_000, 1) == 64 and auto_chunk_size(263_000, 16) == 32  # 512 rows per pass
     assert auto_chunk_size(10_300_000, 1) == 26 and auto_chunk_size(10**10, 1) == 1  # 1 GiB of gradients

@@ -14,10 +14,10 @@ import torch
 from scipy.stats import spearmanr
 
 from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig
-from attribution.featurize import featurize
+from attribution.features import featurize
 from attribution.models import load_models
+from attribution.sampling import sample_trajectory
 from attribution.scoring import Scorer
-from attribution.trajectory import sample_trajectory
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -51,7 +51,7 @@ def test_query_on_cuda_ranks_like_cpu(tiny_model_dirs, tiny_dataset, tmp_path):
 
 
 def test_training_on_cuda_follows_the_cpu_run(tmp_path):
-    from attribution.training import train_ddpm
+    from attribution.models import train_ddpm
 
     images = torch.rand(12, 1, 8, 8) * 2 - 1
     cfg = TrainConfig(epochs=2, batch_size=5, block_out_channels=(8, 16))

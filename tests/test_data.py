@@ -107,7 +107,7 @@ def test_load_dataset_specs(tmp_path):
 def test_cli_bad_image_is_a_one_line_error(tmp_path, tiny_model_dirs, tiny_dataset, capsys):
     from attribution.cli import main
     from attribution.config import FeaturizeConfig
-    from attribution.featurize import featurize
+    from attribution.features import featurize
     from attribution.models import load_models
 
     featurize(load_models(tiny_model_dirs), tiny_dataset, tmp_path / "store", FeaturizeConfig(proj_dim=16, num_draws=1))

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from attribution.assets import verify_assets
 from attribution.cli import main as cli_main
 from attribution.config import SamplingConfig, TrainConfig
 from attribution.data import digits_dataset, model_to_uint8
-from attribution.training import train_ddpm
-from attribution.trajectory import sample_trajectory
+from attribution.models import train_ddpm
+from attribution.sampling import sample_trajectory
+from attribution.tools.assets import verify_assets
 from attribution.workspace import ASSETS_DIR, Workspace, default_bundle
 
 

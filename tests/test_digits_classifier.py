@@ -8,21 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from attribution.classifier import (
-    CLASSIFIER_DIR,
-    DigitClassifier,
-    count_parameters,
-    evaluate_accuracy,
-    load_classifier,
-    save_classifier,
-)
-from attribution.digits import (
+from attribution.data import (
     DIGITS_FILE,
     build_digits_file,
     file_sha256,
     from_model_tensor,
     load_digit_arrays,
     to_model_tensor,
+)
+from attribution.models import (
+    CLASSIFIER_DIR,
+    DigitClassifier,
+    count_parameters,
+    evaluate_accuracy,
+    load_classifier,
+    save_classifier,
 )
 
 

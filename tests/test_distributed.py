@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attribution.store import Store
+from attribution.features import Store
 
 TIMEOUT = 120
 # Every featurize batch holds 4 rows, in one process (24 rows) and in each of 2 ranks (12 rows):

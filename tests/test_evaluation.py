@@ -181,11 +181,10 @@ import json  # noqa: E402
 
 import torch  # noqa: E402
 
-from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig  # noqa: E402
-from attribution.featurize import draw_timesteps_and_noise, featurize  # noqa: E402
-from attribution.outputs import METHODS  # noqa: E402
-from attribution.scoring import Scorer  # noqa: E402
-from attribution.trajectory import sample_trajectory  # noqa: E402
+from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig
+from attribution.features import METHODS, draw_timesteps_and_noise, featurize
+from attribution.sampling import sample_trajectory
+from attribution.scoring import Scorer
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +242,7 @@ def test_destination_method_is_the_same_at_every_step(tiny_models, tiny_dataset,
 
 def test_full_mask_retraining_reproduces_the_checkpoint(tmp_path):
     """The counterfactual's zero reference: training is deterministic from its seed."""
-    from attribution.training import train_ddpm
+    from attribution.models import train_ddpm
 
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.uniform(-1, 1, size=(12, 1, 8, 8)).astype(np.float32))
@@ -258,7 +257,7 @@ def test_coupled_subset_training_replays_the_full_run(tmp_path):
     (a different model from the fresh run over the subset); the settings record the subset."""
     import json
 
-    from attribution.training import train_ddpm
+    from attribution.models import train_ddpm
 
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.uniform(-1, 1, size=(12, 1, 8, 8)).astype(np.float32))

@@ -8,22 +8,26 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from attribution import factorized
 from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig
-from attribution.factorized import (
+from attribution.features import (
+    DrawBatch,
     FactorizedProjector,
+    GradientTarget,
     conv_weight_grads,
-    example_grads_from_hooks,
+    draw_timesteps_and_noise,
+    featurize,
+    get_output,
+    hooks,
     hooks_support,
-    projected_example_grads,
+    make_projector,
+    per_example_grads,
+    per_step_grads,
+    select_params,
 )
-from attribution.featurize import draw_timesteps_and_noise, featurize
-from attribution.gradients import per_example_grads, per_step_grads, select_params
+from attribution.features.projection.factorized import example_grads_from_hooks
 from attribution.models import load_models
-from attribution.outputs import get_output
-from attribution.projection import make_projector
+from attribution.sampling import sample_trajectory
 from attribution.scoring import Scorer, query_noises
-from attribution.trajectory import sample_trajectory
 
 
 def _shapes(params):
@@ -81,7 +85,7 @@ def test_one_backward_equals_projecting_full_gradients(tiny_models, attn_model, 
     proj = FactorizedProjector(_shapes(params), 96, seed=4)
     for output in ("loss", "square"):
         full = proj.project(per_example_grads(model, params, get_output(output), x0, ts, noises))
-        fast = projected_example_grads(proj, model, params, get_output(output), x0, ts, noises, chunk_size=2)
+        fast = proj.example_features(GradientTarget(model, params, get_output(output)), DrawBatch(x0, ts, noises), chunk_size=2)
         assert fast.shape == (5, 96) and full.abs().max() > 0
         torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5 * float(full.abs().max()))
 
@@ -113,7 +117,7 @@ def test_conv_weight_grads_and_unsupported_parameters(tiny_models, kernel, strid
     wide = torch.nn.Conv2d(128, 3, kernel, stride=stride, padding=padding)  # fan-in >= 1024 on a small map: im2col path
     xw = torch.randn(B * draws, 128, 5, 4)
     gw = torch.randn_like(wide(xw))
-    assert kernel == 1 or factorized.use_unfold(wide, gw)
+    assert kernel == 1 or hooks.use_unfold(wide, gw)
     got_wide = conv_weight_grads(wide, xw, gw, draws)
     for n in range(B):
         rows = slice(n * draws, (n + 1) * draws)
@@ -176,8 +180,8 @@ def test_factorized_store_features_and_scores(tiny_models, tiny_dataset, tmp_pat
 def test_store_of_another_factorized_layout_is_refused(tiny_models, tiny_dataset, tmp_path):
     import json
 
-    from attribution.factorized import LAYOUT_VERSION
-    from attribution.store import StoreError
+    from attribution.features import StoreError
+    from attribution.features.projection.factorized import LAYOUT_VERSION
 
     cfg = FeaturizeConfig(proj_dim=64, num_draws=1, proj_kind="factorized", store_dtype="float32")
     featurize(tiny_models[:1], tiny_dataset, tmp_path / "s", cfg)
@@ -203,7 +207,7 @@ def test_sjlt_takes_each_layer_gradient_from_its_hook(tiny_models, attn_model):
         assert len(fused_proj.column_blocks) > len(plain_proj.column_blocks)  # an edge at every parameter
         x0, ts, noises = _inputs(model, n=5)
         ref = plain_proj.project(per_example_grads(model, params, get_output("loss"), x0, ts, noises))
-        got = projected_example_grads(fused_proj, model, params, get_output("loss"), x0, ts, noises, chunk_size=2)
+        got = fused_proj.example_features(GradientTarget(model, params, get_output("loss")), DrawBatch(x0, ts, noises), chunk_size=2)
         assert got.shape == (5, 64) and ref.abs().max() > 0
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
@@ -211,16 +215,17 @@ def test_sjlt_takes_each_layer_gradient_from_its_hook(tiny_models, attn_model):
 def test_sjlt_projects_wide_convolutions_in_row_tiles(tiny_models, monkeypatch):
     """On the CPU the im2col path hands a convolution's per-example gradient to the sketch in tiles of whole
     output rows, each projected on its own; the rows equal projecting the vmap gradients with the same matrix."""
-    from attribution.projection import SparseSignProjector, row_block_edges
+    from attribution.features import SparseSignProjector
+    from attribution.features.projection import row_block_edges
 
     model = tiny_models[0]
     params = select_params(model)
     shapes = _shapes(params)
     p = sum(v.numel() for v in params.values())
     # every convolution on the im2col path, blocks of a few rows, one block per tile
-    monkeypatch.setattr(factorized, "UNFOLD_MIN_FAN_IN", 1)
-    monkeypatch.setattr(factorized, "UNFOLD_MAX_POSITIONS", 1 << 20)
-    monkeypatch.setattr(factorized, "TILE_BYTES", 1)
+    monkeypatch.setattr(hooks, "UNFOLD_MIN_FAN_IN", 1)
+    monkeypatch.setattr(hooks, "UNFOLD_MAX_POSITIONS", 1 << 20)
+    monkeypatch.setattr(hooks, "TILE_BYTES", 1)
     monkeypatch.setattr(SparseSignProjector, "COLUMN_BLOCK", 100)
     tiled = make_projector("sjlt", p, 64, seed=3, shapes=shapes)
     plain = make_projector("sjlt", p, 64, seed=3)
@@ -235,7 +240,7 @@ def test_sjlt_projects_wide_convolutions_in_row_tiles(tiny_models, monkeypatch):
     monkeypatch.setattr(tiled, "accumulate_columns", lambda part, start, acc: (starts.append(start), seen(part, start, acc)))
     x0, ts, noises = _inputs(model, n=3)
     ref = plain.project(per_example_grads(model, params, get_output("loss"), x0, ts, noises))
-    got = projected_example_grads(tiled, model, params, get_output("loss"), x0, ts, noises, chunk_size=2)
+    got = tiled.example_features(GradientTarget(model, params, get_output("loss")), DrawBatch(x0, ts, noises), chunk_size=2)
     w0 = sum(int(np.prod(s)) for k, s in list(shapes.items())[: list(shapes).index(wide)])
     rows = tiled.row_block(n_in)
     assert [s for s in starts if w0 <= s < w0 + np.prod(shapes[wide])] == [w0 + r * n_in for r in range(0, shapes[wide][0], rows)] * 2
@@ -245,7 +250,7 @@ def test_sjlt_projects_wide_convolutions_in_row_tiles(tiny_models, monkeypatch):
 
 def test_row_block_edges():
     """Blocks start at every parameter, cut weights after whole rows, and rows wider than a block inside."""
-    from attribution.projection import row_block_edges
+    from attribution.features.projection import row_block_edges
 
     # (4, 3 x 1 x 1): 2 rows of 3 per block -> 0, 6; (5,): every 7 -> 12; (2, 10): every row (17, 27), each cut at +7
     assert row_block_edges([(4, 3, 1, 1), (5,), (2, 10)], 7) == [0, 6, 12, 17, 24, 27, 34, 37]

@@ -15,11 +15,10 @@ import pytest
 import torch
 
 from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig
-from attribution.featurize import featurize
-from attribution.gradients import per_example_grads
-from attribution.projection import SparseSignProjector, sjlt_csr
+from attribution.features import SparseSignProjector, featurize, per_example_grads
+from attribution.features.projection import sjlt_csr
+from attribution.sampling import sample_trajectory
 from attribution.scoring import Scorer, query_noises
-from attribution.trajectory import sample_trajectory
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH
 # before a fork, so no thread pool is forked half-way.
 SERVER = r"""
 import json, os, sys
-import attribution.cli, attribution.featurize, attribution.training, attribution.models, attribution.doctor
+import attribution.cli, attribution.features.featurize, attribution.models.training, attribution.models, attribution.tools.doctor
 for line in sys.stdin:
     args, log = json.loads(line)
     pid = os.fork()
@@ -190,8 +190,7 @@ def _enospc(*args, **kwargs):
 
 def test_full_disk_during_featurize_keeps_finished_rows(tiny_models, tiny_dataset, tmp_path, monkeypatch):
     from attribution.config import FeaturizeConfig
-    from attribution.featurize import featurize
-    from attribution.store import Store
+    from attribution.features import Store, featurize
 
     cfg = FeaturizeConfig(proj_dim=16, num_draws=1)
     reference = featurize(tiny_models, tiny_dataset, tmp_path / "reference", cfg, batch_size=4)
@@ -213,7 +212,7 @@ def test_full_disk_during_featurize_keeps_finished_rows(tiny_models, tiny_datase
     partial = Store.open(root)
     assert int(np.asarray(partial.done(0)).sum()) == 8  # two batches of 4 finished, the third not marked
     # a full disk while writing the kernels: no kernel, no temporary file, the manifest as before
-    monkeypatch.setattr("attribution.store.np.save", _enospc)
+    monkeypatch.setattr("attribution.features.store.np.save", _enospc)
     manifest = (root / "manifest.json").read_bytes()
     with pytest.raises(OSError, match="No space left"):
         featurize(tiny_models, tiny_dataset, root, cfg, batch_size=4)
@@ -229,9 +228,9 @@ def test_full_disk_during_featurize_keeps_finished_rows(tiny_models, tiny_datase
 def test_refused_writes_leave_the_previous_state(tiny_dataset, tmp_path, monkeypatch):
     """A full disk while saving the epoch state, then a permission error at the final rename:
     the last saved state survives each time and the rerun ends where an uninterrupted run does."""
-    from attribution import training
     from attribution.config import TrainConfig
     from attribution.data import uint8_to_model
+    from attribution.models import training
 
     images = uint8_to_model(tiny_dataset.array[:16])
     cfg = TrainConfig(epochs=3, batch_size=8, block_out_channels=(4, 8), num_train_timesteps=50)

@@ -17,19 +17,26 @@ import torch
 
 pytest.importorskip("transformers")
 
-from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig  # noqa: E402
-from attribution.data import image_folder_dataset  # noqa: E402
-from attribution.featurize import draw_timesteps_and_noise, featurize, store_spec  # noqa: E402
-from attribution.gradients import looped_grads, per_example_grads, select_params  # noqa: E402
-from attribution.latent_models import add_lora, lora_param_filter, module_param_filter  # noqa: E402
-from attribution.latents import LatentDataset, encode_dataset  # noqa: E402
-from attribution.likelihood import continue_from_step  # noqa: E402
-from attribution.models import load_model, load_models  # noqa: E402
-from attribution.outputs import get_output  # noqa: E402
-from attribution.scoring import Scorer, downsample_mask, prepare_mask, query_noises  # noqa: E402
-from attribution.store import Store, StoreError  # noqa: E402
-from attribution.trajectory import guided_eps, invert_image, sample_trajectory  # noqa: E402
 from latent_builders import CAPTIONS  # noqa: E402
+
+from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig
+from attribution.data import image_folder_dataset
+from attribution.features import (
+    LatentDataset,
+    Store,
+    StoreError,
+    draw_timesteps_and_noise,
+    encode_dataset,
+    featurize,
+    get_output,
+    looped_grads,
+    per_example_grads,
+    select_params,
+    store_spec,
+)
+from attribution.models import add_lora, load_model, load_models, lora_param_filter, module_param_filter
+from attribution.sampling import continue_from_step, guided_eps, invert_image, sample_trajectory
+from attribution.scoring import Scorer, downsample_mask, prepare_mask, query_noises
 
 # conv_out (292) + the cross-attention key projection of the first down block (256):
 # small enough for an identity projection, and it exercises regex filters and the text path.
@@ -181,8 +188,7 @@ def test_saved_lora_weights_reload_with_identical_gradients(latent_dirs, latent_
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from attribution.latent_models import load_lora
-    from attribution.models import ModelLoadError
+    from attribution.models import ModelLoadError, load_lora
 
     trained = load_model(latent_dirs["a"])
     add_lora(trained, rank=2, alpha=4, random_init=True)  # random B: as if trained
@@ -330,7 +336,7 @@ def test_workspace_serves_a_latent_pipeline(latent_dirs, caption_folder, tmp_pat
     """The front-end facade: pixel-size data, prompt-keyed trajectories, decoded baselines."""
     import attribution.workspace as wsmod
 
-    monkeypatch.setattr(wsmod, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(wsmod.bundles, "CACHE_DIR", tmp_path / "cache")
     bundle = wsmod.Bundle(
         name="tiny sd", model_dirs=(latent_dirs["a"],), data=str(caption_folder), stores={"loss": tmp_path / "store"},
         featurize=FeaturizeConfig(proj_dim=64, num_draws=1),

@@ -60,7 +60,7 @@ def test_pickle_beside_safetensors_is_ignored(tiny_model_dirs, tmp_path, marker)
     model = load_model(both)
     assert model.checkpoint_hash == load_model(tiny_model_dirs[0]).checkpoint_hash
     assert not marker.exists()
-    from attribution.doctor import check_models
+    from attribution.tools.doctor import check_models
 
     _, findings = check_models([both])
     assert any(f.level == "warning" and "diffusion_pytorch_model.bin" in f.what for f in findings)
@@ -78,8 +78,7 @@ def test_pickled_data_and_store_arrays_are_refused(tmp_path, marker, tiny_models
     from attribution.cli import main
     from attribution.config import FeaturizeConfig
     from attribution.data import load_dataset
-    from attribution.featurize import featurize
-    from attribution.store import Store, StoreError
+    from attribution.features import Store, StoreError, featurize
 
     evil = np.empty(1, dtype=object)
     evil[0] = Payload(marker)
@@ -111,6 +110,6 @@ PATTERNS = {
 
 def test_no_unsafe_loading_in_the_code():
     files = [*(REPO / "attribution").rglob("*.py"), *(REPO / "views").glob("*.py"), REPO / "app.py",
-             REPO / "app_support.py", *(REPO / "scripts").glob("*.py"), *(REPO / "benchmarks").rglob("*.py")]
+             *(REPO / "ui").glob("*.py"), *(REPO / "benchmarks").rglob("*.py")]
     found = [f"{p.relative_to(REPO)}: {name}" for p in files for name, rx in PATTERNS.items() if rx.search(p.read_text())]
     assert not found, found

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attribution.paths import PathEscapeError, resolve_within, safe_name
+from attribution.tools import PathEscapeError, resolve_within, safe_name
 
 
 def test_resolve_within(tmp_path):
@@ -48,7 +48,7 @@ def test_safe_name_is_bounded():
 def test_store_build_outside_the_roots_is_refused(tiny_models, tiny_model_dirs, tiny_dataset, tmp_path):
     """A store location that a link (or a ``..``) takes outside the bundle's directories is refused, nothing written."""
     from attribution.config import FeaturizeConfig
-    from attribution.featurize import featurize
+    from attribution.features import featurize
     from attribution.workspace import Bundle, Workspace
 
     root, outside = tmp_path / "bundle", tmp_path / "outside"
@@ -65,15 +65,13 @@ def test_store_build_outside_the_roots_is_refused(tiny_models, tiny_model_dirs, 
         with pytest.raises(PathEscapeError):
             ws.build_store(output)
     assert list(outside.iterdir()) == []
-    import app_support as ui
-
     with pytest.raises(PathEscapeError):
-        ui.build_store_isolated(ws, "square")
+        ws.start_build("square")
     assert list(outside.iterdir()) == []
 
 
 def test_app_bundles_are_confined(tmp_path):
-    import app_support as ui
+    import ui
     from attribution.workspace import ASSETS_DIR, CACHE_DIR, default_bundle
 
     assert default_bundle().roots == (ASSETS_DIR, CACHE_DIR)

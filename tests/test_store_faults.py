@@ -13,11 +13,10 @@ import pytest
 from attribution.cli import main
 from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig
 from attribution.data import ArrayDataset
-from attribution.doctor import healthy, run_doctor
-from attribution.featurize import featurize
+from attribution.features import Store, StoreError, featurize
+from attribution.sampling import sample_trajectory
 from attribution.scoring import Scorer
-from attribution.store import Store, StoreError
-from attribution.trajectory import sample_trajectory
+from attribution.tools.doctor import healthy, run_doctor
 
 CFG = FeaturizeConfig(proj_dim=16, num_draws=1, store_dtype="float32")
 
@@ -171,8 +170,9 @@ def test_other_models_and_data_are_named(good_store, tiny_model_dirs, tiny_datas
     code, out = _doctor(good_store, capsys, "--model", models[0])
     assert code == 1 and "1 model directories given, the store was built from 2" in out
     # another setting: refused when a store is reopened for other settings (message names the setting)
-    from attribution.featurize import store_spec
     from dataclasses import replace
+
+    from attribution.features import store_spec
 
     spec = store_spec(load(tiny_model_dirs), ArrayDataset(tiny_dataset.array, name="tiny"), replace(CFG, num_draws=2))
     with pytest.raises(StoreError, match="setting 'num_draws' differs.*Use another --store directory"):

@@ -39,7 +39,7 @@ def probe(tmp_path_factory):
 
 def test_synthetic_store_kernel_is_exact(probe):
     """The builder's closed-form kernel equals Phi^T Phi computed from the file."""
-    from attribution.store import Store
+    from attribution.features import Store
 
     root, *_ = probe
     store = Store.open(root)
@@ -48,7 +48,7 @@ def test_synthetic_store_kernel_is_exact(probe):
 
 
 def test_streamed_scores_equal_dense(probe):
-    from attribution.store import Store
+    from attribution.features import Store
 
     root, res, scores, feats = probe
     store = Store.open(root)

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_data import _bomb_png as bomb_png
 
 from attribution.data import ImageDecodeError, decode_image
-from test_data import _bomb_png as bomb_png
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -123,7 +123,7 @@ def _tree(*roots: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def cli_store(tiny_models, tiny_dataset, tmp_path_factory) -> Path:
     from attribution.config import FeaturizeConfig
-    from attribution.featurize import featurize
+    from attribution.features import featurize
 
     root = tmp_path_factory.mktemp("cli") / "store"
     featurize(tiny_models, tiny_dataset, root, FeaturizeConfig(proj_dim=16, num_draws=1))

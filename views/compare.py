@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-import app_support as ui
+import ui
 
 ws = ui.get_workspace()
 key, traj = ui.sample_page(
@@ -14,7 +14,7 @@ key, traj = ui.sample_page(
     "rankings of the training set agree.",
 )
 step = ui.step_slider(traj)
-k = st.sidebar.slider("Influencers per method", 3, 8, 5, key="compare_k", persist_state="session")
+k = st.sidebar.slider("Influencers per method", 3, 8, 5, key=ui.state.COMPARE_K, persist_state="session")
 
 methods = ui.available_methods(ws)
 rows = {}

@@ -6,10 +6,10 @@ import zlib
 
 import streamlit as st
 
-import app_support as ui
+import ui
 
 ws = ui.get_workspace()
-text_labels = ws.bundle.clip_dir is not None  # a local CLIP model scores free-text labels
+text_labels = ws.has_clip  # a local CLIP model scores free-text labels
 key, traj = ui.sample_page(
     ws,
     "Feature curves",
@@ -28,7 +28,7 @@ if not text_labels and ws.classifier is None:
 if text_labels:
     default = ui.default_labels(ws, traj)
     raw = st.text_area("Text labels, one per line (at least two; their probabilities add up to 1)",
-                       value="\n".join(default), key="curve_labels", height=150, max_chars=2000)
+                       value="\n".join(default), key=ui.state.CURVE_LABELS, height=150, max_chars=2000)
     try:
         names = ui.parse_labels(raw)
     except ValueError as e:
@@ -39,10 +39,10 @@ else:
     names = ws.class_names()
     predicted = ui.predicted_class(ws, traj)
 c_n, c_steps, c_cls, c_img = st.columns([1.2, 1.2, 1.2, 0.6], vertical_alignment="bottom", gap="medium")
-num_samples = c_n.slider("Samples per step", 2, 32, 8, key="curve_samples",
+num_samples = c_n.slider("Samples per step", 2, 32, 8, key=ui.state.CURVE_SAMPLES,
                          help="More samples give smoother curves and take longer.")
 subset = c_steps.segmented_control("Steps", ["every 5th", "every 2nd", "all"], default="every 5th",
-                                   key="curve_subset", required=True)
+                                   key=ui.state.CURVE_SUBSET, required=True)
 steps = ui.curve_steps(traj.num_steps, subset)
 slot = st.empty()
 
@@ -65,8 +65,8 @@ cls = c_cls.selectbox(
     key=f"curve_{feature}_{key}" if not text_labels else f"curve_label_{key}_{zlib.crc32('|'.join(names).encode())}",
 )
 c_img.image(ui.tensor_image(traj.display_sample, 96), width=96, caption=verdict)
-st.plotly_chart(ui.curves_figure(curves, names, cls, traj, st.session_state.get("step"), feature=feature),
-                key="curves_chart")
+st.plotly_chart(ui.curves_figure(curves, names, cls, traj, st.session_state.get(ui.state.STEP), feature=feature),
+                key=ui.state.CURVES_CHART)
 
 interval = curves.rise_interval(cls)
 if interval is None:

@@ -6,10 +6,10 @@ import random
 
 import streamlit as st
 
-import app_support as ui
+import ui
 
 ws = ui.get_workspace()
-subject = "an image from a prompt" if ui.is_conditional(ws) else "a digit"
+subject = "an image from a prompt" if ws.is_conditional else "a digit"
 ui.page_header(
     "Explore",
     f"Generate {subject} (or upload one), move through its denoising steps, and see which training images "
@@ -18,41 +18,41 @@ ui.page_header(
 
 
 def _random_seed() -> None:
-    st.session_state["seed_input"] = random.randrange(0, 100_000)
-    st.session_state["pending_seed"] = st.session_state["seed_input"]
+    st.session_state[ui.state.SEED_INPUT] = random.randrange(0, 100_000)
+    st.session_state[ui.state.PENDING_SEED] = st.session_state[ui.state.SEED_INPUT]
 
 
 # ---------------------------------------------------------------- where the sample comes from
 with st.container(border=True):
     prompt, guidance = ui.prompt_inputs(ws)
     c_seed, c_gen, c_rand, c_up = st.columns([1.0, 0.85, 1.05, 3.1], vertical_alignment="bottom", gap="small")
-    seed = c_seed.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="seed_input",
+    seed = c_seed.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=ui.state.SEED_INPUT,
                                help="The same seed (and prompt) always gives the same sample.")
     if c_gen.button("Generate", type="primary", icon=":material/auto_awesome:", width="stretch"):
-        st.session_state["pending_seed"] = int(seed)
+        st.session_state[ui.state.PENDING_SEED] = int(seed)
     c_rand.button("Random seed", icon=":material/casino:", on_click=_random_seed, width="stretch")
     upload = c_up.file_uploader(
         "…or upload an image (PNG or JPG; it is turned into a trajectory by DDIM inversion)",
-        type=["png", "jpg", "jpeg"], key="upload",
+        type=["png", "jpg", "jpeg"], key=ui.state.UPLOAD,
     )
 
-if "pending_seed" in st.session_state:
+if ui.state.PENDING_SEED in st.session_state:
     with st.spinner("Generating…"):
-        ui.set_seed_sample(ws, st.session_state.pop("pending_seed"), prompt, guidance)
-if upload is not None and st.session_state.get("upload_seen") != upload.file_id:
-    st.session_state["upload_seen"] = upload.file_id
+        ui.set_seed_sample(ws, st.session_state.pop(ui.state.PENDING_SEED), prompt, guidance)
+if upload is not None and st.session_state.get(ui.state.UPLOAD_SEEN) != upload.file_id:
+    st.session_state[ui.state.UPLOAD_SEEN] = upload.file_id
     with st.spinner(f"Inverting {upload.name} into a trajectory…"):
-        st.session_state["upload_error"] = ui.handle_upload(ws, upload.getvalue(), upload.name, prompt)
+        st.session_state[ui.state.UPLOAD_ERROR] = ui.handle_upload(ws, upload.getvalue(), upload.name, prompt)
 if upload is None:
-    st.session_state.pop("upload_error", None)
-if st.session_state.get("upload_error"):
-    st.error(st.session_state["upload_error"], icon=":material/error:")
+    st.session_state.pop(ui.state.UPLOAD_ERROR, None)
+if st.session_state.get(ui.state.UPLOAD_ERROR):
+    st.error(st.session_state[ui.state.UPLOAD_ERROR], icon=":material/error:")
 
 key, traj = ui.current_sample(ws)
 
 # ---------------------------------------------------------------- settings
 method = ui.method_selector(ws)
-k = st.sidebar.slider("Influencers shown", 4, 16, 8, key="top_k", persist_state="session")
+k = st.sidebar.slider("Influencers shown", 4, 16, 8, key=ui.state.TOP_K, persist_state="session")
 
 # ---------------------------------------------------------------- trajectory
 step = ui.step_slider(traj)

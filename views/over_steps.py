@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-import app_support as ui
+import ui
 
 ws = ui.get_workspace()
 key, traj = ui.sample_page(
@@ -24,17 +24,17 @@ scores = ui.all_step_scores(ws, key, method, traj.num_steps)
 
 
 def _pick(i: int) -> None:
-    st.session_state["example_idx"] = i
+    st.session_state[ui.state.EXAMPLE_IDX] = i
 
 
 # ---------------------------------------------------------------- one training image across the steps
 st.subheader("One training image across the steps")
 inf = ui.influencers(scores[step], 4)
 picks = list(inf.pos_idx) + list(inf.neg_idx)
-st.session_state.setdefault("example_idx", int(picks[0]))
+st.session_state.setdefault(ui.state.EXAMPLE_IDX, int(picks[0]))
 left, right = st.columns([1.15, 2.6], gap="large")
 with left:
-    idx = st.number_input("Training image index", 0, ws.num_train - 1, step=1, key="example_idx",
+    idx = st.number_input("Training image index", 0, ws.num_train - 1, step=1, key=ui.state.EXAMPLE_IDX,
                           persist_state="session")
     st.image(ui.framed(ui.upscale(ws.train_images([idx])[0], 120), ui.NEUTRAL_COLOR, 2), width=124,
              caption=f"idx {idx} · label “{ws.label(idx)}”")
@@ -48,19 +48,19 @@ with left:
                        help=f"plot training image {int(i)} (“{ws.label(int(i))}”, {kind} at this step)")
 with right:
     title = f"Score of training image {idx} (“{ws.label(idx)}”) at each step"
-    st.plotly_chart(ui.example_figure(scores[:, idx], traj, title, step), key="example_chart")
+    st.plotly_chart(ui.example_figure(scores[:, idx], traj, title, step), key=ui.state.EXAMPLE_CHART)
 
 # ---------------------------------------------------------------- who matters when
 st.subheader("Who matters when")
 c_k, c_norm = st.columns([1, 2], vertical_alignment="bottom")
-k = c_k.slider("Top influencers per step", 1, 10, 5, key="heat_k", persist_state="session",
+k = c_k.slider("Top influencers per step", 1, 10, 5, key=ui.state.HEAT_K, persist_state="session",
                help="Rows: every training image in the top-k positive or top-k negative of some step.")
-normalize = c_norm.toggle("Scale each step to its largest score", value=True, key="heat_norm",
+normalize = c_norm.toggle("Scale each step to its largest score", value=True, key=ui.state.HEAT_NORM,
                           help="Scores at different steps have very different sizes; scaling makes every step readable.")
 rows, union = ui.top_union(scores, k)
 shown = f"{len(rows)} training images" if len(rows) == union else f"the {len(rows)} (of {union}) that make the most top-{k} lists"
 st.caption(f"Rows: {shown}, ordered by the step where they matter most. Green helps, red hurts.")
-st.plotly_chart(ui.heatmap_figure(ws, scores, rows, traj, normalize), key="heatmap")
+st.plotly_chart(ui.heatmap_figure(ws, scores, rows, traj, normalize), key=ui.state.HEATMAP)
 
 # ---------------------------------------------------------------- examples that change sides
 st.subheader("Training images that change sides")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 from streamlit_drawable_canvas import st_canvas
 
-import app_support as ui
+import ui
 
 CANVAS_SIZE = 288  # 9 canvas pixels per model pixel
 
@@ -18,15 +18,15 @@ key, traj = ui.sample_page(
 )
 
 method = ui.method_selector(ws)
-k = st.sidebar.slider("Influencers shown", 4, 16, 8, key="top_k", persist_state="session")
-brush = st.sidebar.slider("Brush size", 8, 64, 28, step=4, key="brush", persist_state="session")
+k = st.sidebar.slider("Influencers shown", 4, 16, 8, key=ui.state.TOP_K, persist_state="session")
+brush = st.sidebar.slider("Brush size", 8, 64, 28, step=4, key=ui.state.BRUSH, persist_state="session")
 baseline = method.startswith("baseline")
 
 step = ui.step_slider(traj)
 
 
 def _clear() -> None:
-    st.session_state["canvas_version"] = st.session_state.get("canvas_version", 0) + 1
+    st.session_state[ui.state.CANVAS_VERSION] = st.session_state.get(ui.state.CANVAS_VERSION, 0) + 1
 
 
 paint_col, result_col = st.columns([1.05, 2.6], gap="medium")
@@ -41,7 +41,7 @@ with paint_col:
         width=CANVAS_SIZE,
         drawing_mode="freedraw",
         return_image_data=True,
-        key=f"patch_canvas_{st.session_state.get('canvas_version', 0)}",
+        key=f"patch_canvas_{st.session_state.get(ui.state.CANVAS_VERSION, 0)}",
     )
     st.button("Clear the mask", icon=":material/ink_eraser:", on_click=_clear)
     mask = ui.canvas_to_mask(result.image_data, tuple(ws.pixel_shape[1:]))

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..outputs import get_method
+from ..features.outputs import get_method
 from .run import LdsRun
 from .scores import gradient_scores, query_feature_cache
 

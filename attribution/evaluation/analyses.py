@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..scoring.scorer import top_k
 from .lds import spearman, summarize
-from ..scoring import top_k
 
 
 def top_k_overlap(scores: np.ndarray, k: int = 10, frequent: float = 0.2) -> dict:

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..group_influence import class_share_over_steps
+from ..scoring.groups import class_share_over_steps
 
 #: Timesteps at which the issue's class measures are reported (50-step DDIM: 980 - 20 s).
 REPORT_TIMESTEPS = (980, 740, 480, 240, 80, 0)

@@ -21,19 +21,19 @@ SIMILARITY = ("pixel", "embedding")
 
 def _trajectories(model, spec: ClassSignalSpec) -> list:
     from ..config import SamplingConfig
-    from ..trajectory import sample_trajectory
+    from ..sampling.trajectory import sample_trajectory
 
     return [sample_trajectory(model, SamplingConfig(num_inference_steps=spec.num_inference_steps, seed=s))
             for s in spec.seeds]
 
 
 def cmd_class_signal(args: argparse.Namespace) -> None:
-    from ..baselines import SimilarityBaseline
-    from ..classifier import load_classifier
+    from ..scoring.baselines import SimilarityBaseline
+    from ..models.classifier import load_classifier
     from ..config import QueryConfig
-    from ..data import load_dataset
-    from ..models import load_models
-    from ..anchored import checkpoint_dirs, is_anchored, open_scorer, reference_store
+    from ..data.datasets import load_dataset
+    from ..models.load import load_models
+    from ..scoring.anchored import checkpoint_dirs, is_anchored, open_scorer, reference_store
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -48,7 +48,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_retrain(args: argparse.Namespace) -> None:
-    from ..models import resolve_device
+    from ..models.base import resolve_device
     from .retrain import lds_jobs, train_jobs
 
     _threads(args)
@@ -179,7 +179,7 @@ def _group_section(run, config: BenchConfig, truths, ids, chosen: dict, rep) -> 
 
 
 def cmd_truth(args: argparse.Namespace) -> None:
-    from ..models import resolve_device
+    from ..models.base import resolve_device
     from .run import ground_truth
 
     _threads(args)
@@ -210,8 +210,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_counterfactual(args: argparse.Namespace) -> None:
-    from ..classifier import load_classifier
-    from ..outputs import get_method
+    from ..features.outputs import get_method
+    from ..models.classifier import load_classifier
     from .counterfactual import (
         BOTTOM,
         CounterfactualSpec,
@@ -333,7 +333,7 @@ def cmd_ablation(args: argparse.Namespace) -> None:
     earlier runs on the same steps and base settings)."""
     import json
 
-    from ..outputs import get_method
+    from ..features.outputs import get_method
 
     _threads(args)
     t0 = time.perf_counter()

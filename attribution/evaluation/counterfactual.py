@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from ..config import SamplingConfig, TrainConfig
-from ..data import ArrayDataset
-from ..models import DiffusionModel, load_model
-from ..trajectory import sample_trajectory
+from ..data.datasets import ArrayDataset
+from ..models.base import DiffusionModel
+from ..models.load import load_model
+from ..sampling.trajectory import sample_trajectory
 from .queries import QuerySet, QuerySpec, step_outputs
 from .retrain import train_jobs
 

@@ -7,7 +7,7 @@ theta is the Eq. (3) output at the *fixed* x0_hat^s of the query's trajectory,
 
     f_s(theta) = (1/K) sum_k || eps_k - eps_theta(sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_k, t_s) ||^2,
 
-with the K noises of :func:`attribution.scoring.query_noises` (the ones the query
+with the K noises of :func:`attribution.scoring.scorer.query_noises` (the ones the query
 gradients use), so truth and prediction see the same noises.
 """
 
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from ..config import SamplingConfig
-from ..models import DiffusionModel
-from ..outputs import loss_output
-from ..scoring import query_noises
-from ..trajectory import Trajectory, sample_trajectory
+from ..features.outputs import loss_output
+from ..models.base import DiffusionModel
+from ..sampling.trajectory import Trajectory, sample_trajectory
+from ..scoring.scorer import query_noises
 
 
 @dataclass(frozen=True)

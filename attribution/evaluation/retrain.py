@@ -1,6 +1,6 @@
 """Resumable retraining of the benchmark's models (full-data checkpoints and subset models).
 
-Each model is trained by :func:`attribution.training.train_ddpm` (what ``attribution
+Each model is trained by :func:`attribution.models.training.train_ddpm` (what ``attribution
 train --subset-mask`` runs); a finished model directory is skipped and a killed run
 resumes at its last finished epoch, so the driver can be rerun at will.
 """
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
-from ..data import ArrayDataset
-from ..training import train_ddpm
+from ..data.datasets import ArrayDataset
+from ..models.training import train_ddpm
 
 Log = Callable[[str], None]
 

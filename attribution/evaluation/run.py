@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from ..config import FeaturizeConfig
-from ..data import ArrayDataset
-from ..models import DiffusionModel, load_models
-from ..outputs import get_method
-from ..store import atomic_save_npy
+from ..data.datasets import ArrayDataset
+from ..features.outputs import get_method
+from ..models.base import DiffusionModel
+from ..models.load import load_models
+from ..tools.files import atomic_save_npy
 from .lds import lds, subset_bootstrap, summarize
 from .queries import QuerySet, QuerySpec, load_or_generate_queries, step_outputs
 from .scores import (

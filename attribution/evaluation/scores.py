@@ -17,14 +17,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..baselines import SimilarityBaseline
 from ..config import FeaturizeConfig, QueryConfig
-from ..data import ArrayDataset
-from ..featurize import featurize
-from ..models import DiffusionModel
-from ..outputs import get_method
-from ..scoring import Scorer
-from ..store import Store, atomic_save_npy
+from ..data.datasets import ArrayDataset
+from ..features.featurize import featurize
+from ..features.outputs import get_method
+from ..features.store import Store
+from ..models.base import DiffusionModel
+from ..scoring.baselines import SimilarityBaseline
+from ..scoring.scorer import Scorer
+from ..tools.files import atomic_save_npy
 from .queries import QuerySet, QuerySpec
 
 Log = Callable[[str], None]
@@ -101,7 +102,7 @@ def gradient_scores(
 
 def classifier_embed(size: int = 32) -> Callable[[torch.Tensor], torch.Tensor]:
     """The digit classifier's embedding, resizing (B, 1, h, w) images to the classifier's 32x32."""
-    from ..classifier import load_classifier
+    from ..models.classifier import load_classifier
 
     clf = load_classifier()
 

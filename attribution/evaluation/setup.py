@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..config import TrainConfig
-from ..data import ArrayDataset, digits_dataset
+from ..data.datasets import ArrayDataset, digits_dataset
 from .designs import SUBSET_DESIGNS, classifier_embeddings, design_subsets, stratified_choice
 
 

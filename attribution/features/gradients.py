@@ -1,0 +1,243 @@
+"""Per-example gradients of averaged model outputs, vectorized with torch.func.
+
+One function serves train features and query features: for each example b,
+
+    F_b(theta) = (1/D) sum_d out(eps_theta(sqrt(abar_{t_bd}) x0_b + sqrt(1 - abar_{t_bd}) eps_bd, t_bd), eps_bd, mask)
+
+and we return grad_theta F_b flattened over the selected parameters. For train
+features x0_b is a training image and (t_bd, eps_bd) its D draws; for the query of
+Eq. (3) x0_b is the one-step prediction x0_hat at step b, t_bd its timestep
+repeated K times and eps_bd the K fresh noises. Examples are vmapped
+(``torch.func.vmap`` over ``grad`` of a ``functional_call``); the D draws of an
+example are one inner batch of the UNet.
+
+Text-conditional models take one conditioning ``c_b`` (L, D) per example (the
+caption embedding of a train example, the prompt embedding of a query), passed
+to the UNet as ``encoder_hidden_states`` and repeated for the D draws. For latent
+models x0_b and eps_bd live in latent space.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from ..models.base import DiffusionModel
+from .outputs import OutputFn
+
+
+@dataclass(frozen=True)
+class GradientTarget:
+    """What is differentiated: ``output`` of ``model``'s noise prediction, by the parameters ``params``
+    (name -> tensor, in gradient order: :func:`select_params`)."""
+
+    model: DiffusionModel
+    params: dict[str, torch.Tensor]
+    output: OutputFn
+
+
+@dataclass(frozen=True)
+class DrawBatch:
+    """B examples and their D (timestep, noise) draws: the inputs of one gradient pass.
+
+    Attributes:
+        x0: (B, C, H, W) clean inputs: training images, or the one-step predictions x0_hat of query steps.
+        timesteps: (B, D) training timesteps of the draws.
+        noises: (B, D, C, H, W) their noises.
+        mask: (1|C, H, W) pixel weights of the output (a patch), or None.
+        cond: (B|1, L, D_text) text conditioning of conditional models, or None.
+    """
+
+    x0: torch.Tensor
+    timesteps: torch.Tensor
+    noises: torch.Tensor
+    mask: torch.Tensor | None = None
+    cond: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])
+
+
+def param_matcher(param_filter: tuple[str, ...]) -> Callable[[str], bool]:
+    """Predicate on parameter names: an entry matches names it prefixes, or, written
+    ``"re:<pattern>"``, names in which the regular expression is found (``re.search``).
+
+    E.g. ``("conv_in", "re:lora_")`` selects ``conv_in.*`` and every LoRA parameter.
+    """
+    prefixes = tuple(p for p in param_filter if not p.startswith("re:"))
+    regexes = [re.compile(p[3:]) for p in param_filter if p.startswith("re:")]
+    return lambda name: name.startswith(prefixes) or any(r.search(name) for r in regexes)
+
+
+def select_params(
+    model: DiffusionModel, param_filter: tuple[str, ...] | None = None
+) -> dict[str, torch.Tensor]:
+    """Parameters to differentiate (``None``: all), in module order; see :func:`param_matcher`."""
+    named = dict(model.unet.named_parameters())
+    if param_filter is None:
+        return {k: v.detach() for k, v in named.items()}
+    match = param_matcher(tuple(param_filter))
+    chosen = {k: v.detach() for k, v in named.items() if match(k)}
+    if not chosen:
+        raise ValueError(f"param_filter {param_filter} matches no parameter of the model")
+    return chosen
+
+
+def num_params(params: dict[str, torch.Tensor]) -> int:
+    return sum(p.numel() for p in params.values())
+
+
+def flatten_grads(grads: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+    """dict of (B, *shape) -> (B, P), in the dict's order."""
+    return torch.cat([g.reshape(batch, -1) for g in grads.values()], dim=1)
+
+
+def _averaged_output_fn(
+    model: DiffusionModel, params: dict[str, torch.Tensor], output: OutputFn
+) -> Callable[..., torch.Tensor]:
+    """Build F(theta_sel; x0, a, b, t, eps, mask[, cond]) for one example (no batch dim)."""
+    others = {k: v.detach() for k, v in model.unet.named_parameters() if k not in params}
+    buffers = {k: v.detach() for k, v in model.unet.named_buffers()}
+
+    def fn(
+        sel: dict[str, torch.Tensor],
+        x0: torch.Tensor,  # (C, H, W)
+        sqrt_ab: torch.Tensor,  # (D,)
+        sqrt_1mab: torch.Tensor,  # (D,)
+        t: torch.Tensor,  # (D,)
+        eps: torch.Tensor,  # (D, C, H, W)
+        mask: torch.Tensor,  # (1 or C, H, W)
+        cond: torch.Tensor | None = None,  # (L, D_text)
+    ) -> torch.Tensor:
+        x_t = sqrt_ab[:, None, None, None] * x0[None] + sqrt_1mab[:, None, None, None] * eps
+        c = None if cond is None else cond[None].expand(t.shape[0], *cond.shape)
+        eps_pred = functional_call(model.unet, (sel, others, buffers), (x_t, t), model.unet_kwargs(c)).sample
+        return output(eps_pred, eps, mask[None]).mean()
+
+    return fn
+
+
+def _check_cond(model: DiffusionModel, cond: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """Validate conditioning (B or 1, L, D) and broadcast it to (B, L, D) on the model's device."""
+    if cond is None:
+        if model.is_conditional:
+            raise ValueError("a text-conditional model needs cond (B, L, D); use model.encode_prompts")
+        return None
+    if not model.is_conditional:
+        raise ValueError(f"{model.path} is not text-conditional; cond must be None")
+    if cond.ndim != 3 or cond.shape[0] not in (1, batch):
+        raise ValueError(f"cond has shape {tuple(cond.shape)}; expected ({batch} or 1, L, D)")
+    return cond.to(model.device, torch.float32).expand(batch, -1, -1)
+
+
+def per_example_grads(
+    model: DiffusionModel,
+    params: dict[str, torch.Tensor],
+    output: OutputFn,
+    x0: torch.Tensor,
+    timesteps: torch.Tensor,
+    noises: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    chunk_size: int = 32,
+    cond: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gradients of the draw-averaged output, one row per example.
+
+    Args:
+        x0: (B, C, H, W) clean images (train images, or x0_hat of query steps); latents
+            for latent models.
+        timesteps: (B, D) integer training timesteps.
+        noises: (B, D, C, H, W) Gaussian noises.
+        mask: (1 or C, H, W) pixel weights shared by all examples, or None.
+        chunk_size: examples per vmapped call (memory grows linearly with it).
+        cond: (B or 1, L, D) text embeddings for conditional models (``encoder_hidden_states``),
+            required for them and refused for unconditional ones.
+
+    Returns:
+        (B, P) float32 gradients, P = number of selected parameters.
+    """
+    device = model.device
+    fn = _averaged_output_fn(model, params, output)
+    cond = _check_cond(model, cond, x0.shape[0])
+    dims = (None, 0, 0, 0, 0, 0, None) + ((0,) if cond is not None else ())
+    per_ex = vmap(grad(fn), in_dims=dims)
+    if mask is None:
+        mask = torch.ones((1, *x0.shape[-2:]), device=device)
+    mask = mask.to(device=device, dtype=torch.float32)
+    timesteps = timesteps.to(device)
+    sqrt_ab, sqrt_1mab = _alpha_bar_terms(model, timesteps)
+    rows = []
+    for start in range(0, x0.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        extra = (cond[sl],) if cond is not None else ()
+        with warnings.catch_warnings():
+            # No vmap batching rule for CPU flash attention: torch loops over the
+            # examples there (still faster on CPU than unfused attention).
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+            g = per_ex(
+                params,
+                x0[sl].to(device),
+                sqrt_ab[sl],
+                sqrt_1mab[sl],
+                timesteps[sl],
+                noises[sl].to(device),
+                mask,
+                *extra,
+            )
+        rows.append(flatten_grads(g, g[next(iter(g))].shape[0]))
+    return torch.cat(rows, dim=0)
+
+
+def _alpha_bar_terms(model: DiffusionModel, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sqrt(abar_t), sqrt(1 - abar_t)), each shaped like ``timesteps`` (B, D), on the model's device.
+
+    Gathered outside any vmap: indexing with a batched tensor fails inside it.
+    """
+    ab = model.alphas_cumprod.index_select(0, timesteps.to(model.device).reshape(-1)).reshape(timesteps.shape)
+    return ab.sqrt(), (1 - ab).sqrt()
+
+
+def per_step_grads(
+    model: DiffusionModel,
+    params: dict[str, torch.Tensor],
+    output: OutputFn,
+    x0: torch.Tensor,
+    timesteps: torch.Tensor,
+    noises: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    cond: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The same (B, P) gradients as :func:`per_example_grads`, with plain autograd one example at a time.
+
+    Each example's D draws are one batch of the UNet and one backward pass. For the
+    query of Eq. (3) (one example per step, D = K = 20 noises) this is faster than
+    vmap over steps: the forward+backward of a batch of K is what the physical
+    limit does anyway, while vmap's per-example convolution backward is slower
+    than the batched one. Also the reference implementation of the tests.
+
+    Args: as :func:`per_example_grads` (``cond`` (B or 1, L, D)).
+    """
+    fn = _averaged_output_fn(model, params, output)
+    device = model.device
+    cond = _check_cond(model, cond, x0.shape[0])
+    if mask is None:
+        mask = torch.ones((1, *x0.shape[-2:]), device=device)
+    mask = mask.to(device=device, dtype=torch.float32)
+    timesteps = timesteps.to(device)
+    sqrt_ab, sqrt_1mab = _alpha_bar_terms(model, timesteps)
+    sel = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # leaves, shared by every example
+    leaves = list(sel.values())
+    out = torch.empty(x0.shape[0], num_params(params), device=device)
+    for b in range(x0.shape[0]):
+        c = cond[b] if cond is not None else None
+        value = fn(sel, x0[b].to(device), sqrt_ab[b], sqrt_1mab[b], timesteps[b], noises[b].to(device), mask, c)
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, leaves)], out=out[b])
+    return out
+
+
+looped_grads = per_step_grads  # the name the tests use for the plain-autograd reference

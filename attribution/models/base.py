@@ -1,0 +1,138 @@
+"""Load diffusers models from local directories: pixel-space and latent text-conditional.
+
+A :class:`DiffusionModel` bundles what the attribution core needs of a
+checkpoint: the noise predictor ``eps_theta`` (a ``UNet2DModel``), the training
+noise schedule ``alphas_cumprod`` and a content hash that identifies the
+checkpoint in store manifests. Weights load through diffusers
+``from_pretrained(..., use_safetensors=True)`` from a local directory only: no hub
+access, no pickle.
+
+Accepted layouts:
+  * a ``DDPMPipeline``/``DDIMPipeline`` directory: ``model_index.json``,
+    ``unet/`` and ``scheduler/``;
+  * a bare UNet directory (``config.json`` + ``diffusion_pytorch_model.safetensors``)
+    with ``scheduler_config.json`` beside it or in ``../scheduler``;
+  * a ``StableDiffusionPipeline`` directory (``unet/`` holding a
+    ``UNet2DConditionModel``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+    ``scheduler/``): loaded as a :class:`~attribution.models.latent.LatentDiffusionModel`,
+    whose ``image_shape`` is the *latent* shape and which adds ``encode``/``decode``
+    and ``encode_prompts`` (see :mod:`attribution.models.latent`).
+
+Every model has ``is_latent``, ``is_conditional``, ``pixel_shape``, ``encode``,
+``decode`` and ``encode_prompts``; for pixel models encode/decode are the identity
+and there is no conditioning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory is missing, incomplete or not a supported diffusers layout."""
+
+
+@dataclass
+class DiffusionModel:
+    """One checkpoint of a pixel-space diffusion model.
+
+    Attributes:
+        unet: noise predictor; ``unet(x_t, t).sample`` has the shape of ``x_t`` (B, C, H, W).
+        scheduler: the training (DDPM) scheduler; its ``alphas_cumprod`` is (T,).
+        path: directory it was loaded from.
+        checkpoint_hash: sha256 over the weights and the configs.
+    """
+
+    unet: UNet2DModel
+    scheduler: DDPMScheduler
+    path: Path
+    checkpoint_hash: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model works on."""
+        cfg = self.unet.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (cfg.in_channels, h, w)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """(T,) float32 on the model's device: alpha-bar_t of the training schedule."""
+        return self.scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float32)
+
+    @property
+    def is_latent(self) -> bool:
+        """True when the UNet works on VAE latents (then ``image_shape`` is the latent shape)."""
+        return False
+
+    @property
+    def is_conditional(self) -> bool:
+        """True when the UNet takes text embeddings (``encoder_hidden_states``)."""
+        return False
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images users see; equals ``image_shape`` for pixel models."""
+        return self.image_shape
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> model space; the identity for pixel models."""
+        return images
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> images (B, C, H, W) in [-1, 1]; the identity for pixel models."""
+        return x
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings (B, L, D); pixel models take no conditioning."""
+        raise ValueError(f"{self.path} is not a text-conditional model; it takes no prompt")
+
+    def unet_kwargs(self, cond: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Extra UNet keyword arguments for conditioning ``cond`` (B, L, D) (none for pixel models)."""
+        if cond is not None:
+            raise ValueError(f"{self.path} is not a text-conditional model; it takes no conditioning")
+        return {}
+
+    @torch.no_grad()
+    def eps(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted noise eps_theta(x_t, t[, c]): x_t (B, C, H, W), timesteps (B,), cond (B, L, D) -> (B, C, H, W)."""
+        return self.unet(x_t, timesteps, **self.unet_kwargs(cond)).sample
+
+    def to(self, device: str | torch.device) -> "DiffusionModel":
+        self.unet.to(device)
+        return self
+
+
+def hash_files(paths: list[Path]) -> str:
+    """sha256 over the names and contents of ``paths`` (order-independent)."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda q: q.name):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/``"auto"`` picks CUDA when present, else CPU; ``"cuda"`` without a GPU is an error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA device is available")
+    return dev

@@ -1,0 +1,81 @@
+"""Load diffusers models from local directories: the dispatch over the accepted layouts.
+
+Pixel-space ``DDPMPipeline``/``DDIMPipeline`` and bare-UNet directories load here as a
+:class:`~attribution.models.base.DiffusionModel`; ``StableDiffusionPipeline``
+directories (a ``UNet2DConditionModel`` or a ``vae/``) go to
+:func:`~attribution.models.latent.load_latent_model`. See :mod:`attribution.models.base`
+for the layouts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from .base import DiffusionModel, ModelLoadError, hash_files
+from .latent import load_latent_model
+
+
+def _resolve_dirs(path: Path) -> tuple[Path, Path]:
+    """Return (unet_dir, scheduler_dir) for a pipeline or bare-UNet directory."""
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {path} does not exist")
+    if (path / "unet").is_dir():
+        unet_dir = path / "unet"
+        sched_dir = path / "scheduler"
+    else:
+        unet_dir = path
+        sched_dir = path if (path / "scheduler_config.json").exists() else path.parent / "scheduler"
+    if not (unet_dir / "config.json").exists():
+        raise ModelLoadError(f"{unet_dir} has no config.json: not a diffusers UNet directory")
+    if not (unet_dir / "diffusion_pytorch_model.safetensors").exists():
+        raise ModelLoadError(
+            f"{unet_dir} has no diffusion_pytorch_model.safetensors; only safetensors weights are "
+            "loaded (convert .bin weights with diffusers' save_pretrained(safe_serialization=True))"
+        )
+    if not (sched_dir / "scheduler_config.json").exists():
+        raise ModelLoadError(f"no scheduler_config.json found for {path} (looked in {sched_dir})")
+    return unet_dir, sched_dir
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:
+    """Load one checkpoint from a local diffusers directory (see module doc for layouts)."""
+    path = Path(path)
+    unet_dir, sched_dir = _resolve_dirs(path)
+    with open(unet_dir / "config.json") as f:
+        cls_name = json.load(f).get("_class_name", "UNet2DModel")
+    if cls_name == "UNet2DConditionModel" or (path / "vae").is_dir():
+        return load_latent_model(path, unet_dir, sched_dir, device)
+    if cls_name != "UNet2DModel":
+        raise ModelLoadError(f"{unet_dir} holds a {cls_name}; only pixel-space UNet2DModel is supported here")
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(sched_dir, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as e:  # diffusers raises these for bad dirs
+        raise ModelLoadError(f"could not load a diffusers model from {path}: {e}") from e
+    unet.eval().requires_grad_(False).to(device)
+    files = [
+        unet_dir / "config.json",
+        unet_dir / "diffusion_pytorch_model.safetensors",
+        sched_dir / "scheduler_config.json",
+    ]
+    return DiffusionModel(unet=unet, scheduler=scheduler, path=path, checkpoint_hash=hash_files(files))
+
+
+def load_models(paths: list[str | Path], device: str | torch.device = "cpu") -> list[DiffusionModel]:
+    """Load an ensemble (M checkpoints); all must share image shape and noise schedule."""
+    if not paths:
+        raise ModelLoadError("no model directories given")
+    models = [load_model(p, device) for p in paths]
+    ref = models[0]
+    for m in models[1:]:
+        if m.image_shape != ref.image_shape:
+            raise ModelLoadError(f"{m.path} works on {m.image_shape} images but {ref.path} on {ref.image_shape}")
+        if m.pixel_shape != ref.pixel_shape or m.is_conditional != ref.is_conditional:
+            raise ModelLoadError(f"{m.path} and {ref.path} are different kinds of model (pixel size or conditioning)")
+        if not torch.allclose(m.scheduler.alphas_cumprod, ref.scheduler.alphas_cumprod):
+            raise ModelLoadError(f"{m.path} and {ref.path} use different noise schedules")
+    return models

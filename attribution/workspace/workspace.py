@@ -1,0 +1,446 @@
+"""A workspace: one model ensemble, its training set, stores and classifier, with cached answers.
+
+This is the one object a front end (the Streamlit app, a notebook) talks to. It
+loads everything once, answers "trajectory for seed s", "scores of step s for
+method m (and mask M)", "likelihood curves", keeps per-sample results in a
+bounded, thread-safe LRU shared by all callers, and can fill the scores of the
+remaining steps in the background (:class:`~attribution.workspace.jobs.JobRunner`) while
+the caller shows the first one: what a caller asks for goes before that background work
+(:class:`~attribution.workspace.jobs.PriorityLock`). Trajectories are named by their
+:class:`~attribution.workspace.recipes.SampleRecipe`. It does no drawing and imports no UI library.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..config import QueryConfig, SamplingConfig
+from ..data.datasets import ArrayDataset, decode_image, load_dataset, model_to_uint8
+from ..features.featurize import featurize, store_spec
+from ..features.outputs import METHODS, get_method
+from ..features.store import Store, StoreError
+from ..models.base import DiffusionModel, resolve_device
+from ..models.classifier import load_classifier
+from ..models.clip import check_labels, load_clip
+from ..models.load import load_models
+from ..models.lora import apply_lora
+from ..sampling.inversion import invert_image
+from ..sampling.likelihood import LikelihoodCurves, label_curves, likelihood_curves
+from ..sampling.trajectory import Trajectory, sample_trajectory
+from ..scoring.baselines import BASELINES, SimilarityBaseline
+from ..scoring.masks import PatchMask, mask_key, mask_values, prepare_mask
+from ..scoring.scorer import Scorer
+from ..tools.paths import resolve_within
+from . import bundles
+from .bundles import Bundle
+from .jobs import Job, JobRunner, PriorityLock
+from .recipes import SampleRecipe
+
+Progress = Callable[[int, int], None]
+
+
+class LRU:
+    """A thread-safe LRU mapping with a maximum number of entries."""
+
+    def __init__(self, max_items: int):
+        self.max_items = max_items
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any | None:
+        with self._lock:
+            if key not in self._data:
+                return None
+            self._data.move_to_end(key)
+            return self._data[key]
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_items:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+
+class Workspace:
+    """Models, data, stores and classifier of one bundle, with cached per-sample answers."""
+
+    def __init__(self, bundle: Bundle, device: str | None = None, query: QueryConfig = QueryConfig()):
+        self.bundle = bundle
+        self.device = resolve_device(device)
+        self.models: list[DiffusionModel] = load_models(list(bundle.model_dirs), self.device)
+        if bundle.lora_dirs:
+            apply_lora(self.models, bundle.lora_dirs)
+        # images at the size users see (the VAE input for latent models; latents are made by featurize)
+        self.dataset: ArrayDataset = load_dataset(bundle.data, self.models[0].pixel_shape)
+        self.query = query
+        self.classifier = None
+        if bundle.classifier_dir is not None and Path(bundle.classifier_dir).exists():
+            self.classifier = load_classifier(Path(bundle.classifier_dir), device=self.device)
+        self._clip = None
+        self._scorers: dict[str, Scorer] = {}
+        self._baselines: dict[str, SimilarityBaseline] = {}
+        self._trajectories = LRU(64)
+        self._scores = LRU(4096)
+        self._curves = LRU(64)
+        self._lock = threading.RLock()
+        # torch.func.functional_call swaps the shared UNet's parameters while it runs, so two
+        # threads computing gradients at once corrupt each other's scores: one at a time, the
+        # caller's request before the background jobs'.
+        self._compute_lock = PriorityLock()
+        self.jobs = JobRunner()
+
+    # ------------------------------------------------------------------ data
+    @property
+    def num_train(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def is_conditional(self) -> bool:
+        """Whether the models take a text prompt."""
+        return self.models[0].is_conditional
+
+    @property
+    def is_latent(self) -> bool:
+        """Whether the models work on VAE latents."""
+        return self.models[0].is_latent
+
+    @property
+    def captions(self) -> list[str] | None:
+        """The training set's captions, if it has them."""
+        return self.dataset.captions
+
+    @property
+    def has_clip(self) -> bool:
+        """Whether a CLIP model is configured (text-label curves)."""
+        return self.bundle.clip_dir is not None
+
+    def describe(self) -> str:
+        """One markdown paragraph saying what the loaded bundle is."""
+        c, h, w = self.image_shape
+        kind = "grayscale" if c == 1 else "colour"
+        n_models = len(self.models)
+        digits = self.bundle.data.startswith("digits") or self.class_names() == [str(i) for i in range(10)]
+        what = "MNIST digits" if digits else "images"
+        stores = ", ".join(label for name, label in self.available_methods().items() if not name.startswith("baseline"))
+        if self.is_latent:
+            lc, lh, lw = self.image_shape
+            _, ph, pw = self.pixel_shape
+            kind = "text-conditional latent" if self.is_conditional else "latent"
+            lora = " with a LoRA adapter" if self.bundle.lora_dirs else ""
+            return (
+                f"**{self.bundle.name}**  \n"
+                f"{n_models} {kind} diffusion model{'s' if n_models > 1 else ''}{lora} "
+                f"({ph}×{pw} images, {lc}×{lh}×{lw} latents), trained on **{self.num_train:,} "
+                f"{'captioned ' if self.captions is not None else ''}images**.  \n"
+                f"Attribution methods ready: {stores or 'similarity baselines only'}."
+            )
+        return (
+            f"**{self.bundle.name}**  \n"
+            f"{n_models} diffusion models (DDPMs) trained on **{self.num_train:,} {what}** ({h}×{w} {kind}); "
+            f"the first generates, all {n_models} are averaged for the scores.  \n"
+            f"Attribution methods ready: {stores or 'similarity baselines only'}."
+        )
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) the UNet works on (latent shape for latent models)."""
+        return self.models[0].image_shape
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of displayed images, uploads and masks (equals ``image_shape`` for pixel models)."""
+        return self.models[0].pixel_shape
+
+    def train_images(self, indices: Sequence[int]) -> np.ndarray:
+        """uint8 (B, H, W, C) training images for display."""
+        return model_to_uint8(self.dataset.images(np.asarray(indices, dtype=np.int64)))
+
+    def label(self, i: int) -> str:
+        """Display label of train example i: its class name, else its caption, else ''."""
+        ds = self.dataset
+        if ds.labels is not None:
+            names = ds.class_names
+            lab = int(ds.labels[i])
+            return names[lab] if names else str(lab)
+        if ds.captions is not None:
+            return ds.captions[i]
+        return ""
+
+    # ------------------------------------------------------------------ trajectories
+    def generate(
+        self,
+        seed: int,
+        num_steps: int = 50,
+        scheduler: str = "ddim",
+        prompt: str = "",
+        guidance_scale: float = SamplingConfig.guidance_scale,
+    ) -> tuple[str, Trajectory]:
+        """A generated trajectory and its cache key (same seed, same trajectory).
+
+        ``prompt`` and ``guidance_scale`` apply to text-conditional models only.
+        """
+        key = SampleRecipe("seed", seed=int(seed), prompt=prompt, guidance_scale=guidance_scale, num_steps=num_steps,
+                           scheduler=scheduler).key(self.is_conditional)
+        traj = self._trajectories.get(key)
+        if traj is None:
+            cfg = SamplingConfig(num_inference_steps=num_steps, seed=seed, scheduler=scheduler, prompt=prompt,
+                                 guidance_scale=guidance_scale)
+            traj = sample_trajectory(self.models[0], cfg)
+            self._trajectories.put(key, traj)
+        return key, traj
+
+    def upload(self, data: bytes, num_steps: int = 50, prompt: str = "") -> tuple[str, Trajectory]:
+        """Decode an uploaded image (raises ``ImageDecodeError`` with a message) and invert it
+        (conditioned on ``prompt`` for text-conditional models)."""
+        key = SampleRecipe("upload", data=data, prompt=prompt, num_steps=num_steps).key(self.is_conditional)
+        traj = self._trajectories.get(key)
+        if traj is None:
+            image = decode_image(data, self.pixel_shape)
+            traj = invert_image(self.models[0], image.to(self.device), num_steps, prompt=prompt)
+            self._trajectories.put(key, traj)
+        return key, traj
+
+    def trajectory(self, key: str) -> Trajectory | None:
+        return self._trajectories.get(key)
+
+    def sample(self, recipe: SampleRecipe) -> tuple[str, Trajectory]:
+        """The trajectory of ``recipe`` (made, or from the cache) and its key."""
+        prompt = recipe.prompt or ""
+        if recipe.kind == "seed":
+            scale = recipe.guidance_scale if recipe.guidance_scale is not None else SamplingConfig.guidance_scale
+            return self.generate(recipe.seed, recipe.num_steps, recipe.scheduler, prompt=prompt, guidance_scale=scale)
+        return self.upload(recipe.data, recipe.num_steps, prompt=prompt)
+
+    # ------------------------------------------------------------------ methods
+    def available_methods(self) -> dict[str, str]:
+        """name -> label of every method answerable now (stores present, or a baseline)."""
+        out = {}
+        for name, m in METHODS.items():
+            if self.store_exists(m.train_output):
+                out[name] = m.label
+        embed = self.classifier is not None or self.bundle.clip_dir is not None
+        out.update({f"baseline-{k}": v for k, v in BASELINES.items() if k != "embedding" or embed})
+        return out
+
+    def store_exists(self, output: str) -> bool:
+        path = self.bundle.stores.get(output)
+        if path is None or not (Path(path) / "manifest.json").exists():
+            return False
+        try:  # a store still being built, or left half-built, is not ready
+            return Store.open(path).is_complete()
+        except StoreError:
+            return False
+
+    def writable_path(self, path: str | Path) -> Path:
+        """``path`` if it resolves inside the bundle's roots (any path when it has none).
+
+        Raises:
+            PathEscapeError: a link or ``..`` takes it outside the configured directories.
+        """
+        return resolve_within(path, self.bundle.roots) if self.bundle.roots else Path(path)
+
+    def store_path(self, output: str) -> Path:
+        """Where the store of train output ``output`` is built (checked by :meth:`writable_path`)."""
+        path = self.bundle.stores.get(output)
+        if path is None:
+            raise StoreError(f"no store location configured for output {output!r}")
+        return self.writable_path(path)
+
+    def build_store(self, output: str, progress: Progress | None = None,
+                    models: Sequence[DiffusionModel] | None = None) -> Path:
+        """Featurize the store of train output ``output`` (resumes if interrupted).
+
+        ``models``: the checkpoints to differentiate (default: the workspace's own); a background
+        build passes copies, so that it never differentiates the modules a caller is scoring with.
+        """
+        path = self.store_path(output)
+        cfg = replace(self.bundle.featurize, output=output)
+        featurize(list(models or self.models), self.dataset, path, cfg, progress=progress,
+                  latent_cache_dir=self.writable_path(bundles.CACHE_DIR / "latents"))
+        return path
+
+    def start_build(self, output: str) -> Job:
+        """Build the store of ``output`` in the background, on copies of the models (no-op while one runs)."""
+        self.store_path(output)  # refuses a location outside the bundle's directories before starting
+
+        def work(job: Job) -> None:
+            self.build_store(output, job.progress, models=[copy.deepcopy(m) for m in self.models])
+
+        return self.jobs.start(("build", output), f"build-store-{output}", work)
+
+    def build_job(self, output: str) -> Job | None:
+        """The background build of ``output`` started by :meth:`start_build`, if any."""
+        return self.jobs.get(("build", output))
+
+    def scorer(self, method: str) -> Scorer:
+        with self._lock:
+            if method not in self._scorers:
+                m = get_method(method)
+                path = self.bundle.stores.get(m.train_output)
+                if path is None or not (Path(path) / "manifest.json").exists():
+                    raise StoreError(
+                        f"method {method!r} needs a store of output {m.train_output!r}, which is not built yet"
+                    )
+                spec = store_spec(self.models, self.dataset, Store.open(path).config)
+                store = Store.open(path, spec)
+                self._scorers[method] = Scorer(store, self.models, m, self.query, dataset=self.dataset)
+            return self._scorers[method]
+
+    def baseline(self, name: str) -> SimilarityBaseline:
+        with self._lock:
+            if name not in self._baselines:
+                if name == "pixel":
+                    self._baselines[name] = SimilarityBaseline(self.dataset, None, "pixel")
+                elif name == "embedding":
+                    if self.classifier is not None:
+                        embed = self.classifier.embed
+                    elif self.bundle.clip_dir is not None:
+                        embed = self.clip.embed_images
+                    else:
+                        raise StoreError("the embedding baseline needs a classifier or a CLIP model")
+                    self._baselines[name] = SimilarityBaseline(self.dataset, embed, "embedding")
+                else:
+                    raise ValueError(f"unknown baseline {name!r}")
+            return self._baselines[name]
+
+    # ------------------------------------------------------------------ scores
+    def cached_scores(self, key: str, method: str, step: int, mask: np.ndarray | PatchMask | None = None) -> np.ndarray | None:
+        return self._scores.get((key, method, int(step), mask_key(mask)))
+
+    def scores(
+        self,
+        key: str,
+        method: str,
+        steps: Sequence[int],
+        mask: np.ndarray | PatchMask | None = None,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        """(len(steps), N) scores of trajectory ``key``; computes only the steps not cached.
+
+        ``mask``: (H, W) patch weights at the pixel size, or a :class:`~attribution.scoring.masks.PatchMask`
+        (hashed once for all the calls that name it).
+        """
+        traj = self._trajectories.get(key)
+        if traj is None:
+            raise KeyError(f"unknown trajectory {key!r}; generate or upload it first")
+        steps = [int(s) for s in steps]
+        mk = mask_key(mask)
+        mask = mask_values(mask)
+        # rows are kept locally: other callers may evict them from the bounded cache at any time
+        rows = {s: self._scores.get((key, method, s, mk)) for s in steps}
+        if any(r is None for r in rows.values()):
+            with self._compute_lock.hold(background=self.jobs.in_job()):
+                rows.update(self._compute_missing(traj, key, method, [s for s, r in rows.items() if r is None], mask, mk, progress))
+        return np.stack([rows[s] for s in steps])
+
+    def _compute_missing(self, traj, key, method, steps, mask, mk, progress) -> dict[int, np.ndarray]:
+        """Rows of ``steps``: from the cache, or scored and cached (caller holds the compute lock)."""
+        found = {s: self._scores.get((key, method, s, mk)) for s in steps}
+        missing = [s for s, r in found.items() if r is None]
+        if missing:
+            if method.startswith("baseline-"):
+                base = self.baseline(method.split("-", 1)[1])
+                mask_t = prepare_mask(mask, self.pixel_shape) if mask is not None else None
+                x0 = traj.display_x0_hat[missing].clamp(-1, 1)
+                if mask_t is not None:
+                    x0 = x0 * mask_t
+                rows = base.scores(x0.to(self.device))
+            else:
+                rows = self.scorer(method).score(traj, missing, mask, progress).scores
+            for s, row in zip(missing, rows):
+                self._scores.put((key, method, s, mk), row)
+                found[s] = row
+        return found
+
+    def prefetch(self, key: str, method: str, steps: Sequence[int], chunk: int = 5) -> None:
+        """Compute the scores of ``steps`` in the background, ``chunk`` at a time (no-op if already running)."""
+        todo = [int(s) for s in steps]
+
+        def work(job: Job) -> None:
+            for i in range(0, len(todo), chunk):
+                job.check()
+                self.scores(key, method, todo[i : i + chunk])
+                job.done = min(i + chunk, len(todo))
+
+        self.jobs.start(("scores", key, method), f"prefetch-{key}-{method}", work, total=len(todo))
+
+    def job_status(self, key: str, method: str) -> tuple[int, int, str | None]:
+        """(steps done, steps total, error or None) of the background job for (key, method)."""
+        job = self.jobs.get(("scores", key, method))
+        if job is None:
+            return (0, 0, None)
+        return (job.done, job.total, job.error)
+
+    def shutdown(self) -> None:
+        """Stop the background jobs and wait for them (also done at interpreter exit)."""
+        self.jobs.shutdown()
+
+    # ------------------------------------------------------------------ curves
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        if self.classifier is None:
+            raise StoreError("no classifier configured for likelihood curves")
+        with torch.no_grad():
+            return self.classifier.predict_proba(images.to(self.device)).cpu()
+
+    def curves(
+        self, key: str, steps: Sequence[int], num_samples: int = 16, progress: Progress | None = None
+    ) -> LikelihoodCurves:
+        """Class-likelihood curves of trajectory ``key`` at ``steps``."""
+        ck = (key, tuple(int(s) for s in steps), num_samples)
+        cached = self._curves.get(ck)
+        if cached is None:
+            traj = self._trajectories.get(key)
+            if traj is None:
+                raise KeyError(f"unknown trajectory {key!r}")
+            cached = likelihood_curves(self.models[0], traj, self.classify, steps, num_samples, progress=progress)
+            self._curves.put(ck, cached)
+        return cached
+
+    def class_names(self) -> list[str]:
+        return self.dataset.class_names or [str(i) for i in range(10)]
+
+    # ------------------------------------------------------------------ text-label curves (CLIP)
+    @property
+    def clip(self):
+        """The bundle's :class:`~attribution.models.clip.ClipLabeler` (loaded on first use), or None."""
+        if self.bundle.clip_dir is None:
+            return None
+        with self._lock:
+            if self._clip is None:
+                self._clip = load_clip(self.bundle.clip_dir, self.device)
+            return self._clip
+
+    def label_curves(
+        self,
+        key: str,
+        steps: Sequence[int],
+        labels: Sequence[str],
+        num_samples: int = 16,
+        progress: Progress | None = None,
+    ) -> LikelihoodCurves:
+        """Likelihood curves (S, L) of free-text ``labels`` under the bundle's CLIP model."""
+        if self.bundle.clip_dir is None:
+            raise StoreError("no CLIP model configured for text-label curves")
+        labels = check_labels(labels)
+        ck = ("labels", key, tuple(int(s) for s in steps), num_samples, tuple(labels))
+        cached = self._curves.get(ck)
+        if cached is None:
+            traj = self._trajectories.get(key)
+            if traj is None:
+                raise KeyError(f"unknown trajectory {key!r}")
+            cached = label_curves(self.models[0], traj, self.clip, labels, steps, num_samples, progress=progress)
+            self._curves.put(ck, cached)
+        return cached

@@ -1,0 +1,93 @@
+"""Widgets shared by the pages: page header, sample reminder, prompt inputs, the method picker and the step slider."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from attribution.config import SamplingConfig
+from attribution.sampling import Trajectory
+from attribution.workspace import Workspace
+
+from . import state
+from .labels import DTRAK_OUTPUTS
+from .progress import build_status
+from .state import current_sample, sample_label
+
+
+def prompt_inputs(ws: Workspace, container=None) -> tuple[str | None, float | None]:
+    """Prompt and guidance-scale inputs for text-conditional models; (None, None) otherwise."""
+    if not ws.is_conditional:
+        return None, None
+    target = container if container is not None else st
+    captions = ws.captions or []
+    st.session_state.setdefault(state.PROMPT_INPUT, captions[0] if captions else "")
+    c_prompt, c_scale = target.columns([3.2, 1], vertical_alignment="bottom")
+    prompt = c_prompt.text_input("Prompt", key=state.PROMPT_INPUT, max_chars=500,
+                                 help="The text the model is conditioned on; the scores are conditioned on it too.")
+    scale = c_scale.number_input("Guidance scale", min_value=1.0, max_value=20.0, value=SamplingConfig.guidance_scale, step=0.5,
+                                 key=state.GUIDANCE_INPUT,
+                                 help="Classifier-free guidance: 1 = conditional prediction only, higher = follow the prompt more.")
+    return prompt, float(scale)
+
+
+def sample_caption() -> None:
+    """A one-line reminder of which sample a page is showing."""
+    st.caption(f"Current sample: **{sample_label()}** · change it on the Explore page.")
+
+
+def sample_page(ws: Workspace, title: str, explanation: str) -> tuple[str, Trajectory]:
+    """The header of a page that works on the current sample: title, explanation, the sample
+    (seed 0 if none yet) and the reminder of which one it is; returns its key and trajectory."""
+    page_header(title, explanation)
+    key, traj = current_sample(ws)
+    sample_caption()
+    return key, traj
+
+
+def method_selector(ws: Workspace, container=None, baselines: bool = True) -> str:
+    """Sidebar select box of the available methods (default journey-TRAK), kept across pages."""
+    methods = {k: v for k, v in available_methods(ws).items() if baselines or not k.startswith("baseline")}
+    names = list(methods)
+    if st.session_state.get(state.METHOD) not in methods:
+        st.session_state[state.METHOD] = "journey" if "journey" in names else names[0]
+    target = container if container is not None else st.sidebar
+    return target.selectbox(
+        "Attribution method",
+        names,
+        format_func=lambda n: methods[n],
+        key=state.METHOD,
+        help="journey-TRAK is the paper's method; the others are for comparison (see About).",
+        persist_state="session",
+    )
+
+
+def available_methods(ws: Workspace) -> dict[str, str]:
+    """``ws.available_methods()`` minus the D-TRAK stores still being built here."""
+    building = {f"dtrak-{o}" for o in DTRAK_OUTPUTS if build_status(ws, o).running}
+    return {k: v for k, v in ws.available_methods().items() if k not in building}
+
+
+def step_label(traj: Trajectory, step: int) -> str:
+    """``step 12 · t=759`` for a step index of the trajectory."""
+    return f"step {step} · t={int(traj.timesteps[step])}"
+
+
+def step_slider(traj: Trajectory, label: str = "Denoising step (noisy → clean)") -> int:
+    """The shared step slider 0..S-1, shown with each step's timestep; default: the middle step."""
+    n = traj.num_steps
+    if not 0 <= st.session_state.get(state.STEP, -1) < n:
+        st.session_state[state.STEP] = n // 2 if state.STEP not in st.session_state else n - 1
+    return st.select_slider(
+        label,
+        options=list(range(n)),
+        format_func=lambda s: step_label(traj, s),
+        key=state.STEP,
+        help="Step 0 is pure noise; the last step is the finished image. t is the diffusion timestep.",
+        persist_state="session",
+    )
+
+
+def page_header(title: str, explanation: str) -> None:
+    """Page title and its one-sentence explanation."""
+    st.title(title)
+    st.markdown(f"<p style='font-size:1.05rem;color:#4b5563;margin-top:-0.6rem'>{explanation}</p>", unsafe_allow_html=True)
