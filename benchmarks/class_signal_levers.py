@@ -66,14 +66,20 @@ def log_distance(a: float, b: float) -> float:
     return abs(math.log(a + 5) - math.log(b + 5))
 
 
-def trak_scores(phi: torch.Tensor, g: torch.Tensor, ridge: float, center: bool) -> torch.Tensor:
-    """phi (N, d) float64, g (d,) -> TRAK scores (N,) = phi (phi^T phi + lambda I)^-1 g (phi centred if asked)."""
-    if center:
-        phi = phi - phi.mean(0, keepdim=True)
-    k = phi.T @ phi
-    lam = ridge * float(torch.trace(k)) / k.shape[0]
-    w = torch.linalg.solve(k + lam * torch.eye(k.shape[0], dtype=k.dtype), g)
-    return phi @ w
+class TrakVariant:
+    """TRAK scores phi (phi^T phi + lambda I)^-1 g of one train-feature variant, factored once.
+
+    phi (N, d) float64 (centred if asked); one Cholesky factor per ridge."""
+
+    def __init__(self, phi: torch.Tensor, ridges: list[float], center: bool):
+        self.phi = phi - phi.mean(0, keepdim=True) if center else phi
+        k = self.phi.T @ self.phi
+        eye = torch.eye(k.shape[0], dtype=k.dtype)
+        self.chol = {r: torch.linalg.cholesky(k + r * float(torch.trace(k)) / k.shape[0] * eye) for r in ridges}
+
+    def scores(self, g: torch.Tensor, ridge: float) -> torch.Tensor:
+        """g (d,) -> (N,)."""
+        return self.phi @ torch.cholesky_solve(g[:, None], self.chol[ridge])[:, 0]
 
 
 def main() -> None:
@@ -110,18 +116,23 @@ def main() -> None:
         target = GradientTarget(model, scorer.params[0], scorer.output)
         return scorer.projectors[0].step_features(target, DrawBatch(x0[None], ts, draw_noise[near][None]))[0].double()
     results: dict[str, dict] = {}
+    nears = {w: [sorted(range(len(GRID)), key=lambda j: log_distance(GRID[j], t))[:w] for t in REPORT_TIMESTEPS]
+             for w in args.widths}
+    variants = {(w, si, center): TrakVariant(draws[near].mean(0), args.ridges, center)
+                for w in args.widths for si, near in enumerate(nears[w]) for center in (False, True)}
+    shipped_variants = {center: TrakVariant(per_example, args.ridges, center) for center in (False, True)}
+    print(f"kernels factored ({time.perf_counter() - t0:.0f} s)", flush=True)
     for q in range(args.num_samples):
         traj = sample_trajectory(model, SamplingConfig(seed=args.seed_offset + q))
         c = int(clf.predict_proba(traj.sample[None])[0].argmax())
         steps = steps_of_timesteps(traj.timesteps, REPORT_TIMESTEPS)
         g = scorer.query_features(traj, steps)[0].double()  # (S, d)
         for w in args.widths:
-            nears = [sorted(range(len(GRID)), key=lambda j: log_distance(GRID[j], t))[:w] for t in REPORT_TIMESTEPS]
-            matched = [matched_query(traj.x0_hat[s], t, near) for s, t, near in zip(steps, REPORT_TIMESTEPS, nears)]
+            matched = [matched_query(traj.x0_hat[s], t, near) for s, t, near in zip(steps, REPORT_TIMESTEPS, nears[w])]
             for query, qfeats in (("fresh", g), ("matched", matched)):
                 for center in (False, True):
                     for ridge in args.ridges:
-                        rows = [trak_scores(draws[near].mean(0), qfeats[si], ridge, center) for si, near in enumerate(nears)]
+                        rows = [variants[(w, si, center)].scores(qfeats[si], ridge) for si in range(len(steps))]
                         band = "all" if w >= len(GRID) else f"band-{w}"
                         name = f"crn {band} {query}{' centred' if center else ''} ridge {ridge:g}"
                         m = class_measures(torch.stack(rows).numpy(), labels, c, args.top_k, 10)
@@ -130,7 +141,7 @@ def main() -> None:
                             r[key].append(m[key].tolist())
         for center in (False, True):
             for ridge in args.ridges:
-                sc = torch.stack([trak_scores(per_example, g[si], ridge, center) for si in range(len(steps))])
+                sc = torch.stack([shipped_variants[center].scores(g[si], ridge) for si in range(len(steps))])
                 m = class_measures(sc.numpy(), labels, c, args.top_k, 10)
                 r = results.setdefault(f"shipped per-example d8{' centred' if center else ''} ridge {ridge:g}",
                                        {"top_pos_share": [], "argmax_is_class": [], "top_neg_share": []})
