@@ -218,6 +218,26 @@ def test_explore_generates_scrubs_and_shows_influencers(app_bundle, ws):
     assert at.session_state["sample"]["seed"] == at.number_input(key="seed_input").value
 
 
+def test_explore_shows_the_group_influence_of_the_step(app_bundle, ws):
+    """The summed score per class of the current step: a bar per class whose heights are the step's scores summed
+    over each class, and the text naming the strongest class and the sample's class make-up of the top-k."""
+    import json
+
+    at = make_app()
+    exp = [e for e in at.expander if e.label.startswith("Group influence")]
+    assert len(exp) == 1
+    charts = [c for c in at.get("plotly_chart") if json.loads(c.proto.spec)["layout"]["title"]["text"] == "Summed score per class"]
+    assert len(charts) == 1
+    bars = json.loads(charts[0].proto.spec)["data"][0]
+    row = ws.cached_scores(at.session_state["sample_key"], "journey", 25)
+    labels = np.asarray(ws.dataset.labels)
+    want = [float(row[labels == c].sum()) for c in range(10)]
+    np.testing.assert_allclose(bars["y"], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    strongest = int(np.argmax(want))
+    assert f"**Class {strongest}** has the largest summed score" in texts(at)
+    assert "The sample is classified as" in texts(at)
+
+
 def test_explore_method_selector_and_baseline_labels(app_bundle, ws):
     at = make_app()
     methods = at.selectbox(key="method").options

@@ -26,6 +26,7 @@ from .figures import (
     curves_figure,
     default_labels,
     example_figure,
+    group_influence_figure,
     heatmap_figure,
     parse_labels,
     predicted_class,
@@ -110,6 +111,7 @@ from .widgets import (
 )
 
 __all__ = [
+    "group_influence_figure",
     "short_text",
     "state",
     "ALLOWED_ENV",

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from attribution.sampling import Trajectory
+from attribution.scoring import GroupInfluence
 from attribution.workspace import Workspace, short_text
 
 from .grids import per_step_normalized
@@ -122,4 +123,22 @@ def heatmap_figure(ws: Workspace, scores: np.ndarray, indices: np.ndarray, traj:
     ))
     fig.update_layout(height=max(320, 16 * len(indices) + 120), margin=dict(l=10, r=10, t=10, b=10),
                       xaxis_title=STEP_AXIS, yaxis=dict(autorange="reversed", tickfont=dict(size=10)))
+    return fig
+
+
+def group_influence_figure(gi: GroupInfluence, highlight: int | None = None):
+    """Bar chart of the summed score of every class at one step (green: the class's removal would make this
+    step less likely; red: more likely); ``highlight`` outlines the sample's class."""
+    import plotly.graph_objects as go
+
+    colors = [POSITIVE_COLOR if v >= 0 else NEGATIVE_COLOR for v in gi.sums]
+    widths = [3 if i == highlight else 0 for i in range(len(gi.sums))]
+    hover = [f"class {n}<br>summed score {v:+.3g}<br>{100 * p:.0f} % of the positive, {100 * q:.0f} % of the "
+             f"negative influence<br>{tp} of the top {gi.top_k} positive, {tn} of the top {gi.top_k} negative"
+             for n, v, p, q, tp, tn in zip(gi.names, gi.sums, gi.positive_share, gi.negative_share,
+                                           gi.top_positive_counts, gi.top_negative_counts)]
+    fig = go.Figure(go.Bar(x=[html.escape(n) for n in gi.names], y=gi.sums.tolist(), marker_color=colors,
+                           marker_line_color="#222", marker_line_width=widths, hovertext=hover, hoverinfo="text"))
+    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), title="Summed score per class",
+                      xaxis_title="class of the training images", yaxis_title="summed score", showlegend=False)
     return fig

@@ -67,6 +67,23 @@ st.caption(f"{ws.available_methods()[method]} · {ui.step_label(traj, step)} · 
     "Scores are estimates: a positive score means removing that training image would make this step's "
     "prediction less likely."))
 
+gi = ws.group_influence(row, k)
+if gi is not None:
+    with st.expander("Group influence: which classes shaped this step", icon=":material/bar_chart:", expanded=True):
+        sample_class = ui.predicted_class(ws, traj)
+        c_fig, c_text = st.columns([2, 1], vertical_alignment="center")
+        c_fig.plotly_chart(ui.group_influence_figure(gi, sample_class), width="stretch", key="group_influence")
+        top = gi.strongest
+        lines = [f"**Class {gi.names[top]}** has the largest summed score "
+                 f"({100 * gi.positive_share[top]:.0f} % of all positive influence)."]
+        if sample_class is not None:
+            lines.append(f"The sample is classified as **{gi.names[sample_class]}**: {gi.top_positive_counts[sample_class]} "
+                         f"of the top {gi.top_k} positive and {gi.top_negative_counts[sample_class]} of the top "
+                         f"{gi.top_k} negative influencers have its class.")
+        lines.append("A class's summed score is what removing the whole class is predicted to do: a positive sum "
+                     "means the step would become less likely without it.")
+        c_text.markdown("\n\n".join(lines))
+
 all_done = ui.background_scores(ws, key, method, traj.num_steps, center=step)
 
 with st.expander("Export", icon=":material/download:"):

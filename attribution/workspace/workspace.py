@@ -38,6 +38,7 @@ from ..sampling.trajectory import Trajectory, sample_trajectory
 from ..scoring.baselines import BASELINES, SimilarityBaseline
 from ..scoring.masks import PatchMask, mask_key, mask_values, prepare_mask
 from ..scoring.scorer import Scorer
+from ..scoring.groups import GroupInfluence, group_influence
 from ..tools.paths import resolve_within
 from . import bundles
 from .bundles import Bundle
@@ -411,6 +412,15 @@ class Workspace:
 
     def class_names(self) -> list[str]:
         return self.dataset.class_names or [str(i) for i in range(10)]
+
+    def group_influence(self, scores: np.ndarray, top_k: int = 8) -> GroupInfluence | None:
+        """Summed score of every class of one step's scores (N,) (:mod:`attribution.scoring.groups`);
+        None when the training set has no class labels."""
+        if self.dataset.labels is None:
+            return None
+        labels = np.asarray(self.dataset.labels)
+        names = self.dataset.class_names or [str(c) for c in range(int(labels.max()) + 1)]
+        return group_influence(scores, labels, names, top_k)
 
     # ------------------------------------------------------------------ text-label curves (CLIP)
     @property
