@@ -352,7 +352,7 @@ def test_feature_curves(app_bundle, ws):
     at = make_app("curves", curve_samples=2)
     assert at.title[0].value == "Feature curves"
     specs = plotly_specs(at)
-    assert len(specs) == 1
+    assert len(specs) == 2
     fig = json.loads(specs[0])
     assert [t["type"] for t in fig["data"]] == ["scatter"] * 10
     assert fig["data"][-1]["line"]["width"] == 4  # the highlighted class, drawn last
@@ -361,6 +361,14 @@ def test_feature_curves(app_bundle, ws):
     predicted = int(ws.classify(traj.sample[None])[0].argmax())
     cls_box = at.selectbox(key=f"curve_class_{key}")
     assert cls_box.value == predicted
+    # journey-TRAK Figure 3: the share of the top-k positive / negative influencers that have the class, per step
+    share = json.loads(specs[1])
+    assert [t["type"] for t in share["data"]] == ["bar", "bar", "scatter"]
+    steps = share["data"][0]["x"]
+    labels = np.asarray(ws.dataset.labels)
+    order = np.argsort(-ws.scores(key, "journey", steps), axis=1, kind="stable")
+    np.testing.assert_allclose(share["data"][0]["y"], (labels[order[:, :8]] == predicted).mean(1))
+    np.testing.assert_allclose(share["data"][1]["y"], (labels[order[:, ::-1][:, :8]] == predicted).mean(1))
     assert at.info or at.success  # rise interval explained either way
     at.selectbox(key=f"curve_class_{key}").select((predicted + 1) % 10).run()
     assert not at.exception

@@ -25,6 +25,7 @@ from .figures import (
     curve_steps,
     curves_figure,
     default_labels,
+    class_share_figure,
     example_figure,
     group_influence_figure,
     heatmap_figure,
@@ -111,6 +112,7 @@ from .widgets import (
 )
 
 __all__ = [
+    "class_share_figure",
     "group_influence_figure",
     "short_text",
     "state",

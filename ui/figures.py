@@ -142,3 +142,28 @@ def group_influence_figure(gi: GroupInfluence, highlight: int | None = None):
     fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), title="Summed score per class",
                       xaxis_title="class of the training images", yaxis_title="summed score", showlegend=False)
     return fig
+
+
+def class_share_figure(curves, cls: int, name: str, steps: Sequence[int], positive: np.ndarray, negative: np.ndarray,
+                       top_k: int, traj: Trajectory, current_step: int | None = None):
+    """journey-TRAK Figure 3: the class's likelihood over the steps (line) with the share of the top-k positive and
+    negative influencers that have the class (bars), at ``steps``."""
+    import plotly.graph_objects as go
+
+    cls_steps = [int(s) for s in curves.steps]
+    hover = _step_hover(traj, list(steps))
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=list(steps), y=np.asarray(positive).tolist(), name=f"top-{top_k} positive with the class",
+                         marker_color=POSITIVE_COLOR, opacity=0.75, customdata=hover,
+                         hovertemplate="%{y:.0%} of the top positive at step %{x} (t=%{customdata})<extra></extra>"))
+    fig.add_trace(go.Bar(x=list(steps), y=np.asarray(negative).tolist(), name=f"top-{top_k} negative with the class",
+                         marker_color=NEGATIVE_COLOR, opacity=0.75, customdata=hover,
+                         hovertemplate="%{y:.0%} of the top negative at step %{x} (t=%{customdata})<extra></extra>"))
+    fig.add_trace(go.Scatter(x=cls_steps, y=curves.probs[:, cls].tolist(), mode="lines+markers",
+                             name=f"likelihood of “{short_text(name, 24)}”", line=dict(width=3, color="#333")))
+    if current_step is not None:
+        fig.add_vline(x=current_step, line_dash="dot", line_color=NEUTRAL_COLOR)
+    fig.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), barmode="group",
+                      title="Influencers that have the class, step by step (journey-TRAK Figure 3)",
+                      xaxis_title=STEP_AXIS, yaxis=dict(range=[0, 1.02], tickformat=".0%"), yaxis_title="share")
+    return fig

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
 import streamlit as st
 
 import ui
+from attribution.scoring import class_share_over_steps
 
 ws = ui.get_workspace()
 text_labels = ws.has_clip  # a local CLIP model scores free-text labels
@@ -83,3 +85,16 @@ else:
 st.caption("The dotted line marks the step selected on the other pages. Each point averages the "
            f"{'CLIP label' if text_labels else 'classifier'}'s probabilities over {num_samples} completions "
            "that start from x_t at that step.")
+
+if not text_labels and ws.dataset.labels is not None:
+    method = ui.method_selector(ws, baselines=False)
+    top_k = st.session_state.get(ui.state.TOP_K, 8)
+    with st.spinner(f"Scoring the {len(steps)} steps shown with {method}…"):
+        scores = ws.scores(key, method, steps)
+    pos_share, neg_share = class_share_over_steps(scores, np.asarray(ws.dataset.labels), cls, top_k)
+    st.plotly_chart(ui.class_share_figure(curves, cls, names[cls], steps, pos_share, neg_share, top_k, traj,
+                                          st.session_state.get(ui.state.STEP)), key="class_share_chart")
+    st.caption(f"Bars: the share of the top-{top_k} positive (green) and negative (red) influencers of each step "
+               f"whose label is “{names[cls]}” (chance: about {100 / len(names):.0f} %). The paper's Figure 3 finds "
+               "the positive share rising with the likelihood, and the negative share too once the class is near "
+               "certain.")
