@@ -113,3 +113,25 @@ def test_no_unsafe_loading_in_the_code():
              *(REPO / "ui").glob("*.py"), *(REPO / "benchmarks").rglob("*.py")]
     found = [f"{p.relative_to(REPO)}: {name}" for p in files for name, rx in PATTERNS.items() if rx.search(p.read_text())]
     assert not found, found
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"prediction_type": "v_prediction"}, "'v_prediction'-prediction"),
+    ({"prediction_type": "sample"}, "'sample'-prediction"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, "FlowMatchEulerDiscreteScheduler"),
+])
+def test_objectives_the_core_does_not_implement_are_refused_by_name(tmp_path, change, named):
+    """A pixel model whose scheduler is v-prediction, sample-prediction or flow matching used to load silently as a
+    DDPM epsilon model (and be attributed with the wrong loss)."""
+    import json
+
+    from conftest import make_tiny_pipeline
+
+
+    d = make_tiny_pipeline(tmp_path / "m", 0)
+    cfg_path = d / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(change)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=named):
+        load_model(d)

@@ -180,10 +180,6 @@ def load_latent_model(path: Path, unet_dir: Path, sched_dir: Path, device: str |
         raise ModelLoadError(f"loading {path} needs the optional packages transformers and peft: {e}") from e
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelLoadError(f"could not load a latent diffusers pipeline from {path}: {e}") from e
-    if scheduler.config.prediction_type != "epsilon":
-        raise ModelLoadError(
-            f"{path} predicts {scheduler.config.prediction_type!r}; only epsilon-prediction models are supported"
-        )
     for m in (unet, vae, text_encoder):
         if m is not None:
             m.eval().requires_grad_(False).to(device)

@@ -41,10 +41,44 @@ def _resolve_dirs(path: Path) -> tuple[Path, Path]:
     return unet_dir, sched_dir
 
 
+#: Schedulers whose config is a DDPM noise schedule (betas over ``num_train_timesteps``): read as DDPM.
+DDPM_FAMILY = (
+    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+    "DDPMParallelScheduler", "DDIMParallelScheduler",
+)
+
+
+def check_scheduler_config(sched_dir: Path, path: Path) -> None:
+    """Refuse, naming it, a scheduler or training objective the core does not implement.
+
+    The core attributes epsilon-prediction models with a DDPM noise schedule. A v-prediction or
+    sample-prediction model, or a flow-matching one (``FlowMatchEulerDiscreteScheduler``), would
+    load as a DDPM epsilon model and be attributed with the wrong loss, so it is refused here.
+    """
+    try:
+        config = json.loads((sched_dir / "scheduler_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{sched_dir / 'scheduler_config.json'} is unreadable: {e}") from e
+    name = config.get("_class_name", "DDPMScheduler")
+    if name not in DDPM_FAMILY:
+        raise ModelLoadError(
+            f"{path} uses the scheduler {name}, which the attribution core does not implement (flow-matching and "
+            f"other non-DDPM objectives are not supported yet); supported: DDPM-family schedulers such as "
+            f"DDPMScheduler and DDIMScheduler")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ModelLoadError(
+            f"{path} is a {prediction!r}-prediction model ({name}: prediction_type={prediction!r}); the attribution "
+            f"core implements epsilon-prediction only, so its loss would be wrong")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:
     """Load one checkpoint from a local diffusers directory (see module doc for layouts)."""
     path = Path(path)
     unet_dir, sched_dir = _resolve_dirs(path)
+    check_scheduler_config(sched_dir, path)
     with open(unet_dir / "config.json") as f:
         cls_name = json.load(f).get("_class_name", "UNet2DModel")
     if cls_name == "UNet2DConditionModel" or (path / "vae").is_dir():
