@@ -1,32 +1,32 @@
 """Scores: query features and per-step TRAK scores, masks, DAS, similarity baselines."""
 
+from .baselines import (
+    BASELINE_NOTES,
+    BASELINES,
+    SimilarityBaseline,
+)
+from .das import (
+    RESIDUALS_FILE,
+    das_weights,
+    leverages,
+    residual_errors,
+    store_residuals,
+)
 from .masks import (
     FULL,
-    mask_from_selection,
     PatchMask,
+    downsample_mask,
+    mask_from_selection,
     mask_key,
     mask_values,
-    downsample_mask,
     prepare_mask,
 )
 from .scorer import (
     FINAL_SAMPLE_KEY,
-    query_noises,
     Attribution,
-    top_k,
     Scorer,
-)
-from .das import (
-    RESIDUALS_FILE,
-    residual_errors,
-    store_residuals,
-    leverages,
-    das_weights,
-)
-from .baselines import (
-    BASELINES,
-    BASELINE_NOTES,
-    SimilarityBaseline,
+    query_noises,
+    top_k,
 )
 
 __all__ = [
