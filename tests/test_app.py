@@ -547,3 +547,18 @@ def test_evaluate_chooses_between_reports(app_bundle, ws, tiny_bench, tmp_path, 
     assert "8 retrained 50 % subsets" in texts(at)
     at.radio(key="evaluate_report").set_value(tmp_path / "bench-coupled").run()
     assert not at.exception and "7 retrained 50 % subsets" in texts(at)
+
+
+def test_the_step_is_one_value_across_pages(app_bundle, ws):
+    """The step chosen on one page is the step every other page opens at, also after a page without the slider."""
+    at = make_app("explore")
+    assert at.select_slider(key="step").value == 25
+    at.switch_page("views/patch.py").run()
+    assert at.select_slider(key="step").value == 25
+    at.select_slider(key="step").set_value(40).run()
+    for page in ("curves", "explore", "patch"):
+        at.switch_page(f"views/{page}.py").run()
+        assert not at.exception, [e.message for e in at.exception]
+        if page != "curves":
+            assert at.select_slider(key="step").value == 40, page
+    assert at.session_state["shared_step"] == 40

@@ -10,24 +10,18 @@ of redraws of cached steps.
 from __future__ import annotations
 
 import io
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 from test_app import REPO, ensure_app_bundle
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from first_paint import CHROMIUM, CHROMIUM_ARGS, measure, streamlit_server  # noqa: E402
+
 SHOTS = REPO / "screenshots"
 SLOW = 300_000  # ms: the first page load includes loading the models and scoring a step on a busy CPU
 
@@ -38,51 +32,17 @@ pytestmark = [
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """URL of a fresh ``streamlit run app.py``; the process is stopped by its PID afterwards."""
     bundle = ensure_app_bundle(tmp_path_factory.mktemp("browser"))
-    env = dict(os.environ)
-    if bundle:
-        env["ATTRIBUTION_BUNDLE"] = bundle
-    port = free_port()
+    env = {"ATTRIBUTION_BUNDLE": bundle} if bundle else None
     log_path = tmp_path_factory.mktemp("server") / "streamlit.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
-         "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.3)
+    with streamlit_server(REPO, log_path, env) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        tail = log_path.read_text()[-2000:]
-        if "Traceback" in tail:
-            print(f"--- server log tail ---\n{tail}")
+    tail = log_path.read_text()[-2000:]
+    if "Traceback" in tail:
+        print(f"--- server log tail ---\n{tail}")
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +275,14 @@ def test_deep_link_opens_the_page_inside_the_app(page, server):
         assert fresh.locator("text=Diffusion attribution explorer").count() >= 1
     finally:
         context.close()
+
+
+def test_first_paint_cold_and_warm(tmp_path_factory):
+    """Measures (prints, asserts no time limit) the first influencers on a fresh server and in new sessions on it."""
+    bundle = ensure_app_bundle(tmp_path_factory.mktemp("first-paint"))
+    env = {"ATTRIBUTION_BUNDLE": bundle} if bundle else None
+    result = measure(REPO, 2, tmp_path_factory.mktemp("first-paint-log") / "streamlit.log", env)
+    print(f"\nfirst paint: server up {result['server_start_s']:.1f} s, cold {result['cold_first_paint_s']:.1f} s, "
+          "new sessions " + ", ".join(f"{w:.1f}" for w in result["warm_first_paint_s"]) + " s")
+    assert result["cold_first_paint_s"] > 0 and len(result["warm_first_paint_s"]) == 2
+    assert all(w > 0 for w in result["warm_first_paint_s"])

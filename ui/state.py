@@ -22,8 +22,9 @@ from attribution.workspace import SampleRecipe, Workspace
 SAMPLE = "sample"
 #: the workspace key of its trajectory
 SAMPLE_KEY = "sample_key"
-#: the selected denoising step, shared by every page
+#: the step slider's widget state, and the selected denoising step itself, shared by every page
 STEP = "step"
+SHARED_STEP = "shared_step"
 #: the selected attribution method, shared by every page
 METHOD = "method"
 #: text-conditional models: the prompt and guidance-scale inputs

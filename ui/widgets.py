@@ -73,18 +73,34 @@ def step_label(traj: Trajectory, step: int) -> str:
 
 
 def step_slider(traj: Trajectory, label: str = "Denoising step (noisy → clean)") -> int:
-    """The shared step slider 0..S-1, shown with each step's timestep; default: the middle step."""
+    """The shared step slider 0..S-1, shown with each step's timestep; default: the middle step.
+
+    The step is one value for every page: it lives in :data:`~ui.state.SHARED_STEP`, which the
+    slider's widget state (:data:`~ui.state.STEP`) is set from before it is drawn and which the
+    slider writes back on every change, so a page that did not draw the slider (or whose widget
+    state the browser session dropped) still opens at the step chosen on another page.
+    """
     n = traj.num_steps
-    if not 0 <= st.session_state.get(state.STEP, -1) < n:
+    shared = st.session_state.get(state.SHARED_STEP)
+    if shared is not None and 0 <= shared < n:
+        st.session_state[state.STEP] = shared
+    elif not 0 <= st.session_state.get(state.STEP, -1) < n:
         st.session_state[state.STEP] = n // 2 if state.STEP not in st.session_state else n - 1
-    return st.select_slider(
+
+    def keep() -> None:
+        st.session_state[state.SHARED_STEP] = st.session_state[state.STEP]
+
+    step = st.select_slider(
         label,
         options=list(range(n)),
         format_func=lambda s: step_label(traj, s),
         key=state.STEP,
+        on_change=keep,
         help="Step 0 is pure noise; the last step is the finished image. t is the diffusion timestep.",
         persist_state="session",
     )
+    st.session_state[state.SHARED_STEP] = step
+    return step
 
 
 def page_header(title: str, explanation: str) -> None:

@@ -57,7 +57,7 @@ with right:
         st.warning(f"The model bundle could not be loaded, so there is no live example: {e}")
     else:
         key, traj = ui.current_sample(ws)
-        step = min(int(st.session_state.get(ui.state.STEP, traj.num_steps // 2)), traj.num_steps - 1)
+        step = min(int(st.session_state.get(ui.state.SHARED_STEP, traj.num_steps // 2)), traj.num_steps - 1)
         st.caption(f"{ui.sample_label()}, {ui.step_label(traj, step)}, journey-TRAK")
         cols = st.columns(3)
         for col, (x, cap) in zip(cols, [(traj.display_x_t[step], "noisy x_t"), (traj.display_x0_hat[step], "guess x̂0"),

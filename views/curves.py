@@ -67,7 +67,7 @@ cls = c_cls.selectbox(
     key=f"curve_{feature}_{key}" if not text_labels else f"curve_label_{key}_{zlib.crc32('|'.join(names).encode())}",
 )
 c_img.image(ui.tensor_image(traj.display_sample, 96), width=96, caption=verdict)
-st.plotly_chart(ui.curves_figure(curves, names, cls, traj, st.session_state.get(ui.state.STEP), feature=feature),
+st.plotly_chart(ui.curves_figure(curves, names, cls, traj, st.session_state.get(ui.state.SHARED_STEP), feature=feature),
                 key=ui.state.CURVES_CHART)
 
 interval = curves.rise_interval(cls)

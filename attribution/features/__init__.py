@@ -1,82 +1,72 @@
 """Train features: model outputs, per-example gradients (vmap or hooks), projections, featurize, the on-disk store."""
 
-from .outputs import (
-    OutputFn,
-    loss_output,
-    square_output,
-    l1_output,
-    l2_output,
-    mean_output,
-    OUTPUTS,
-    get_output,
-    Method,
-    METHODS,
-    get_method,
-)
-from .gradients import (
-    GradientTarget,
-    DrawBatch,
-    param_matcher,
-    select_params,
-    num_params,
-    flatten_grads,
-    per_example_grads,
-    per_step_grads,
-    looped_grads,
-)
-from .hooks import (
-    Sink,
-    LayerBlock,
-    LayerMap,
-    LayerHooks,
-    UNFOLD_MIN_FAN_IN,
-    UNFOLD_MAX_POSITIONS,
-    TILE_BYTES,
-    use_unfold,
-    conv_weight_grads,
-    conv_weight_grad_tiles,
-    grouped_weight_grads,
-    unfold_weight_grads,
-    hooks_support,
-)
-from .latents import (
-    latent_fingerprint,
-    LatentDataset,
-    encode_dataset,
-    model_space_dataset,
-    dataset_fingerprint,
-)
-from .store import (
-    FORMAT_VERSION,
-    MANIFEST_KEYS,
-    STREAM_CHUNK_ROWS,
-    StoreError,
-    remove_stale_tmp,
-    row_checksums,
-    StoreSpec,
-    Store,
-)
-from .featurize import (
-    LOG_STRATA_OFFSET,
-    log_strata,
-    draw_timesteps_and_noise,
-    store_spec,
-    checkpoint_projector,
-    CHUNK_GRAD_BYTES,
-    CHUNK_MAX_ROWS,
-    auto_chunk_size,
-    featurize,
-    recheck_done_rows,
-    check_dataset,
-    caption_embeddings,
-)
 from .distributed import (
     DEFAULT_TIMEOUT_S,
     env_world,
-    local_device,
-    init_from_env,
-    shutdown,
     featurize_distributed,
+    init_from_env,
+    local_device,
+    shutdown,
+)
+from .featurize import (
+    CHUNK_GRAD_BYTES,
+    CHUNK_MAX_ROWS,
+    LOG_STRATA_OFFSET,
+    auto_chunk_size,
+    caption_embeddings,
+    check_dataset,
+    checkpoint_projector,
+    draw_timesteps_and_noise,
+    featurize,
+    log_strata,
+    recheck_done_rows,
+    store_spec,
+)
+from .gradients import (
+    DrawBatch,
+    GradientTarget,
+    flatten_grads,
+    looped_grads,
+    num_params,
+    param_matcher,
+    per_example_grads,
+    per_step_grads,
+    select_params,
+)
+from .hooks import (
+    TILE_BYTES,
+    UNFOLD_MAX_POSITIONS,
+    UNFOLD_MIN_FAN_IN,
+    LayerBlock,
+    LayerHooks,
+    LayerMap,
+    Sink,
+    conv_weight_grad_tiles,
+    conv_weight_grads,
+    grouped_weight_grads,
+    hooks_support,
+    unfold_weight_grads,
+    use_unfold,
+)
+from .latents import (
+    LatentDataset,
+    dataset_fingerprint,
+    encode_dataset,
+    latent_fingerprint,
+    model_space_dataset,
+)
+from .outputs import (
+    METHODS,
+    OUTPUTS,
+    Method,
+    OutputFn,
+    get_method,
+    get_output,
+    l1_output,
+    l2_output,
+    loss_output,
+    mean_output,
+    square_output,
 )
 from .projection import (
     FactorizedProjector,
@@ -86,6 +76,16 @@ from .projection import (
     Projector,
     SparseSignProjector,
     make_projector,
+)
+from .store import (
+    FORMAT_VERSION,
+    MANIFEST_KEYS,
+    STREAM_CHUNK_ROWS,
+    Store,
+    StoreError,
+    StoreSpec,
+    remove_stale_tmp,
+    row_checksums,
 )
 
 __all__ = [

@@ -1,27 +1,32 @@
 """Scores: query features and per-step TRAK scores, masks, DAS, similarity baselines."""
 
+from .baselines import (
+    BASELINE_NOTES,
+    BASELINES,
+    SimilarityBaseline,
+)
+from .das import (
+    RESIDUALS_FILE,
+    das_weights,
+    leverages,
+    residual_errors,
+    store_residuals,
+)
 from .masks import (
     FULL,
-    mask_from_selection,
     PatchMask,
+    downsample_mask,
+    mask_from_selection,
     mask_key,
     mask_values,
-    downsample_mask,
     prepare_mask,
 )
 from .scorer import (
     FINAL_SAMPLE_KEY,
-    query_noises,
     Attribution,
-    top_k,
     Scorer,
-)
-from .das import (
-    RESIDUALS_FILE,
-    residual_errors,
-    store_residuals,
-    leverages,
-    das_weights,
+    query_noises,
+    top_k,
 )
 from .anchored import (
     AnchoredScorer,
@@ -33,11 +38,6 @@ from .anchored import (
     reference_store,
 )
 from .groups import GroupInfluence, class_share_over_steps, group_influence
-from .baselines import (
-    BASELINES,
-    BASELINE_NOTES,
-    SimilarityBaseline,
-)
 
 __all__ = [
     "AnchoredScorer",

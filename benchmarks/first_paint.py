@@ -1,0 +1,115 @@
+"""Time to the first influencers on screen: a fresh server (cold) and a new browser session on it (warm).
+
+Starts ``streamlit run app.py`` in ``--repo`` (default: this checkout) on a free port, opens the
+Explore page in headless Chromium and measures, from ``page.goto`` to the first influencer
+caption of the grid: the cold first paint (the first session loads the models, the store and
+scores a step) and then ``--sessions`` new sessions, each in a fresh browser context (what a
+new tab on a running server costs). The server is stopped by its PID.
+
+Usage: python benchmarks/first_paint.py [--repo DIR] [--sessions 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+CAPTION = '[data-testid="stMain"] .influencer-grid figcaption'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def streamlit_server(repo: Path, log_path: Path, env: dict[str, str] | None = None) -> Iterator[tuple[str, float]]:
+    """(URL, seconds until it answered its health check) of a fresh ``streamlit run app.py`` in ``repo``."""
+    port = free_port()
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(repo)}
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+             "--browser.gatherUsageStats", "false"],
+            cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 60
+            while True:
+                try:
+                    if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                        break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.1)
+            yield url, time.perf_counter() - t0
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def first_paint(browser, url: str, timeout_ms: float = 300_000) -> float:
+    """Seconds from opening ``url`` in a new browser context (a new session) to the first influencer caption."""
+    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+    try:
+        page = context.new_page()
+        t0 = time.perf_counter()
+        page.goto(url)
+        page.wait_for_selector(CAPTION, timeout=timeout_ms)
+        return time.perf_counter() - t0
+    finally:
+        context.close()
+
+
+def measure(repo: Path, sessions: int, log_path: Path, env: dict[str, str] | None = None) -> dict[str, float | list[float]]:
+    from playwright.sync_api import sync_playwright
+
+    with streamlit_server(repo, log_path, env) as (url, started), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            cold = first_paint(browser, url)
+            warm = [first_paint(browser, url) for _ in range(sessions)]
+        finally:
+            browser.close()
+    return {"server_start_s": started, "cold_first_paint_s": cold, "warm_first_paint_s": warm}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repo", type=Path, default=REPO, help="checkout whose app.py is served")
+    ap.add_argument("--sessions", type=int, default=3, help="new sessions measured after the cold one")
+    ap.add_argument("--json", type=Path, help="also write the result here")
+    args = ap.parse_args()
+    result = measure(args.repo.resolve(), args.sessions, Path("/tmp") / f"first_paint_{os.getpid()}.log")
+    print(f"{args.repo}: server up in {result['server_start_s']:.1f} s; cold first paint {result['cold_first_paint_s']:.1f} s; "
+          "new sessions " + ", ".join(f"{w:.1f}" for w in result["warm_first_paint_s"]) + " s")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
