@@ -92,6 +92,8 @@ class Method:
             checkpoint m is weighted by its normalized residual error (DAS, arXiv
             2410.18639), optionally with the leverage correction 1/(1 - h_i)^2;
             see :mod:`attribution.das`.
+        ``combine="ekfac"`` / ``"kfac"``: influence functions with the (E)K-FAC Hessian
+        approximation fitted by kronfluence, see :mod:`attribution.ekfac`.
     """
 
     name: str
@@ -116,6 +118,8 @@ METHODS: dict[str, Method] = {
     "das-leverage": Method(
         "das-leverage", "square", "square", "DAS with leverage correction", row_weights="das-leverage"
     ),
+    "ekfac": Method("ekfac", "loss", "loss", "EK-FAC influence (kronfluence)", combine="ekfac"),
+    "kfac": Method("kfac", "loss", "loss", "K-FAC influence (kronfluence)", combine="kfac"),
     "trak-final": Method("trak-final", "loss", "loss", "TRAK on the final sample (destination)", query_target="final"),
 }
 
