@@ -182,6 +182,28 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: scores {result.scores.shape}; last step top positive {pos[-1][:5].tolist()}")
 
 
+def cmd_fit_factors(args: argparse.Namespace) -> None:
+    from .data import load_dataset
+    from .ekfac import EkfacConfig, factor_bytes, fit_factors
+    from .models import resolve_device
+    from .store import Store
+
+    device = resolve_device(args.device)
+    store = Store.open(args.store)
+    paths = args.model or [args.store / c["path"] for c in store.manifest["checkpoints"]]
+    models = _load_with_lora(paths, args.lora, device)
+    ds = load_dataset(args.data, models[0].pixel_shape)
+    from .featurize import store_spec
+
+    store = Store.open(args.store, store_spec(models, ds, store.config, args.store))
+    cfg = EkfacConfig(fisher=args.fisher, max_examples=args.max_examples, batch_size=args.batch_size)
+    bar, update = _bar("fit factors (checkpoints)")
+    fit_factors(store, models, ds, cfg, progress=update, log=tqdm.write)
+    bar.close()
+    print(f"factors ready: {args.store / 'ekfac'} ({factor_bytes(store) / 2**20:.1f} MiB); "
+          "score with `attribution attribute --method ekfac` or `--method kfac`")
+
+
 def cmd_build_assets(args: argparse.Namespace) -> None:
     from .assets import build_assets, verify_assets
     from .workspace import ASSETS_DIR
@@ -285,13 +307,26 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prompt", default="", help="text prompt (text-conditional models)")
     a.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (text-conditional models)")
     a.add_argument("--mask", type=Path, help="image whose non-black pixels select the patch")
-    a.add_argument("--method", default="journey")
+    a.add_argument("--method", default="journey",
+                   help="journey, dtrak-square, tracin, retrac, das, trak-final, ekfac, kfac, ... "
+                        "(ekfac/kfac need `attribution fit-factors`; --ridge is then their relative damping)")
     a.add_argument("--num-resamples", type=int, default=QueryConfig.num_resamples, help="K in Eq. (3)")
     a.add_argument("--ridge", type=float, default=QueryConfig.ridge)
     a.add_argument("--top-k", type=int, default=10)
     a.add_argument("--device", default="auto")
     a.add_argument("--out", required=True, type=Path)
     a.set_defaults(func=cmd_attribute)
+    k = sub.add_parser("fit-factors", help="fit the EK-FAC/K-FAC Hessian factors of a loss store's checkpoints (kronfluence)")
+    k.add_argument("--store", required=True, type=Path, help="a store built with --output loss")
+    k.add_argument("--model", action="append", help="model directories (default: those recorded in the store)")
+    k.add_argument("--data", default="digits", help="the store's training set")
+    k.add_argument("--lora", action="append", help="the LoRA weights the store was built with")
+    k.add_argument("--fisher", choices=["sampled", "empirical"], default="sampled",
+                   help="sampled: true Fisher (= Gauss-Newton in expectation); empirical: the loss's own gradients")
+    k.add_argument("--max-examples", type=int, help="fit on a random subset of this many training examples")
+    k.add_argument("--batch-size", type=int, default=64, help="(example, draw) items per batch")
+    k.add_argument("--device", default="auto")
+    k.set_defaults(func=cmd_fit_factors)
     b = sub.add_parser("build-assets", help="rebuild the bundled default under assets/ (skips what exists)")
     b.add_argument("--assets", type=Path, help="assets directory (default: the repo's assets/)")
     b.add_argument("--epochs", type=int, default=TrainConfig.epochs)

@@ -544,6 +544,16 @@ def load_factors(store: Store, manifest: dict[str, Any], m: int, strategy: str) 
     return out
 
 
+def factors_complete(store_dir: str | Path, num_checkpoints: int) -> bool:
+    """True when ``<store_dir>/ekfac`` holds finished factors of every checkpoint (no hashing: a cheap check for UIs)."""
+    path = Path(store_dir) / "ekfac" / "manifest.json"
+    try:
+        done = json.loads(path.read_text()).get("checkpoint_factors", {})
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+    return all(str(m) in done for m in range(num_checkpoints))
+
+
 def factor_bytes(store: Store) -> int:
     """Disk used by the factors of ``store`` (all files under ``<store>/ekfac``)."""
     root = factors_dir(store)
