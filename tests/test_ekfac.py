@@ -268,3 +268,46 @@ def test_latent_conditional_model(latent_dirs, caption_folder, tmp_path):
     traj = sample_trajectory(model, SamplingConfig(num_inference_steps=2, seed=0, prompt="a red square"))
     scores = Scorer(store, [model], "ekfac", QueryConfig(num_resamples=2)).score(traj, [1]).scores
     assert scores.shape == (1, len(ds)) and np.isfinite(scores).all()
+
+
+@pytest.mark.slow
+def test_sign_removing_top_raises_f_more_than_removing_bottom(tmp_path):
+    """Counterfactual sign: a tiny DDPM on 12 digits; for each (query, step), retrain (coupled: same seed and
+    random stream) without the top-scored and without the bottom-scored example; f_t must rise more without
+    the top one in most pairs (benchmarks/bench_ekfac.py --parts sign reports the rate on a larger run)."""
+    from attribution.config import TrainConfig
+    from attribution.data import digits_dataset
+    from attribution.training import train_ddpm
+
+    n = 12
+    imgs = torch.nn.functional.interpolate(digits_dataset("train").images(np.arange(n)), size=(8, 8), mode="area")
+    ds = ArrayDataset(((imgs[:, 0] + 1) * 127.5).round().clamp(0, 255).numpy().astype(np.uint8), name="d8")
+    images = ds.images(np.arange(n))
+    tc = TrainConfig(epochs=40, batch_size=6, lr=4e-3, ema_decay=0.9, block_out_channels=(4, 8), num_train_timesteps=100)
+    model = load_models([train_ddpm(images, tmp_path / "full", tc)])[0]
+    store = featurize([model], ds, tmp_path / "s", FeaturizeConfig(proj_kind="identity", num_draws=8, store_dtype="float32"))
+    ekfac.fit_factors(store, [model], ds, ekfac.EkfacConfig(batch_size=32))
+    scorer = Scorer(store, [model], "ekfac", QueryConfig(num_resamples=16, ridge=0.1))
+    cache: dict[int, object] = {}
+
+    def f_t(m, traj, step):
+        nz = query_noises([step], 64, 1, m.image_shape)[0]
+        t = traj.timesteps[[step]].expand(64)
+        ab = m.alphas_cumprod[t][:, None, None, None]
+        with torch.no_grad():
+            return float(loss_output(m.unet(ab.sqrt() * traj.x0_hat[step][None] + (1 - ab).sqrt() * nz, t).sample, nz).mean())
+
+    def without(i):
+        if i not in cache:
+            keep = np.ones(n, dtype=bool)
+            keep[i] = False
+            cache[i] = load_models([train_ddpm(images, tmp_path / f"w{i}", tc, subset=keep, coupled=True)])[0]
+        return cache[i]
+
+    wins = []
+    for seed in range(3):
+        traj = sample_trajectory(model, SamplingConfig(num_inference_steps=10, seed=seed))
+        for step in (5, 9):
+            s = scorer.score(traj, [step]).scores[0]
+            wins.append(f_t(without(int(s.argmax())), traj, step) > f_t(without(int(s.argmin())), traj, step))
+    assert np.mean(wins) > 0.5, wins

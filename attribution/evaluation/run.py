@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -38,7 +39,7 @@ LDS_METHODS = (
     "journey", "trak-final", "tracin", "retrac",
     "dtrak-square", "dtrak-l1", "dtrak-l2", "dtrak-mean", "das", "das-leverage",
     "pixel", "embedding",
-)
+) + (("ekfac", "kfac") if find_spec("kronfluence") else ())  # the optional `ekfac` extra
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,10 @@ class LdsRun:
         if method in SIMILARITY:
             return {(None, None): similarity_scores(method, self.dataset, self.queries, self.spec)}
         m = get_method(method)
+        if m.combine in ("ekfac", "kfac"):  # damping changes the query features: attribution.evaluation.influence
+            from .influence import influence_candidates
+
+            return influence_candidates(self, method, num_checkpoints)
         out = {}
         for d in self.grid.num_draws:
             store = self.store(m.train_output, d)
