@@ -102,6 +102,9 @@ class EkfacConfig:
             draws of each), None: all.
         subset_seed: seed of that subset.
         sample_seed: seed of the sampled targets; item (i, d) always gets the same.
+        fisher_samples: sampled targets per (example, draw) (``"sampled"`` only): the fit runs
+            over the items this many times with fresh targets, a lower-variance Monte Carlo
+            estimate of the same Gauss-Newton (for small training sets).
         batch_size: (example, draw) items per kronfluence batch (memory only).
         dtype: ``"float32"`` or ``"float64"``: covariance, per-sample-gradient and
             Lambda accumulation (eigendecompositions are always float64).
@@ -111,6 +114,7 @@ class EkfacConfig:
     max_examples: int | None = None
     subset_seed: int = 0
     sample_seed: int = 0
+    fisher_samples: int = 1
     batch_size: int = 64
     dtype: str = "float32"
 
@@ -119,6 +123,8 @@ class EkfacConfig:
             raise ValueError(f"fisher must be 'sampled' or 'empirical', not {self.fisher!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, not {self.dtype!r}")
+        if self.fisher_samples < 1 or (self.fisher_samples > 1 and self.fisher == "empirical"):
+            raise ValueError("fisher_samples must be 1 with the empirical Fisher and positive otherwise")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError("max_examples must be positive or None")
 
@@ -250,26 +256,28 @@ class DensePreconditioner:
 
 
 # ---------------------------------------------------------------------- kronfluence task
-def _item_generator(seed: int, index: int, draw: int) -> torch.Generator:
-    state = np.random.SeedSequence([int(seed), 7717, int(index), int(draw)]).generate_state(1, dtype=np.uint64)[0]
+def _item_generator(seed: int, index: int, draw: int, repeat: int = 0) -> torch.Generator:
+    key = [int(seed), 7717, int(index), int(draw)] + ([int(repeat)] if repeat else [])
+    state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 class DrawItems(torch.utils.data.Dataset):
-    """The (example, draw) items of a fit: item j = draw j % D of example ``indices[j // D]``.
+    """The (example, draw) items of a fit: item j = draw j % D of example ``indices[(j // D) % n]``, repeat
+    r = j // (n D) of ``repeats`` (each repeat gets fresh sampled targets).
 
-    Each item is ``(x0 (C, H, W), t () int64, eps (C, H, W), key (2,) int64 [i, d][, cond (L, D)])``;
+    Each item is ``(x0 (C, H, W), t () int64, eps (C, H, W), key (3,) int64 [i, d, r][, cond (L, D)])``;
     the draws are those of the store (:func:`draw_timesteps_and_noise`), computed lazily.
     """
 
     def __init__(self, model: DiffusionModel, data: ImageDataset, captions_from: ImageDataset,
-                 indices: np.ndarray, config: FeaturizeConfig):
+                 indices: np.ndarray, config: FeaturizeConfig, repeats: int = 1):
         self.model, self.data, self.captions_from = model, data, captions_from
-        self.indices, self.config = np.asarray(indices), config
+        self.indices, self.config, self.repeats = np.asarray(indices), config, repeats
         self._cached: tuple[int, tuple] | None = None
 
     def __len__(self) -> int:
-        return len(self.indices) * self.config.num_draws
+        return len(self.indices) * self.config.num_draws * self.repeats
 
     def _example(self, i: int) -> tuple:
         if self._cached is None or self._cached[0] != i:
@@ -281,9 +289,10 @@ class DrawItems(torch.utils.data.Dataset):
 
     def __getitem__(self, j: int) -> tuple:
         d = j % self.config.num_draws
-        i = int(self.indices[j // self.config.num_draws])
+        r, e = divmod(j // self.config.num_draws, len(self.indices))
+        i = int(self.indices[e])
         x0, ts, noises, cond = self._example(i)
-        item = (x0, ts[d], noises[d], torch.tensor([i, d]))
+        item = (x0, ts[d], noises[d], torch.tensor([i, d, r]))
         return item + ((cond,) if cond is not None else ())
 
 
@@ -313,7 +322,7 @@ def make_task(model: DiffusionModel, tracked: Sequence[str], sample_seed: int = 
             target = eps
             if sample:
                 scale = math.sqrt(pred[0].numel() / 2)
-                z = torch.stack([torch.randn(pred.shape[1:], generator=_item_generator(sample_seed, int(k[0]), int(k[1])))
+                z = torch.stack([torch.randn(pred.shape[1:], generator=_item_generator(sample_seed, *(int(v) for v in k)))
                                  for k in key.cpu()]).to(pred.device)
                 target = pred.detach() + scale * z
             return loss_output(pred, target).sum()
@@ -487,7 +496,7 @@ def fit_factors(
             _clean_partial(ckpt_dir, log)
         t0 = time.perf_counter()
         data = model_space_dataset(dataset, model, latent_cache_dir)
-        items = DrawItems(model, data, dataset, indices, scfg)
+        items = DrawItems(model, data, dataset, indices, scfg, config.fisher_samples)
         unet = prepare_model(copy.deepcopy(model.unet), make_task(model, manifest["tracked_modules"], config.sample_seed))
         task = make_task(model, manifest["tracked_modules"], config.sample_seed)
         analyzer = Analyzer("ckpt" + key, unet, task, cpu=model.device.type == "cpu", output_dir=str(root),

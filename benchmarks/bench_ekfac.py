@@ -157,6 +157,9 @@ def part_oracle(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     cfg = FeaturizeConfig(proj_kind="identity", num_draws=4, store_dtype="float32")
     store = featurize(models, ds, scratch / "oracle" / "store", cfg)
     ekfac.fit_factors(store, models, ds, ekfac.EkfacConfig(batch_size=16, dtype="float64"))
+    many = featurize(models, ds, scratch / "oracle" / "store16", cfg)  # the same features, factors with 16 targets per item
+    ekfac.fit_factors(many, models, ds, ekfac.EkfacConfig(batch_size=64, dtype="float64", fisher_samples=16))
+    many_manifest = json.loads((ekfac.factors_dir(many) / "manifest.json").read_text())
     params = select_params(model)
     layout, untracked = ekfac.tracked_layout(model, params)
     idx_t = ekfac.tracked_indices(layout)
@@ -185,6 +188,10 @@ def part_oracle(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             "exact-blockdiag": ekfac.DensePreconditioner(G_block, idx_t, ridge),
             "ekfac": ekfac.KroneckerPreconditioner(layout, ekfac.load_factors(store, manifest, 0, "ekfac"), ridge),
             "kfac": ekfac.KroneckerPreconditioner(layout, ekfac.load_factors(store, manifest, 0, "kfac"), ridge),
+            "ekfac-16-samples": ekfac.KroneckerPreconditioner(
+                layout, ekfac.load_factors(many, many_manifest, 0, "ekfac"), ridge),
+            "kfac-16-samples": ekfac.KroneckerPreconditioner(
+                layout, ekfac.load_factors(many, many_manifest, 0, "kfac"), ridge),
         }
         scores = {k: (gi @ p(gq).T).T.numpy() / n for k, p in pre.items()}  # (Q S, N)
         ref = scores["exact-all"]
