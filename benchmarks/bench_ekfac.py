@@ -18,7 +18,8 @@ Parts (``--parts``, default all):
 * ``sign``: a tiny DDPM (4, 8 channels, 8x8) trained on 16 digits; for queries (generated
   samples x steps), remove the top-scored training example (ekfac) and, separately, the
   bottom-scored one, retrain coupled (same seed and random stream), and count how often
-  f_t rises more without the top one.
+  f_t rises more without the top one; journey-TRAK (sjlt store, d = 2048) on the same
+  queries for reference.
 
 Usage::
 
@@ -234,7 +235,9 @@ def part_sign(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                       FeaturizeConfig(proj_kind="identity", num_draws=8, store_dtype="float32"))
     ekfac.fit_factors(store, [model], ds, ekfac.EkfacConfig(batch_size=32))
     K = 16
-    scorer = Scorer(store, [model], "ekfac", QueryConfig(num_resamples=K, ridge=args.ridge))
+    sjlt = featurize([model], ds, scratch / "sign" / "sjlt", FeaturizeConfig(proj_dim=2048, num_draws=8))
+    scorers = {"ekfac": Scorer(store, [model], "ekfac", QueryConfig(num_resamples=K, ridge=args.ridge)),
+               "journey": Scorer(sjlt, [model], "journey", QueryConfig(num_resamples=K))}
     trials = []
     params_of = lambda m: select_params(m)  # noqa: E731
     retrained: dict[int, Any] = {}
@@ -257,19 +260,26 @@ def part_sign(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     for seed in range(args.sign_queries):
         traj = sample_trajectory(model, SamplingConfig(num_inference_steps=10, seed=seed))
         for step in args.sign_steps:
-            s = scorer.score(traj, [step]).scores[0]
-            top, bottom = int(s.argmax()), int(s.argmin())
             base = f_t(model, traj, step)
-            d_top, d_bottom = f_t(without(top), traj, step) - base, f_t(without(bottom), traj, step) - base
-            trials.append({"seed": seed, "step": step, "top": top, "bottom": bottom, "delta_top": d_top,
-                           "delta_bottom": d_bottom, "pred_top": float(s[top]), "pred_bottom": float(s[bottom])})
-            print(f"query {seed} step {step}: remove top {top} -> df {d_top:+.2e}, bottom {bottom} -> {d_bottom:+.2e}")
-    rate = float(np.mean([t["delta_top"] > t["delta_bottom"] for t in trials]))
-    rises = float(np.mean([t["delta_top"] > 0 for t in trials]))
-    print(f"\nsign test: f_t rises more without the top than without the bottom in {rate:.0%} of {len(trials)} "
-          f"(query, step) pairs; without the top it rises in {rises:.0%}")
-    return {"num_train": n, "epochs": args.sign_epochs, "ridge": args.ridge, "trials": trials, "rate": rate,
-            "top_removal_raises_rate": rises, "retrained_models": len(retrained)}
+            for method, scorer in scorers.items():
+                s = scorer.score(traj, [step]).scores[0]
+                top, bottom = int(s.argmax()), int(s.argmin())
+                d_top, d_bottom = f_t(without(top), traj, step) - base, f_t(without(bottom), traj, step) - base
+                trials.append({"method": method, "seed": seed, "step": step, "top": top, "bottom": bottom,
+                               "delta_top": d_top, "delta_bottom": d_bottom,
+                               "pred_top": float(s[top]), "pred_bottom": float(s[bottom])})
+                print(f"{method} query {seed} step {step}: remove top {top} -> df {d_top:+.2e}, "
+                      f"bottom {bottom} -> {d_bottom:+.2e}")
+    out: dict[str, Any] = {"num_train": n, "epochs": args.sign_epochs, "ridge": args.ridge, "trials": trials,
+                           "retrained_models": len(retrained)}
+    for method in scorers:
+        tr = [t for t in trials if t["method"] == method]
+        rate = float(np.mean([t["delta_top"] > t["delta_bottom"] for t in tr]))
+        rises = float(np.mean([t["delta_top"] > 0 for t in tr]))
+        out[method] = {"rate": rate, "top_removal_raises_rate": rises, "pairs": len(tr)}
+        print(f"sign test {method}: f_t rises more without the top than without the bottom in {rate:.0%} of "
+              f"{len(tr)} (query, step) pairs; without the top it rises in {rises:.0%}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--oracle-queries", type=int, default=4)
     p.add_argument("--sign-train", type=int, default=16)
     p.add_argument("--sign-epochs", type=int, default=60)
-    p.add_argument("--sign-queries", type=int, default=4)
+    p.add_argument("--sign-queries", type=int, default=8)
     p.add_argument("--sign-steps", type=int, nargs="+", default=[3, 6, 9])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=common.RESULTS / "bench_ekfac.json")

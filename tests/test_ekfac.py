@@ -270,44 +270,93 @@ def test_latent_conditional_model(latent_dirs, caption_folder, tmp_path):
     assert scores.shape == (1, len(ds)) and np.isfinite(scores).all()
 
 
-@pytest.mark.slow
-def test_sign_removing_top_raises_f_more_than_removing_bottom(tmp_path):
-    """Counterfactual sign: a tiny DDPM on 12 digits; for each (query, step), retrain (coupled: same seed and
-    random stream) without the top-scored and without the bottom-scored example; f_t must rise more without
-    the top one in most pairs (benchmarks/bench_ekfac.py --parts sign reports the rate on a larger run)."""
-    from attribution.config import TrainConfig
-    from attribution.data import digits_dataset
-    from attribution.training import train_ddpm
+def _pbrf_response(model, params, x0, ts, noises, drop: int, damping: float, steps: int = 300, lr: float = 0.05):
+    """Parameters after removing example ``drop``, by the proximal Bregman response (Bae et al. 2022), the
+    counterfactual influence functions estimate at a trained or untrained point theta_s:
 
-    n = 12
-    imgs = torch.nn.functional.interpolate(digits_dataset("train").images(np.arange(n)), size=(8, 8), mode="area")
-    ds = ArrayDataset(((imgs[:, 0] + 1) * 127.5).round().clamp(0, 255).numpy().astype(np.uint8), name="d8")
-    images = ds.images(np.arange(n))
-    tc = TrainConfig(epochs=40, batch_size=6, lr=4e-3, ema_decay=0.9, block_out_channels=(4, 8), num_train_timesteps=100)
-    model = load_models([train_ddpm(images, tmp_path / "full", tc)])[0]
-    store = featurize([model], ds, tmp_path / "s", FeaturizeConfig(proj_kind="identity", num_draws=8, store_dtype="float32"))
-    ekfac.fit_factors(store, [model], ds, ekfac.EkfacConfig(batch_size=32))
-    scorer = Scorer(store, [model], "ekfac", QueryConfig(num_resamples=16, ridge=0.1))
-    cache: dict[int, object] = {}
+        argmin_theta (1/(N D)) sum_{j,d} mean_px (eps_theta - eps_theta_s)^2 - (1/N) l_drop(theta) + (lambda/2) |theta - theta_s|^2
 
-    def f_t(m, traj, step):
-        nz = query_noises([step], 64, 1, m.image_shape)[0]
-        t = traj.timesteps[[step]].expand(64)
-        ab = m.alphas_cumprod[t][:, None, None, None]
-        with torch.no_grad():
-            return float(loss_output(m.unet(ab.sqrt() * traj.x0_hat[step][None] + (1 - ab).sqrt() * nz, t).sample, nz).mean())
+    (the Gauss-Newton's Bregman term; l_drop the example's draw-averaged loss), by gradient descent."""
+    from torch.func import functional_call
 
-    def without(i):
-        if i not in cache:
-            keep = np.ones(n, dtype=bool)
-            keep[i] = False
-            cache[i] = load_models([train_ddpm(images, tmp_path / f"w{i}", tc, subset=keep, coupled=True)])[0]
-        return cache[i]
+    n, d = ts.shape
+    abar = model.alphas_cumprod
+    t = ts.reshape(-1)
+    ab = abar[t][:, None, None, None]
+    x_t = ab.sqrt() * x0.repeat_interleave(d, 0) + (1 - ab).sqrt() * noises.flatten(0, 1)
+    with torch.no_grad():
+        ref = model.unet(x_t, t).sample
+    theta0 = {k: v.detach().clone() for k, v in params.items()}
+    theta = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
+    opt = torch.optim.Adam(list(theta.values()), lr=lr * 0.01)
+    rows = slice(drop * d, (drop + 1) * d)
+    for _ in range(steps):
+        opt.zero_grad()
+        pred = functional_call(model.unet, theta, (x_t, t)).sample
+        bregman = ((pred - ref) ** 2).flatten(1).mean(1).mean()
+        removed = loss_output(pred[rows], noises[drop]).mean() / n
+        prox = sum(((theta[k] - theta0[k]) ** 2).sum() for k in theta) * damping / 2
+        (bregman - removed + prox).backward()
+        opt.step()
+    return {k: v.detach() for k, v in theta.items()}
 
-    wins = []
+
+def test_sign_removing_top_raises_f_more_than_removing_bottom(micro):
+    """Sign convention against the counterfactual influence functions estimate: removing the top-scored example
+    (its proximal Bregman response, :func:`_pbrf_response`, no chaotic retraining) raises f_t more than removing
+    the bottom-scored one, and raises it, in most (query, step) pairs. Full retraining on a tiny set is
+    within its own noise (benchmarks/bench_ekfac.py --parts sign: 58 % of 24 pairs; journey-TRAK 62 %)."""
+    from torch.func import functional_call
+
+    models, store, ds = micro["models"], micro["store"], micro["ds"]
+    model = models[0]
+    params = select_params(model)
+    scorer = Scorer(store, models, "ekfac", QueryConfig(num_resamples=8, ridge=1.0))
+    damping = scorer.influence.preconditioners[0].damping
+    _, x0, ts, noises = _train_grads(model, params, ds, store.config)
+    phi = torch.from_numpy(np.asarray(store.features(0)))
+    responses: dict[int, dict] = {}
+    wins, rises = [], []
     for seed in range(3):
-        traj = sample_trajectory(model, SamplingConfig(num_inference_steps=10, seed=seed))
-        for step in (5, 9):
-            s = scorer.score(traj, [step]).scores[0]
-            wins.append(f_t(without(int(s.argmax())), traj, step) > f_t(without(int(s.argmin())), traj, step))
-    assert np.mean(wins) > 0.5, wins
+        traj = sample_trajectory(model, SamplingConfig(num_inference_steps=5, seed=seed))
+        feats = scorer.query_features(traj, STEPS)[0]  # checkpoint 0: (S, p)
+        scores = (phi @ feats.T).T.numpy()
+        for j, step in enumerate(STEPS):
+            nz = query_noises([step], 8, 0, model.image_shape)[0]
+            t = traj.timesteps[[step]].expand(8)
+            ab = model.alphas_cumprod[t][:, None, None, None]
+            x = ab.sqrt() * traj.x0_hat[step][None] + (1 - ab).sqrt() * nz
+
+            def f(theta):
+                with torch.no_grad():
+                    return float(loss_output(functional_call(model.unet, theta, (x, t)).sample, nz).mean())
+
+            top, bottom = int(scores[j].argmax()), int(scores[j].argmin())
+            for i in (top, bottom):
+                if i not in responses:
+                    responses[i] = _pbrf_response(model, params, x0, ts, noises, i, damping)
+            base = f(params)
+            wins.append(f(responses[top]) > f(responses[bottom]))
+            rises.append(f(responses[top]) > base)
+    assert np.mean(wins) >= 5 / 6 and np.mean(rises) >= 5 / 6, (wins, rises)
+
+
+def test_cli_fit_factors_then_attribute(tmp_path, micro):
+    """`attribution fit-factors` then `attribute --method ekfac|kfac` on a store built by `featurize`."""
+    from attribution.cli import main
+
+    ds = micro["ds"]
+    npz = tmp_path / "d.npz"
+    np.savez(npz, images=((ds.images(np.arange(len(ds)))[:, 0] + 1) * 127.5).round().numpy().astype(np.uint8))
+    model_dir = str(micro["models"][0].path)
+    store = tmp_path / "store"
+    assert main(["featurize", "--model", model_dir, "--data", str(npz), "--store", str(store), "--proj-dim", "32",
+                 "--num-draws", "1", "--device", "cpu"]) == 0
+    assert main(["fit-factors", "--store", str(store), "--data", str(npz), "--batch-size", "8", "--device", "cpu"]) == 0
+    assert (store / "ekfac" / "manifest.json").exists()
+    for method in ("ekfac", "kfac"):
+        out = tmp_path / f"{method}.npz"
+        assert main(["attribute", "--store", str(store), "--seed", "0", "--num-steps", "3", "--steps", "2",
+                     "--num-resamples", "2", "--method", method, "--device", "cpu", "--out", str(out)]) == 0
+        got = np.load(out)
+        assert got["scores"].shape == (1, len(ds)) and str(got["method"]) == method
