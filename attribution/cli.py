@@ -147,7 +147,7 @@ def cmd_featurize(args: argparse.Namespace) -> None:
         return
     bar, update = _bar("featurize")
     if args.anchors:
-        from .anchored import featurize_anchored
+        from .scoring.anchored import featurize_anchored
 
         featurize_anchored(models, ds, args.store, args.anchors, cfg, progress=update, log=tqdm.write,
                            batch_size=args.batch_size)
@@ -204,6 +204,27 @@ def cmd_attribute(args: argparse.Namespace) -> None:
         method=np.array(result.method),
     )
     print(f"wrote {args.out}: scores {result.scores.shape}; last step top positive {pos[-1][:5].tolist()}")
+
+
+def cmd_fit_factors(args: argparse.Namespace) -> None:
+    from .data.datasets import load_dataset
+    from .features.featurize import store_spec
+    from .features.store import Store
+    from .models.base import resolve_device
+    from .scoring.ekfac import EkfacConfig, factor_bytes, fit_factors
+
+    device = resolve_device(args.device)
+    store = Store.open(args.store)
+    paths = args.model or [args.store / c["path"] for c in store.manifest["checkpoints"]]
+    models = _load_with_lora(paths, args.lora, device)
+    ds = load_dataset(args.data, models[0].pixel_shape)
+    store = Store.open(args.store, store_spec(models, ds, store.config, args.store))
+    cfg = EkfacConfig(fisher=args.fisher, max_examples=args.max_examples, batch_size=args.batch_size)
+    bar, update = _bar("fit factors (checkpoints)")
+    fit_factors(store, models, ds, cfg, progress=update, log=tqdm.write)
+    bar.close()
+    print(f"factors ready: {args.store / 'ekfac'} ({factor_bytes(store) / 2**20:.1f} MiB); "
+          "score with `attribution attribute --method ekfac` or `--method kfac`")
 
 
 def cmd_build_assets(args: argparse.Namespace) -> None:
@@ -330,13 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
              help="classifier-free guidance (text-conditional models)")
     a.add_argument("--mask", type=Path, help="image whose non-black pixels select the patch")
     a.add_argument("--method", default="journey", choices=list(METHODS), metavar="METHOD",
-                   help="attribution method: " + "; ".join(f"{n} ({m.label})" for n, m in METHODS.items()))
+                   help="attribution method (ekfac/kfac need `attribution fit-factors`; --ridge is then their relative damping): " + "; ".join(f"{n} ({m.label})" for n, m in METHODS.items()))
     _setting(a, "--num-resamples", QueryConfig, "num_resamples", type=int, help="K in Eq. (3)")
     _setting(a, "--ridge", QueryConfig, "ridge", type=float)
     a.add_argument("--top-k", type=int, default=10, help="influencers each way to print and save")
     a.add_argument("--device", default="auto", help="cpu, cuda or auto")
     a.add_argument("--out", required=True, type=Path, help="output .npz of the scores")
     a.set_defaults(func=cmd_attribute)
+    k = sub.add_parser("fit-factors", help="fit the EK-FAC/K-FAC Hessian factors of a loss store's checkpoints (kronfluence)")
+    k.add_argument("--store", required=True, type=Path, help="a store built with --output loss")
+    k.add_argument("--model", action="append", help="model directories (default: those recorded in the store)")
+    k.add_argument("--data", default="digits", help="the store's training set")
+    k.add_argument("--lora", action="append", help="the LoRA weights the store was built with")
+    k.add_argument("--fisher", choices=["sampled", "empirical"], default="sampled",
+                   help="sampled: true Fisher (= Gauss-Newton in expectation); empirical: the loss's own gradients")
+    k.add_argument("--max-examples", type=int, help="fit on a random subset of this many training examples")
+    k.add_argument("--batch-size", type=int, default=64, help="(example, draw) items per batch")
+    k.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    k.set_defaults(func=cmd_fit_factors)
     b = sub.add_parser("build-assets", help="rebuild the bundled default under assets/ (skips what exists)")
     b.add_argument("--assets", type=Path, help="assets directory (default: the repo's assets/)")
     _setting(b, "--epochs", TrainConfig, "epochs", type=int)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -85,16 +85,19 @@ def first_paint(browser, url: str, timeout_ms: float = 300_000) -> float:
         context.close()
 
 
-def measure(repo: Path, sessions: int, log_path: Path, env: dict[str, str] | None = None) -> dict[str, float | list[float]]:
+def measure(repo: Path, sessions: int, log_path: Path, env: dict[str, str] | None = None,
+            browser=None) -> dict[str, float | list[float]]:
+    """Server start, cold first paint and ``sessions`` warm ones; ``browser``: a running playwright
+    browser to reuse (playwright allows one sync session per thread), else one is launched."""
     from playwright.sync_api import sync_playwright
 
-    with streamlit_server(repo, log_path, env) as (url, started), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            cold = first_paint(browser, url)
-            warm = [first_paint(browser, url) for _ in range(sessions)]
-        finally:
-            browser.close()
+    with streamlit_server(repo, log_path, env) as (url, started), ExitStack() as stack:
+        if browser is None:
+            p = stack.enter_context(sync_playwright())
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            stack.callback(browser.close)
+        cold = first_paint(browser, url)
+        warm = [first_paint(browser, url) for _ in range(sessions)]
     return {"server_start_s": started, "cold_first_paint_s": cold, "warm_first_paint_s": warm}
 
 

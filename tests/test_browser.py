@@ -277,11 +277,12 @@ def test_deep_link_opens_the_page_inside_the_app(page, server):
         context.close()
 
 
-def test_first_paint_cold_and_warm(tmp_path_factory):
+def test_first_paint_cold_and_warm(page, tmp_path_factory):
     """Measures (prints, asserts no time limit) the first influencers on a fresh server and in new sessions on it."""
     bundle = ensure_app_bundle(tmp_path_factory.mktemp("first-paint"))
     env = {"ATTRIBUTION_BUNDLE": bundle} if bundle else None
-    result = measure(REPO, 2, tmp_path_factory.mktemp("first-paint-log") / "streamlit.log", env)
+    result = measure(REPO, 2, tmp_path_factory.mktemp("first-paint-log") / "streamlit.log", env,
+                     browser=page.context.browser)
     print(f"\nfirst paint: server up {result['server_start_s']:.1f} s, cold {result['cold_first_paint_s']:.1f} s, "
           "new sessions " + ", ".join(f"{w:.1f}" for w in result["warm_first_paint_s"]) + " s")
     assert result["cold_first_paint_s"] > 0 and len(result["warm_first_paint_s"]) == 2

@@ -84,7 +84,11 @@ For the baselines, larger = more similar.
 | journey-TRAK (step-specific TRAK) | Georgiev et al., *The Journey, Not the Destination: How Data Guides Diffusion Models*, [arXiv 2312.06205](https://arxiv.org/abs/2312.06205) |
 | D-TRAK (other model outputs: ‖ε‖², L1, L2, mean) | *Intriguing Properties of Data Attribution on Diffusion Models*, [arXiv 2311.00500](https://arxiv.org/abs/2311.00500) |
 | Diffusion-TracIn / Diffusion-ReTrac | *Data Attribution for Diffusion Models: Timestep-induced Bias in Influence Estimation*, [arXiv 2401.09031](https://arxiv.org/abs/2401.09031) |
+| EK-FAC / K-FAC influence functions (`ekfac`, `kfac`; Hessian factors fitted by kronfluence, `attribution fit-factors`) | Mlodozeniec et al., *Influence Functions for Scalable Data Attribution in Diffusion Models*, ICLR 2025 |
 | Pixel / embedding similarity | baselines from the journey-TRAK paper |
+
+EK-FAC / K-FAC cover only the `nn.Linear` and `nn.Conv2d` layers (weights and biases); GroupNorm scales and
+shifts and embeddings are not tracked and contribute nothing to their scores.
 
 ### Data
 The training images are 4,000 handwritten digits from **MNIST** (Y. LeCun, C. Cortes, C. J. C. Burges),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,7 +20,9 @@ from ..data.datasets import ArrayDataset
 from ..features.outputs import get_method
 from ..models.base import DiffusionModel
 from ..models.load import load_models
+from ..scoring.ekfac import EkfacConfig, fit_factors
 from ..tools.files import atomic_save_npy
+from .influence import influence_feature_cache
 from .lds import lds, subset_bootstrap, summarize
 from .queries import QuerySet, QuerySpec, load_or_generate_queries, step_outputs
 from .scores import (
@@ -39,7 +42,7 @@ LDS_METHODS = (
     "journey", "trak-final", "tracin", "retrac",
     "dtrak-square", "dtrak-l1", "dtrak-l2", "dtrak-mean", "das", "das-leverage",
     "pixel", "embedding",
-)
+) + (("ekfac", "kfac") if find_spec("kronfluence") else ())  # the optional `ekfac` extra
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,14 @@ class LdsRun:
         out = {}
         for d in self.grid.num_draws:
             store = self.store(m.train_output, d)
+            if m.combine in ("ekfac", "kfac"):  # the damping changes the query features, one set per ridge
+                fit_factors(store, self.models, self.dataset, EkfacConfig(), log=self.log)
+                per_ridge = influence_feature_cache(self.paths.root, store, self.models, method, self.queries,
+                                                    self.spec, tuple(self.grid.ridges), self.log)
+                for r in self.grid.ridges:
+                    out[(d, r)] = gradient_scores(store, self.models, method, per_ridge[r][:num_checkpoints], r,
+                                                  self.dataset)
+                continue
             feats = query_feature_cache(self.paths.root, store, self.models, method, self.queries, self.spec, self.log)
             ridges = self.grid.ridges if m.combine == "trak" else (None,)
             for r in ridges:

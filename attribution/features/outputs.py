@@ -94,6 +94,8 @@ class Method:
             see :mod:`attribution.scoring.das`.
         short: a short name for table headers and legends ("" for methods not offered in the app).
         blurb: one line saying what the method is, for pickers.
+        ``combine="ekfac"`` / ``"kfac"``: influence functions with the (E)K-FAC Hessian
+            approximation fitted by kronfluence, see :mod:`attribution.scoring.ekfac`.
     """
 
     name: str
@@ -124,6 +126,8 @@ METHODS: dict[str, Method] = {
     "das-leverage": Method(
         "das-leverage", "square", "square", "DAS with leverage correction", row_weights="das-leverage"
     ),
+    "ekfac": Method("ekfac", "loss", "loss", "EK-FAC influence (kronfluence)", combine="ekfac"),
+    "kfac": Method("kfac", "loss", "loss", "K-FAC influence (kronfluence)", combine="kfac"),
     "trak-final": Method("trak-final", "loss", "loss", "TRAK on the final sample (destination)", query_target="final"),
 }
 

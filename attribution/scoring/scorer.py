@@ -124,6 +124,11 @@ class Scorer:
                 lam = query.ridge * float(torch.trace(k)) / k.shape[0]
                 k = k + lam * torch.eye(k.shape[0], dtype=k.dtype)
                 self.chol.append(torch.linalg.cholesky(k))
+        self.influence = None  # ekfac / kfac: preconditioned query features (attribution.scoring.ekfac)
+        if self.method.combine in ("ekfac", "kfac"):
+            from .ekfac import InfluenceQuery
+
+            self.influence = InfluenceQuery.from_store(store, models, self.method.combine, query.ridge, self.params)
         self._row_norms: list[np.ndarray] | None = None
         self.output = get_output(self.method.query_output)
         self.row_weights = self._das_weights(dataset) if self.method.row_weights else None
@@ -173,9 +178,12 @@ class Scorer:
             rows = []
             for c in range(0, len(steps), self.query.chunk_size):
                 sl = slice(c, c + self.query.chunk_size)
-                # Plain backward passes (per step, or batched for the factorized projection), not vmap.
-                g = self.projectors[m].step_features(GradientTarget(model, self.params[m], self.output),
-                                                     DrawBatch(x0[sl], ts[sl], noises[sl], mask, cond))
+                target = GradientTarget(model, self.params[m], self.output)
+                batch = DrawBatch(x0[sl], ts[sl], noises[sl], mask, cond)
+                if self.influence is not None:  # (1/N) P (H + lambda I)^-1 grad f_s
+                    g = self.influence.features(m, self.projectors[m], target, batch)
+                else:  # Plain backward passes (per step, or batched for the factorized projection), not vmap.
+                    g = self.projectors[m].step_features(target, batch)
                 rows.append(g.cpu())
                 if progress:
                     progress(m * len(steps) + min(c + self.query.chunk_size, len(steps)), total)
@@ -221,6 +229,7 @@ class Scorer:
         trak:   tau = (1/M) sum_m Phi_m (K_m + lambda I)^-1 g_m
         tracin: tau = sum_m Phi_m g_m
         retrac: tau = sum_m (Phi_m / |rows|) (g_m / |g_m|)
+        ekfac, kfac: tau = (1/M) sum_m Phi_m g_m, g_m already (1/N) P_m (H_m + lambda I)^-1 grad f
 
         Memory: the (S, N) scores plus two reused chunk buffers (:meth:`Store.iter_chunks`).
         """
@@ -244,7 +253,7 @@ class Scorer:
                 if self.row_weights is not None:
                     p.mul_(torch.from_numpy(self.row_weights[m][start : start + rows]).float()[:, None])
                 out[:, start : start + rows].add_(p.T)
-        if combine == "trak":
+        if combine in ("trak", "ekfac", "kfac"):
             out /= len(feats)
         return out.numpy()
 

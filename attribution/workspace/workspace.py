@@ -231,6 +231,11 @@ class Workspace:
         out = {}
         for name, m in METHODS.items():
             if self.store_exists(m.train_output):
+                if m.combine in ("ekfac", "kfac"):  # also needs fitted factors (`attribution fit-factors`)
+                    from ..scoring.ekfac import factors_complete
+
+                    if not factors_complete(self.bundle.stores[m.train_output], len(self.models)):
+                        continue
                 out[name] = m.label
         embed = self.classifier is not None or self.bundle.clip_dir is not None
         out.update({f"baseline-{k}": v for k, v in BASELINES.items() if k != "embedding" or embed})
