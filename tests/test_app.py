@@ -509,7 +509,8 @@ def test_evaluate_shows_the_report(app_bundle, ws, tiny_bench, monkeypatch):
     assert "Two seeds of the same subsets agree" in texts(at)
     specs = plotly_specs(at)
     assert any("LDS per step" in s for s in specs) and any("Retrain without top-k" in s for s in specs)
-    assert f"{report['lds']['num_subsets']} retrained 50 % subsets" in texts(at)
+    assert f"{report['lds']['num_subsets']} retrained subset models" in texts(at)
+    assert "Design: within-class" in texts(at) and "Truth agreement ρ" in texts(at)  # the validity beside the LDS
 
 
 def test_evaluate_shows_the_ablations(app_bundle, ws, tiny_bench, tmp_path, monkeypatch):
@@ -543,10 +544,10 @@ def test_evaluate_chooses_between_reports(app_bundle, ws, tiny_bench, tmp_path, 
     (tmp_path / "bench-coupled" / "report.json").write_text(json.dumps(report))
     monkeypatch.setenv("ATTRIBUTION_BENCH_REPORT", str(tmp_path / "bench"))
     at = make_app("evaluate")
-    assert [str(o) for o in at.radio(key="evaluate_report").options][1].startswith("bench-coupled: coupled retraining")
-    assert "8 retrained 50 % subsets" in texts(at)
+    assert [str(o) for o in at.radio(key="evaluate_report").options][1].startswith("bench-coupled: within-class, coupled retraining")
+    assert "8 retrained subset models" in texts(at)
     at.radio(key="evaluate_report").set_value(tmp_path / "bench-coupled").run()
-    assert not at.exception and "7 retrained 50 % subsets" in texts(at)
+    assert not at.exception and "7 retrained subset models" in texts(at)
 
 
 def test_the_step_is_one_value_across_pages(app_bundle, ws):

@@ -23,6 +23,15 @@ from attribution.evaluation.report import (
     report_dirs,
     report_label,
 )
+from attribution.evaluation.validity import (
+    VALIDITY_THRESHOLD,
+    design_description,
+    design_label,
+    group_rows,
+    truth_validity,
+    validity_message,
+    variant_rows,
+)
 
 ui.page_header(
     "Evaluate",
@@ -47,11 +56,14 @@ lds = report["lds"]
 bench = lds["bench"]
 st.markdown(
     f"**Set-up.** {bench['num_train']} training digits at {bench['image_size']}×{bench['image_size']}, "
-    f"{len(bench['checkpoint_seeds'])} checkpoints, **{lds['num_subsets']} retrained 50 % subsets**, "
+    f"{len(bench['checkpoint_seeds'])} checkpoints, **{lds['num_subsets']} retrained subset models**, "
     f"{lds['num_queries']} reported query samples (settings chosen on {lds['num_val_queries']} other ones), "
     f"K = {lds['num_resamples']} noises. The LDS is Spearman's ρ between predicted and true step outputs "
     "across the subsets; 1 means the scores rank the retrained models perfectly, 0 means no better than chance."
 )
+st.markdown(f"**Design: {design_label(lds)}.** {design_description(lds)[0].upper()}{design_description(lds)[1:]}.")
+validity = truth_validity(lds)
+(st.success if validity is not None and validity >= VALIDITY_THRESHOLD else st.warning)(validity_message(lds))
 st.plotly_chart(lds_figure(report), width="stretch")
 st.markdown("#### LDS per step (mean ± standard error over query samples)")
 st.dataframe(lds_rows(report), hide_index=True, width="stretch")
@@ -63,6 +75,18 @@ if agree:
         f"Two seeds of the same subsets agree at ρ = {agree['overall']:.2f} ± {agree['overall_se']:.2f} "
         "(Spearman across subsets): retraining itself is that noisy, which caps every method's LDS."
     )
+
+groups = group_rows(lds)
+if groups:
+    st.markdown("#### Group counterfactuals: does the summed score of a removed group predict its effect?")
+    st.caption("Spearman's ρ across the removed groups (classes and style clusters) between the sum of a method's "
+               "scores over the group and the measured change of f_t, per step; sign agreement: share of (query, "
+               "step, group) where the predicted and the measured change have the same sign (0.5 is chance).")
+    st.dataframe(groups, hide_index=True, width="stretch")
+variants = variant_rows(report)
+if variants:
+    st.markdown("#### Variants: other train features, the same ground truth")
+    st.dataframe(variants, hide_index=True, width="stretch")
 
 specific = query_specific_rows(report)
 if specific:

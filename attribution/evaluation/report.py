@@ -12,6 +12,7 @@ from typing import Iterable
 
 from .counterfactual import paired_by_seed
 from .figures import counterfactual_figure, lds_figure, step_correlation_figure
+from .validity import design_description, design_label, group_rows, load_variants, validity_message, variant_rows
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -39,7 +40,7 @@ def report_label(report: dict) -> str:
     lds = report["lds"]
     how = "coupled retraining" if lds["bench"].get("subset_coupled") else "independent retraining"
     reps = lds.get("truth_replicates", 1)
-    return f"{how}, {reps} training seed{'s' if reps > 1 else ''} per subset"
+    return f"{design_label(lds)}, {how}, {reps} training seed{'s' if reps > 1 else ''} per subset"
 
 
 def lds_rows(report: dict) -> list[dict]:
@@ -115,6 +116,9 @@ def build_report(work: Path) -> dict:
         for r in report["ablation"]["variants"].values():
             r.pop("per_query", None)
             r.pop("bootstrap", None)
+    variants = load_variants(work)
+    if variants:
+        report["lds_variants"] = variants
     for name in ("retrain_seconds.json",):
         if (work / name).exists():
             report[name.removesuffix(".json")] = json.loads((work / name).read_text())
@@ -340,7 +344,7 @@ def write_report(work: Path, out_dir: Path) -> Path:
         "",
         f"Training set: {b['num_train']} bundled digits (stratified), average-pooled to {b['image_size']}x{b['image_size']}; "
         f"UNet2DModel block_out_channels {b['train']['block_out_channels']}, {b['train']['epochs']} epochs; "
-        f"{len(b['checkpoint_seeds'])} full-data checkpoints; {lds['num_subsets']} random 50 % subsets ("
+        f"{len(b['checkpoint_seeds'])} full-data checkpoints; {lds['num_subsets']} subset models ("
         + _replicates_phrase(lds.get("truth_replicates", 1), b["subset_train_seed"])
         + ("; coupled: each replays the full-data run of its seed without the other rows" if b.get("subset_coupled") else "")
         + f"). Queries: {lds['num_queries']} reported + {lds['num_val_queries']} validation samples of "
@@ -351,10 +355,18 @@ def write_report(work: Path, out_dir: Path) -> Path:
            "stratified for the ||eps||^2 outputs of D-TRAK and DAS)." if lds["featurize"].get("timestep_sampling") == "auto"
            else "."),
         "",
+        f"Design: **{design_label(lds)}**, {design_description(lds)}.",
+        "",
+        f"**Validity.** {validity_message(lds)}",
+        "",
         "## LDS per step (mean ± s.e. over reported queries; s.e. over subsets by bootstrap)",
         "",
         lds_table(report),
         "",
+        *(["## Group counterfactuals (Spearman across the removed groups, with the validation-chosen sign)", "",
+           _markdown(group_rows(lds)), ""] if group_rows(lds) else []),
+        *(["## Variants (other train features, same truth)", "", _markdown(variant_rows(report)), ""]
+          if variant_rows(report) else []),
         "Ridge grid (relative): " + ", ".join(f"{r:g}" for r in _ridges(lds["methods"])) + ". \"Chosen on other "
         "subsets\": the setting is chosen on the validation queries of one half of the subsets and reported on the "
         "other half (both ways, averaged), because validation and reported queries share most of their truth.",
