@@ -533,6 +533,19 @@ def test_evaluate_without_a_report(app_bundle, ws, tmp_path, monkeypatch):
     assert "No benchmark report" in texts(at) and not at.dataframe
 
 
+def test_evaluate_shows_the_class_signal_results(app_bundle, ws, tmp_path, monkeypatch):
+    """The class measures of `bench class-signal` files beside the report directory are shown with the targets."""
+    result = json.loads((REPO / "benchmarks" / "results" / "class_signal_shipped.json").read_text())
+    (tmp_path / "class_signal_demo.json").write_text(json.dumps(result))
+    monkeypatch.setenv("ATTRIBUTION_BENCH_REPORT", str(tmp_path / "bench"))
+    at = make_app("evaluate")
+    (table,) = [df.value for df in at.dataframe]
+    assert list(table["measure"][:3]) == ["top-k positive share", "top-k negative share", "class sum is max"]
+    first = result["summaries"][0]
+    assert table[f"t={first['timesteps'][0]}"][0] == f"{100 * first['top_pos_share'][0]:.0f} ± {100 * first['top_pos_share_se'][0]:.0f}"
+    assert "Targets:" in texts(at) and "No benchmark report" in texts(at)
+
+
 def test_evaluate_chooses_between_reports(app_bundle, ws, tiny_bench, tmp_path, monkeypatch):
     """A sibling report (bench-coupled) is offered beside the default one; choosing it shows its set-up."""
     report = json.loads((tiny_bench["out"] / "report.json").read_text())

@@ -8,6 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 import ui
+from attribution.evaluation.class_signal import TARGETS, load_class_signal_results, summary_rows
 from attribution.evaluation.figures import counterfactual_figure, lds_figure, step_correlation_figure
 from attribution.evaluation.report import (
     DEFAULT_REPORT_DIR,
@@ -40,6 +41,18 @@ ui.page_header(
 )
 
 directory = Path(os.environ.get("ATTRIBUTION_BENCH_REPORT", DEFAULT_REPORT_DIR))
+class_signal = load_class_signal_results(directory.parent)
+if class_signal:
+    with st.expander("Do the influencers share the generated digit's class? (`attribution bench class-signal`)"):
+        st.caption("Per store and method: the share of the top-8 positive and negative influencers that have the "
+                   "class the bundled classifier gives the generated sample, and how often that class has the largest "
+                   "summed score, in % (mean ± s.e. over samples not used to choose settings). " + TARGETS)
+        for name, result in class_signal.items():
+            spec = result["spec"]
+            st.markdown(f"**{name}** (`{result['store']}`): {spec['num_samples']} samples from seed "
+                        f"{spec['seed_offset']}; {100 * result['share_confident_0.9']:.0f} % of them classified with "
+                        "≥ 0.9 confidence")
+            st.dataframe(summary_rows(result["summaries"]), hide_index=True, width="stretch")
 reports = {d: r for d in report_dirs(directory) if (r := load_report(d)) is not None}
 if len(reports) > 1:
     directory = st.radio("Benchmark", list(reports), format_func=lambda d: f"{d.name}: {report_label(reports[d])}",

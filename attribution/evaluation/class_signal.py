@@ -15,8 +15,10 @@ No score is re-ranked or blended here: the shares are read off each method's own
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -148,17 +150,44 @@ def measure_class_signal(
                              **{k: np.stack(v) for k, v in rows.items()})
 
 
+MEASURES = (("top_pos_share", "top-k positive share"), ("top_neg_share", "top-k negative share"),
+            ("argmax_is_class", "class sum is max"))
+
+#: What journey-TRAK's Section 5.2 leads one to expect of a working method on digits, as the product's targets.
+TARGETS = ("Targets: the top-8 positive influencers share the sample's class in ≥ 60 % of cases at t ≤ 240 and "
+           "≥ 35 % at t = 480; the sample's class has the largest summed score in ≥ 80 % of samples at t ≤ 480. "
+           "Chance is about 10 %.")
+
+
+def summary_rows(results: Sequence[dict]) -> list[dict]:
+    """Per method and measure: one "mean ± se" cell (in %) per timestep."""
+    rows = []
+    for r in results:
+        for key, name in MEASURES:
+            row = {"method": r["method"], "measure": name}
+            row.update({f"t={t}": f"{100 * v:.0f} ± {100 * s:.0f}"
+                        for t, v, s in zip(r["timesteps"], r[key], r[key + "_se"])})
+            rows.append(row)
+    return rows
+
+
 def summary_table(results: Sequence[dict]) -> str:
     """Markdown table: per method and timestep, top-k positive share, negative share, argmax rate (in %)."""
-    ts = results[0]["timesteps"]
-    head = "| method | measure | " + " | ".join(f"t={t}" for t in ts) + " |"
-    lines = [head, "|" + "---|" * (len(ts) + 2)]
-    for r in results:
-        for key, name in (("top_pos_share", "top-k positive share"), ("top_neg_share", "top-k negative share"),
-                          ("argmax_is_class", "class sum is max")):
-            cells = [f"{100 * v:.0f} ± {100 * s:.0f}" for v, s in zip(r[key], r[key + "_se"])]
-            lines.append(f"| {r['method']} | {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = summary_rows(results)
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(r[k] for k in keys) + " |" for r in rows])
+
+
+def load_class_signal_results(directory: Path) -> dict[str, dict]:
+    """{name: result} of the ``class_signal_*.json`` files written by ``bench class-signal`` in ``directory``
+    (lab files of other scripts, without ``summaries``, are skipped)."""
+    out = {}
+    for path in sorted(directory.glob("class_signal_*.json")):
+        result = json.loads(path.read_text())
+        if "summaries" in result:
+            out[path.stem.removeprefix("class_signal_")] = result
+    return out
 
 
 def spec_dict(spec: ClassSignalSpec) -> dict:
