@@ -49,7 +49,9 @@ if class_signal:
                    "summed score, in % (mean ± s.e. over samples not used to choose settings). " + TARGETS)
         for name, result in class_signal.items():
             spec = result["spec"]
-            st.markdown(f"**{name}** (`{result['store']}`): {spec['num_samples']} samples from seed "
+            shipped = result["store"].startswith("assets/")
+            st.markdown(f"**{name}** (`{result['store']}`{'' if shipped else ', a lab store, not shipped'}): "
+                        f"{spec['num_samples']} samples from seed "
                         f"{spec['seed_offset']}; {100 * result['share_confident_0.9']:.0f} % of them classified with "
                         "≥ 0.9 confidence")
             st.dataframe(summary_rows(result["summaries"]), hide_index=True, width="stretch")
