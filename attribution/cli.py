@@ -255,7 +255,9 @@ def cmd_build_assets(args: argparse.Namespace) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .tools.doctor import healthy, run_doctor
 
-    findings = run_doctor(args.store, args.model, args.data, record_checksums=args.record_checksums)
+    if args.rows < 0:
+        raise ValueError(f"--rows must be 0 or more, not {args.rows}")
+    findings = run_doctor(args.store, args.model, args.data, record_checksums=args.record_checksums, rows=args.rows)
     for f in findings:
         if f.level != "ok" or args.verbose:
             print(f.line())
@@ -380,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", help="dataset spec to compare with the store's ('digits', a folder, an .npz)")
     d.add_argument("--record-checksums", action="store_true",
                    help="add row checksums to a store written without them (trusts its current contents)")
+    d.add_argument("--rows", type=int, default=3,
+                   help="rows per checkpoint recomputed from the models and compared with the stored ones "
+                        "(catches a manifest whose settings were edited; 0: skip)")
     d.add_argument("-v", "--verbose", action="store_true", help="also print the checks that passed")
     d.set_defaults(func=cmd_doctor)
 
