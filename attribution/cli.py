@@ -105,17 +105,36 @@ def _load_with_lora(paths, lora_dirs, device):
 
 
 def cmd_featurize(args: argparse.Namespace) -> None:
-    from .features.store import store_lock
+    from .features.store import Store, StoreError, settings_mismatch, store_lock
 
     if args.anchors and args.distributed:
         raise ValueError("--anchors cannot be combined with --distributed yet: featurize each anchor's store alone")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, not {args.batch_size}")
+    cfg = FeaturizeConfig(
+        output=args.output,
+        proj_dim=args.proj_dim,
+        proj_kind=args.projection,
+        proj_seed=args.proj_seed,
+        num_draws=args.num_draws,
+        timestep_sampling=args.timestep_sampling,
+        timestep_range=tuple(args.timestep_range) if args.timestep_range else None,
+        store_dtype="float16" if args.half else "float32",
+        param_filter=tuple(args.params) if args.params else (("re:lora_",) if args.lora else None),
+        draw_sharing=args.draw_sharing,
+        draw_seed=args.draw_seed,
+    )
     _model_dirs(args.model)
     if not (args.data == "digits" or args.data.startswith("digits:") or Path(args.data).exists()):
         raise ValueError(f"--data {args.data!r} is neither 'digits', an .npz file nor an image folder")
+    if not args.anchors and (args.store / "manifest.json").exists():  # resuming: the settings must match
+        why = settings_mismatch(Store.open(args.store).manifest["settings"], cfg)
+        if why is not None:
+            raise StoreError(f"store {args.store} does not match: {why}. Use another --store directory or rebuild it.")
     if args.distributed and _distributed_rank() != 0:
-        return _featurize(args)
+        return _featurize(args, cfg)
     with store_lock(args.store):  # refuses at once, before loading anything, when another featurize holds it
-        return _featurize(args)
+        return _featurize(args, cfg)
 
 
 def _distributed_rank() -> int:
@@ -125,7 +144,7 @@ def _distributed_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _featurize(args: argparse.Namespace) -> None:
+def _featurize(args: argparse.Namespace, cfg: FeaturizeConfig) -> None:
     """The body of ``featurize`` once its arguments are checked (and the store locked, on rank 0)."""
     from .data.datasets import load_dataset
     from .features.featurize import featurize
@@ -141,19 +160,6 @@ def _featurize(args: argparse.Namespace) -> None:
         rank, world_size = init_from_env(device)
     models = _load_with_lora(args.model, args.lora, device)
     ds = load_dataset(args.data, models[0].pixel_shape)
-    cfg = FeaturizeConfig(
-        output=args.output,
-        proj_dim=args.proj_dim,
-        proj_kind=args.projection,
-        proj_seed=args.proj_seed,
-        num_draws=args.num_draws,
-        timestep_sampling=args.timestep_sampling,
-        timestep_range=tuple(args.timestep_range) if args.timestep_range else None,
-        store_dtype="float16" if args.half else "float32",
-        param_filter=tuple(args.params) if args.params else (("re:lora_",) if args.lora else None),
-        draw_sharing=args.draw_sharing,
-        draw_seed=args.draw_seed,
-    )
     if args.distributed:
         from .features.distributed import featurize_distributed, shutdown
 

@@ -373,3 +373,31 @@ def test_readme_names_the_baselines_the_cli_accepts():
                    if "--method" in a.option_strings).choices
     for name in ("baseline-pixel", "baseline-embedding"):
         assert f"`{name}`" in readme and name in choices
+
+
+def _featurize_argv(store: Path, model_dirs, data: Path, *extra: str) -> list[str]:
+    argv = ["featurize", "--store", str(store), "--data", str(data), "--proj-dim", "16", "--num-draws", "2", "--half"]
+    for d in model_dirs:
+        argv += ["--model", str(d)]
+    return argv + list(extra)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--num-draws", "0"], "num_draws, proj_dim and sjlt_nnz must be positive"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["--timestep-range", "5", "5"], "timestep_range must be (lo, hi) with 0 <= lo < hi"),
+    (["--proj-seed", "3"], "setting 'proj_seed' differs: the store was built with 0, now 3"),
+])
+def test_featurize_checks_flags_and_the_store_before_models_load(bound_store, tiny_model_dirs, data_npz,
+                                                                 no_model_loading, capsys, extra, message):
+    assert main(_featurize_argv(bound_store, tiny_model_dirs, data_npz, *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_featurize_refuses_missing_model_dirs_and_data_before_loading(tmp_path, tiny_model_dirs, data_npz,
+                                                                      no_model_loading, capsys):
+    assert main(_featurize_argv(tmp_path / "s", [tmp_path / "nomodel"], data_npz)) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(_featurize_argv(tmp_path / "s", tiny_model_dirs, tmp_path / "none.npz")) == 2
+    assert "is neither 'digits'" in capsys.readouterr().err

@@ -289,6 +289,15 @@ def _check_npy_header(path: Path, info: dict[str, Any]) -> None:
         )
 
 
+def settings_mismatch(built: dict[str, Any], config: FeaturizeConfig) -> str | None:
+    """Say which featurize setting of ``config`` (resolved) differs from a manifest's ``built`` settings (None: none)."""
+    want = config.resolved().to_dict()
+    for key in sorted(set(built) | set(want)):
+        if built.get(key) != want.get(key):
+            return f"setting {key!r} differs: the store was built with {built.get(key)!r}, now {want.get(key)!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class StoreSpec:
     """What a store is built for; two specs must match for a store to be reused.
@@ -314,11 +323,9 @@ class StoreSpec:
 
     def mismatch(self, manifest: dict[str, Any]) -> str | None:
         """Say, in words, how ``manifest`` differs from this spec (None if it does not)."""
-        built = manifest["settings"]
-        want = self.config.to_dict()
-        for key in sorted(set(built) | set(want)):
-            if built.get(key) != want.get(key):
-                return f"setting {key!r} differs: the store was built with {built.get(key)!r}, now {want.get(key)!r}"
+        why = settings_mismatch(manifest["settings"], self.config)
+        if why is not None:
+            return why
         old_ck = manifest["checkpoints"]
         if len(old_ck) != len(self.checkpoints):
             return f"the store holds {len(old_ck)} checkpoints, {len(self.checkpoints)} were given"
