@@ -392,7 +392,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     if args.rows < 0:
         raise ValueError(f"--rows must be 0 or more, not {args.rows}")
-    findings = run_doctor(args.store, args.model, args.data, record_checksums=args.record_checksums, rows=args.rows)
+    findings = run_doctor(args.store, args.model, args.data, record_checksums=args.record_checksums, rows=args.rows,
+                          bind_settings=args.bind_settings)
     for f in findings:
         if f.level != "ok" or args.verbose:
             print(f.line())
@@ -526,6 +527,9 @@ def build_parser(bench: bool = True) -> argparse.ArgumentParser:
     d.add_argument("--data", help="dataset spec to compare with the store's ('digits', a folder, an .npz)")
     d.add_argument("--record-checksums", action="store_true",
                    help="add row checksums to a store written without them (trusts its current contents)")
+    d.add_argument("--bind-settings", action="store_true",
+                   help="for a store written before settings were bound: once every check passes and the recomputed "
+                        "rows match, record the manifest's settings beside the rows (later edits are then refused)")
     d.add_argument("--rows", type=int, default=3,
                    help="rows per checkpoint recomputed from the models and compared with the stored ones "
                         "(catches a manifest whose settings were edited; 0: skip)")

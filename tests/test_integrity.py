@@ -401,3 +401,24 @@ def test_featurize_refuses_missing_model_dirs_and_data_before_loading(tmp_path, 
     assert "does not exist" in capsys.readouterr().err
     assert main(_featurize_argv(tmp_path / "s", tiny_model_dirs, tmp_path / "none.npz")) == 2
     assert "is neither 'digits'" in capsys.readouterr().err
+
+
+def test_doctor_binds_a_verified_legacy_store_and_later_edits_are_refused(copy_of, data_npz, capsys):
+    root = copy_of("bind", legacy=True)
+    code = main(["doctor", "--store", str(root), "--data", str(data_npz)])
+    out = capsys.readouterr().out
+    assert code == 0 and "no settings binding" in out and "--bind-settings" in out
+    assert main(["doctor", "--store", str(root), "--data", str(data_npz), "--bind-settings"]) == 0
+    capsys.readouterr()
+    assert Store.open(root).has_binding and (root / BINDING_FILE).exists()
+    _edit_manifest(root, _set("proj_seed", 1))
+    with pytest.raises(StoreError, match=r"settings\.proj_seed = 1 but the features were built with 0"):
+        Store.open(root)
+
+
+def test_doctor_does_not_bind_a_store_whose_rows_do_not_match(copy_of, data_npz, capsys):
+    root = copy_of("nobind", legacy=True)
+    _edit_manifest(root, _set("proj_seed", 1))
+    assert main(["doctor", "--store", str(root), "--data", str(data_npz), "--bind-settings"]) == 1
+    capsys.readouterr()
+    assert not (root / BINDING_FILE).exists() and not Store.open(root).has_binding

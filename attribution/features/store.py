@@ -564,6 +564,18 @@ class Store:
                                              "bytes": (self.root / name).stat().st_size}
         atomic_write_bytes(self.root / "manifest.json", json.dumps(self.manifest, indent=2).encode())
 
+    @property
+    def has_binding(self) -> bool:
+        """True when the store records the settings its rows were built with (:data:`BINDING_FILE`)."""
+        return "settings_sha256" in self.manifest
+
+    def bind_settings(self) -> None:
+        """Record the manifest's settings as those the rows were built with (trusts them: verify rows first)."""
+        if not self.writable:
+            raise StoreError("store opened read-only")
+        _write_binding(self.root, self.manifest)
+        atomic_write_bytes(self.root / "manifest.json", json.dumps(self.manifest, indent=2).encode())
+
     def read_rows(self, m: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop) of features_{m}: (stop - start, d), in the store's dtype.
 

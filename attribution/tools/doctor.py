@@ -222,9 +222,14 @@ def run_doctor(
     data: str | None = None,
     record_checksums: bool = False,
     rows: int = 3,
+    bind_settings: bool = False,
 ) -> list[Finding]:
     """All checks: the store, the models (default: those recorded in the store), the data (default: the one
-    recorded in the store, for recomputing ``rows`` rows per checkpoint; 0 skips that)."""
+    recorded in the store, for recomputing ``rows`` rows per checkpoint; 0 skips that).
+
+    ``bind_settings``: when every check passed and the recomputed rows match, record the manifest's
+    settings as the rows' (:meth:`Store.bind_settings`), so that later edits are refused at open.
+    """
     store_dir = Path(store_dir)
     if record_checksums:
         try:
@@ -242,4 +247,22 @@ def run_doctor(
     if rows > 0 and models and healthy(findings):
         dataset, why = _store_dataset(data or store.manifest["dataset"]["name"], store, models)
         findings += [why] if why is not None else check_recomputed(store, models, dataset, rows)
+    if not store.has_binding:
+        verified = any(f.level == "ok" and "recomputed from the models match" in f.what for f in findings)
+        findings.append(_binding_finding(store, bind_settings and verified and healthy(findings)))
     return findings
+
+
+def _binding_finding(store: Store, bind: bool) -> Finding:
+    """Bind a verified legacy store's settings (``bind``), or warn that its manifest is not bound."""
+    if bind:
+        try:
+            Store.open(store.root, writable=True).bind_settings()
+        except (StoreError, OSError) as e:
+            return Finding("error", f"the settings could not be recorded: {e}", "check the store directory is writable")
+        return Finding("ok", f"recorded the settings of the verified rows in {store.root}/built_with.json")
+    return Finding(
+        "warning", "the store records no settings binding (written by an older version): an edited manifest is "
+                   "caught only by recomputing rows",
+        f"after a healthy check, `attribution doctor --store {store.root} --bind-settings`",
+    )
