@@ -241,8 +241,7 @@ def _check_attribute_args(args: argparse.Namespace) -> tuple[Path, QueryConfig, 
 def _spot_check(scorer, models: list, data: str | None) -> None:
     """Recompute one stored row per checkpoint and refuse the store if it differs (an edited manifest)."""
     from .data.datasets import ImageDecodeError, load_dataset
-    from .features.store import StoreError
-    from .features.verify import check_rows, mismatch_message
+    from .features.verify import spot_check
 
     store = scorer.store
     spec = data or store.manifest["dataset"]["name"]
@@ -254,10 +253,7 @@ def _spot_check(scorer, models: list, data: str | None) -> None:
         print(f"note: stored rows not spot-checked: the store's dataset {spec!r} cannot be loaded ({_one_line(e)}); "
               "pass --data", file=sys.stderr)
         return
-    projectors = getattr(scorer, "projectors", None)
-    why = mismatch_message(store, check_rows(store, models, dataset, rows_per_checkpoint=1, projectors=projectors))
-    if why is not None:
-        raise StoreError(f"{why} (`attribution doctor --store {store.root}` names the likely cause)")
+    spot_check(store, models, dataset, getattr(scorer, "projectors", None))  # an AnchoredScorer: built there
 
 
 def _baseline_scores(name: str, traj, steps: list[int], mask, models: list, data: str | None, store_dir: Path):

@@ -422,3 +422,20 @@ def test_doctor_does_not_bind_a_store_whose_rows_do_not_match(copy_of, data_npz,
     assert main(["doctor", "--store", str(root), "--data", str(data_npz), "--bind-settings"]) == 1
     capsys.readouterr()
     assert not (root / BINDING_FILE).exists() and not Store.open(root).has_binding
+
+
+def test_workspace_refuses_a_store_whose_recomputed_rows_differ(copy_of, tiny_model_dirs, data_npz):
+    """The app's facade: the first scorer of a store recomputes one row per checkpoint."""
+    from attribution.workspace import Bundle, Workspace
+
+    good, bad = copy_of("ws-good", legacy=True), copy_of("ws-bad", legacy=True)
+    _edit_manifest(bad, _set("proj_seed", 1))
+    for root, ok in ((good, True), (bad, False)):
+        bundle = Bundle(name="tiny", model_dirs=tuple(tiny_model_dirs), data=str(data_npz), stores={"loss": root},
+                        classifier_dir=None)
+        ws = Workspace(bundle, query=QueryConfig(num_resamples=2))
+        if ok:
+            assert ws.scorer("journey") is ws.scorer("journey")
+        else:
+            with pytest.raises(StoreError, match="recomputed row"):
+                ws.scorer("journey")

@@ -177,3 +177,19 @@ def mismatch_message(store: Store, checks: Sequence[RowCheck], cause: str | None
     return (f"store {store.root}: {len(bad)} of {len(checks)} recomputed row(s) differ from the stored ones "
             f"(checkpoint {worst.m} row {worst.index}: relative error {worst.rel_error:.2f}, cosine {worst.cosine:.3f}) "
             f"with the manifest's settings ({settings}): {why}; restore the original manifest.json or featurize a new store")
+
+
+def spot_check(
+    store: Store,
+    models: Sequence[DiffusionModel],
+    dataset: ImageDataset,
+    projectors: Sequence[Projector] | None = None,
+) -> None:
+    """Recompute one random row per checkpoint before scoring; refuse the store when one differs.
+
+    Raises:
+        StoreError: a recomputed row differs (the message names the store and points to ``doctor``).
+    """
+    why = mismatch_message(store, check_rows(store, models, dataset, rows_per_checkpoint=1, projectors=projectors))
+    if why is not None:
+        raise StoreError(f"{why} (`attribution doctor --store {store.root}` names the likely cause)")
