@@ -10,7 +10,7 @@ import argparse
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -30,6 +30,12 @@ from .config import (
 from .features.outputs import METHODS
 from .scoring.baselines import BASELINE_METHODS
 from .tools.allocator import tune_malloc
+
+if TYPE_CHECKING:  # annotations only: these import torch models (seconds) that errors must not wait for
+    from .models.base import DiffusionModel
+    from .sampling.trajectory import Trajectory
+    from .scoring.anchored import AnchoredScorer
+    from .scoring.scorer import Scorer
 
 
 class _LazyBar:
@@ -64,7 +70,8 @@ def _steps(spec: str, num_steps: int) -> list[int]:
     except ValueError:
         raise ValueError(f"--steps must be 'all' or a comma-separated list of step indices, not {spec!r}") from None
     if not steps:
-        raise ValueError(f"--steps {spec!r} selects no step; give 'all' or step indices such as 0,{num_steps // 2},{num_steps - 1}")
+        raise ValueError(f"--steps {spec!r} selects no step; give 'all' or step indices such as "
+                         f"0,{num_steps // 2},{num_steps - 1}")
     bad = [s for s in steps if not 0 <= s < num_steps]
     if bad:
         raise ValueError(f"steps {bad} are outside [0, {num_steps})")
@@ -197,11 +204,12 @@ def _npz_path(out: Path) -> Path:
     return out
 
 
-def _model_dirs(paths: list) -> list[Path]:
+def _model_dirs(paths: Sequence[str | Path]) -> list[Path]:
     """The --model directories (or the store's recorded ones), each checked to exist."""
     missing = [str(p) for p in paths if not Path(p).is_dir()]
     if missing:
-        raise ValueError(f"model directory {missing[0]} does not exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"model directory {missing[0]} does not exist{more}")
     return [Path(p) for p in paths]
 
 
@@ -214,7 +222,6 @@ def _check_attribute_args(args: argparse.Namespace) -> tuple[Path, QueryConfig, 
     """
     from .data.datasets import decode_image
     from .scoring.anchored import checkpoint_dirs, reference_store
-    from .scoring.baselines import BASELINE_METHODS
     from .scoring.masks import mask_from_file
 
     out = _npz_path(args.out)
@@ -238,7 +245,7 @@ def _check_attribute_args(args: argparse.Namespace) -> tuple[Path, QueryConfig, 
     return out, query, dirs, baseline
 
 
-def _spot_check(scorer, models: list, data: str | None) -> None:
+def _spot_check(scorer: Scorer | AnchoredScorer, models: list[DiffusionModel], data: str | None) -> None:
     """Recompute one stored row per checkpoint and refuse the store if it differs (an edited manifest)."""
     from .data.datasets import ImageDecodeError, load_dataset
     from .features.verify import spot_check
@@ -256,8 +263,10 @@ def _spot_check(scorer, models: list, data: str | None) -> None:
     spot_check(store, models, dataset, getattr(scorer, "projectors", None))  # an AnchoredScorer: built there
 
 
-def _baseline_scores(name: str, traj, steps: list[int], mask, models: list, data: str | None, store_dir: Path):
-    """Pixel or embedding similarity scores (S, N) of the trajectory's x0_hat at ``steps``."""
+def _baseline_scores(name: str, traj: Trajectory, steps: list[int], mask: np.ndarray | None,
+                     models: list[DiffusionModel], data: str | None, store_dir: Path) -> np.ndarray:
+    """Pixel or embedding similarity scores (S, N) of the trajectory's x0_hat at ``steps``; ``mask``: (H, W)
+    in [0, 1] at the model's pixel size or None; ``data``: the training set (default: the store's)."""
     import torch
 
     from .data.datasets import load_dataset
