@@ -423,18 +423,15 @@ def test_doctor_does_not_bind_a_store_whose_rows_do_not_match(copy_of, data_npz,
     assert not (root / BINDING_FILE).exists() and not Store.open(root).has_binding
 
 
-def test_workspace_refuses_a_store_whose_recomputed_rows_differ(copy_of, tiny_model_dirs, data_npz):
-    """The app's facade: the first scorer of a store recomputes one row per checkpoint."""
-    from attribution.workspace import Bundle, Workspace
+def test_recomputing_rows_leaves_the_models_as_they_were(bound_store, tiny_models, npz_dataset):
+    """The spot check runs featurize's hooked gradients on the scorer's own models: scores are unchanged."""
+    from attribution.config import SamplingConfig
+    from attribution.features.verify import spot_check
+    from attribution.sampling import sample_trajectory
+    from attribution.scoring import Scorer
 
-    good, bad = copy_of("ws-good", legacy=True), copy_of("ws-bad", legacy=True)
-    _edit_manifest(bad, _set("proj_seed", 1))
-    for root, ok in ((good, True), (bad, False)):
-        bundle = Bundle(name="tiny", model_dirs=tuple(tiny_model_dirs), data=str(data_npz), stores={"loss": root},
-                        classifier_dir=None)
-        ws = Workspace(bundle, query=QueryConfig(num_resamples=2))
-        if ok:
-            assert ws.scorer("journey") is ws.scorer("journey")
-        else:
-            with pytest.raises(StoreError, match="recomputed row"):
-                ws.scorer("journey")
+    traj = sample_trajectory(tiny_models[0], SamplingConfig(num_inference_steps=3, seed=0))
+    scorer = Scorer(Store.open(bound_store), tiny_models, "journey", QueryConfig(num_resamples=2))
+    before = scorer.score(traj, [0, 2]).scores
+    spot_check(scorer.store, tiny_models, npz_dataset, scorer.projectors)
+    np.testing.assert_array_equal(scorer.score(traj, [0, 2]).scores, before)

@@ -27,7 +27,6 @@ from ..data.datasets import ArrayDataset, decode_image, load_dataset, model_to_u
 from ..features.featurize import featurize, store_spec
 from ..features.outputs import METHODS, get_method
 from ..features.store import Store, StoreError
-from ..features.verify import spot_check
 from ..models.base import DiffusionModel, resolve_device
 from ..models.classifier import load_classifier
 from ..models.clip import check_labels, load_clip
@@ -94,7 +93,6 @@ class Workspace:
         self._clip = None
         self._scorers: dict[str, Scorer] = {}
         self._baselines: dict[str, SimilarityBaseline] = {}
-        self._spot_checked: set[Path] = set()  # stores whose rows were recomputed and matched
         self._trajectories = LRU(64)
         self._scores = LRU(4096)
         self._curves = LRU(64)
@@ -304,11 +302,7 @@ class Workspace:
                     )
                 spec = store_spec(self.models, self.dataset, Store.open(path).config)
                 store = Store.open(path, spec)
-                scorer = Scorer(store, self.models, m, self.query, dataset=self.dataset)
-                if store.root not in self._spot_checked:  # one recomputed row per checkpoint (an edited manifest)
-                    spot_check(store, self.models, self.dataset, scorer.projectors)
-                    self._spot_checked.add(store.root)
-                self._scorers[method] = scorer
+                self._scorers[method] = Scorer(store, self.models, m, self.query, dataset=self.dataset)
             return self._scorers[method]
 
     def baseline(self, name: str) -> SimilarityBaseline:
