@@ -10,7 +10,7 @@ import argparse
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -28,7 +28,14 @@ from .config import (
     setting_help,
 )
 from .features.outputs import METHODS
+from .scoring.baselines import BASELINE_METHODS
 from .tools.allocator import tune_malloc
+
+if TYPE_CHECKING:  # annotations only: these import torch models (seconds) that errors must not wait for
+    from .models.base import DiffusionModel
+    from .sampling.trajectory import Trajectory
+    from .scoring.anchored import AnchoredScorer
+    from .scoring.scorer import Scorer
 
 
 class _LazyBar:
@@ -62,6 +69,9 @@ def _steps(spec: str, num_steps: int) -> list[int]:
         steps = [int(s) for s in spec.split(",") if s.strip()]
     except ValueError:
         raise ValueError(f"--steps must be 'all' or a comma-separated list of step indices, not {spec!r}") from None
+    if not steps:
+        raise ValueError(f"--steps {spec!r} selects no step; give 'all' or step indices such as "
+                         f"0,{num_steps // 2},{num_steps - 1}")
     bad = [s for s in steps if not 0 <= s < num_steps]
     if bad:
         raise ValueError(f"steps {bad} are outside [0, {num_steps})")
@@ -102,22 +112,12 @@ def _load_with_lora(paths, lora_dirs, device):
 
 
 def cmd_featurize(args: argparse.Namespace) -> None:
-    from .data.datasets import load_dataset
-    from .features.featurize import featurize
-    from .models.base import resolve_device
+    from .features.store import Store, StoreError, settings_mismatch, store_lock
 
     if args.anchors and args.distributed:
         raise ValueError("--anchors cannot be combined with --distributed yet: featurize each anchor's store alone")
-    tune_malloc()  # this process only featurizes: keep freed memory for the next chunk
-    device = resolve_device(args.device)
-    rank, world_size = 0, 1
-    if args.distributed:
-        from .features.distributed import init_from_env, local_device
-
-        device = local_device(device)
-        rank, world_size = init_from_env(device)
-    models = _load_with_lora(args.model, args.lora, device)
-    ds = load_dataset(args.data, models[0].pixel_shape)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, not {args.batch_size}")
     cfg = FeaturizeConfig(
         output=args.output,
         proj_dim=args.proj_dim,
@@ -131,6 +131,42 @@ def cmd_featurize(args: argparse.Namespace) -> None:
         draw_sharing=args.draw_sharing,
         draw_seed=args.draw_seed,
     )
+    _model_dirs(args.model)
+    if not (args.data == "digits" or args.data.startswith("digits:") or Path(args.data).exists()):
+        raise ValueError(f"--data {args.data!r} is neither 'digits', an .npz file nor an image folder")
+    if not args.anchors and (args.store / "manifest.json").exists():  # resuming: the settings must match
+        why = settings_mismatch(Store.open(args.store).manifest["settings"], cfg)
+        if why is not None:
+            raise StoreError(f"store {args.store} does not match: {why}. Use another --store directory or rebuild it.")
+    if args.distributed and _distributed_rank() != 0:
+        return _featurize(args, cfg)
+    with store_lock(args.store):  # refuses at once, before loading anything, when another featurize holds it
+        return _featurize(args, cfg)
+
+
+def _distributed_rank() -> int:
+    """This process's rank under torchrun (0 outside it)."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def _featurize(args: argparse.Namespace, cfg: FeaturizeConfig) -> None:
+    """The body of ``featurize`` once its arguments are checked (and the store locked, on rank 0)."""
+    from .data.datasets import load_dataset
+    from .features.featurize import featurize
+    from .models.base import resolve_device
+
+    tune_malloc()  # this process only featurizes: keep freed memory for the next chunk
+    device = resolve_device(args.device)
+    rank, world_size = 0, 1
+    if args.distributed:
+        from .features.distributed import init_from_env, local_device
+
+        device = local_device(device)
+        rank, world_size = init_from_env(device)
+    models = _load_with_lora(args.model, args.lora, device)
+    ds = load_dataset(args.data, models[0].pixel_shape)
     if args.distributed:
         from .features.distributed import featurize_distributed, shutdown
 
@@ -157,16 +193,119 @@ def cmd_featurize(args: argparse.Namespace) -> None:
     print(f"store ready: {args.store}")
 
 
+def _npz_path(out: Path) -> Path:
+    """The file ``--out`` really names: ``.npz`` appended as numpy does; refused if it is a directory."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; name the .npz file to write, e.g. --out {out / 'scores.npz'}")
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the directory {out.parent} does not exist")
+    return out
+
+
+def _model_dirs(paths: Sequence[str | Path]) -> list[Path]:
+    """The --model directories (or the store's recorded ones), each checked to exist."""
+    missing = [str(p) for p in paths if not Path(p).is_dir()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"model directory {missing[0]} does not exist{more}")
+    return [Path(p) for p in paths]
+
+
+def _check_attribute_args(args: argparse.Namespace) -> tuple[Path, QueryConfig, list[Path], str | None]:
+    """Everything ``attribute`` can check before loading models (flags, store, files): returns the out
+    path, the query settings, the model directories and the baseline's name (None: a store method).
+
+    Raises:
+        ValueError, StoreError: a bad flag or file, a store that cannot be opened or does not fit the method.
+    """
+    from .data.datasets import decode_image
+    from .scoring.anchored import checkpoint_dirs, reference_store
+    from .scoring.masks import mask_from_file
+
+    out = _npz_path(args.out)
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, not {args.top_k}")
+    query = QueryConfig(num_resamples=args.num_resamples, ridge=args.ridge)
+    if args.num_steps < 1:
+        raise ValueError(f"--num-steps must be at least 1, not {args.num_steps}")
+    _steps(args.steps, args.num_steps)
+    store = reference_store(args.store)
+    baseline = BASELINE_METHODS.get(args.method)
+    if baseline is None and store.config.output != METHODS[args.method].train_output:
+        need = METHODS[args.method].train_output
+        raise ValueError(f"method {args.method!r} needs a store of --output {need}, but {args.store} holds "
+                         f"{store.config.output!r} features; featurize one with --output {need}")
+    dirs = _model_dirs(args.model or checkpoint_dirs(args.store))
+    if args.image:
+        decode_image(Path(args.image), (1, 8, 8))  # decodes (any size: it is resized for the model later)
+    if args.mask:  # the store's image shape has the model's aspect ratio (latent or not)
+        mask_from_file(args.mask, tuple(store.manifest["dataset"]["image_shape"][1:]))
+    return out, query, dirs, baseline
+
+
+def _spot_check(scorer: Scorer | AnchoredScorer, models: list[DiffusionModel], data: str | None) -> None:
+    """Recompute one stored row per checkpoint and refuse the store if it differs (an edited manifest)."""
+    from .data.datasets import ImageDecodeError, load_dataset
+    from .features.verify import spot_check
+
+    store = scorer.store
+    spec = data or store.manifest["dataset"]["name"]
+    try:
+        dataset = load_dataset(spec, models[0].pixel_shape)
+    except (OSError, ValueError, ImageDecodeError) as e:
+        if data is not None:
+            raise
+        print(f"note: stored rows not spot-checked: the store's dataset {spec!r} cannot be loaded ({_one_line(e)}); "
+              "pass --data", file=sys.stderr)
+        return
+    spot_check(store, models, dataset, getattr(scorer, "projectors", None))  # an AnchoredScorer: built there
+
+
+def _baseline_scores(name: str, traj: Trajectory, steps: list[int], mask: np.ndarray | None,
+                     models: list[DiffusionModel], data: str | None, store_dir: Path) -> np.ndarray:
+    """Pixel or embedding similarity scores (S, N) of the trajectory's x0_hat at ``steps``; ``mask``: (H, W)
+    in [0, 1] at the model's pixel size or None; ``data``: the training set (default: the store's)."""
+    import torch
+
+    from .data.datasets import load_dataset
+    from .scoring.anchored import reference_store
+    from .scoring.baselines import SimilarityBaseline, baseline_scores
+    from .scoring.masks import prepare_mask
+
+    pixel_shape = tuple(models[0].pixel_shape)
+    dataset = load_dataset(data or reference_store(store_dir).manifest["dataset"]["name"], pixel_shape)
+    embed = None
+    if name == "embedding":
+        if pixel_shape[0] != 1:
+            raise ValueError("the embedding baseline of the command line uses the bundled digit classifier "
+                             "(1-channel images); for other models use the app")
+        from .evaluation.scores import classifier_embed
+
+        embed = classifier_embed()
+    mask_t = prepare_mask(mask, pixel_shape) if mask is not None else None
+    with torch.no_grad():
+        return baseline_scores(SimilarityBaseline(dataset, embed, name), traj.display_x0_hat[steps], mask_t)
+
+
 def cmd_attribute(args: argparse.Namespace) -> None:
+    out, query, paths, baseline = _check_attribute_args(args)  # before the slow part: loading models
+
     from .data.datasets import decode_image
     from .models.base import resolve_device
     from .sampling.inversion import invert_image
     from .sampling.trajectory import sample_trajectory
-    from .scoring.anchored import checkpoint_dirs, open_scorer
+    from .scoring.anchored import open_scorer
+    from .scoring.masks import mask_from_file
+    from .scoring.scorer import top_k
 
     device = resolve_device(args.device)
-    paths = args.model or checkpoint_dirs(args.store)
     models = _load_with_lora(paths, args.lora, device)
+    scorer = None
+    if baseline is None:
+        scorer = open_scorer(args.store, models, args.method, query)
+        _spot_check(scorer, models, args.data)
     if args.image:
         image = decode_image(Path(args.image), models[0].pixel_shape)
         traj = invert_image(models[0], image, args.num_steps, prompt=args.prompt, refine_iters=args.inversion_iters)
@@ -180,30 +319,31 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     steps = _steps(args.steps, traj.num_steps)
     mask = None
     if args.mask:
-        from .scoring.masks import mask_from_selection
-
-        size = tuple(models[0].pixel_shape[1:])
-        mask = mask_from_selection(decode_image(Path(args.mask), (1, *size))[0].numpy(), size, soft=False)
-        if mask is None:
-            raise ValueError("the mask selects no pixel; paint a region first")
-    scorer = open_scorer(args.store, models, args.method, QueryConfig(num_resamples=args.num_resamples, ridge=args.ridge))
-    bar, update = _bar("attribute")
-    result = scorer.score(traj, steps, mask, progress=update)
-    bar.close()
-    pos, neg = result.top_k(args.top_k)
+        mask, note = mask_from_file(args.mask, tuple(models[0].pixel_shape[1:]))
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+    if baseline is not None:
+        scores = _baseline_scores(baseline, traj, steps, mask, models, args.data, args.store)
+        method = f"baseline-{baseline}"
+    else:
+        bar, update = _bar("attribute")
+        result = scorer.score(traj, steps, mask, progress=update)
+        bar.close()
+        scores, method = result.scores, result.method
+    pos, neg = top_k(scores, args.top_k)
     np.savez_compressed(
-        args.out,
-        scores=result.scores,
-        steps=result.steps,
-        timesteps=result.timesteps,
+        out,
+        scores=scores,
+        steps=np.asarray(steps),
+        timesteps=traj.timesteps[steps].numpy(),
         x_t=traj.x_t[steps].numpy(),
         x0_hat=traj.x0_hat[steps].numpy(),
         sample=traj.sample.numpy(),
         top_positive=pos,
         top_negative=neg,
-        method=np.array(result.method),
+        method=np.array(method),
     )
-    print(f"wrote {args.out}: scores {result.scores.shape}; last step top positive {pos[-1][:5].tolist()}")
+    print(f"wrote {out}: scores {scores.shape}; last step top positive {pos[-1][:5].tolist()}")
 
 
 def cmd_fit_factors(args: argparse.Namespace) -> None:
@@ -255,7 +395,10 @@ def cmd_build_assets(args: argparse.Namespace) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .tools.doctor import healthy, run_doctor
 
-    findings = run_doctor(args.store, args.model, args.data, record_checksums=args.record_checksums)
+    if args.rows < 0:
+        raise ValueError(f"--rows must be 0 or more, not {args.rows}")
+    findings = run_doctor(args.store, args.model, args.data, record_checksums=args.record_checksums, rows=args.rows,
+                          bind_settings=args.bind_settings)
     for f in findings:
         if f.level != "ok" or args.verbose:
             print(f.line())
@@ -274,7 +417,8 @@ def _setting(parser: argparse.ArgumentParser, flag: str, cls: type, name: str, *
     parser.add_argument(flag, default=default, help=kw.pop("help", setting_help(cls, name)), **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(bench: bool = True) -> argparse.ArgumentParser:
+    """The CLI's parser; ``bench=False`` lists ``bench`` without building its subcommands."""
     p = argparse.ArgumentParser(prog="attribution", description="Step-by-step data attribution for diffusion models")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -349,9 +493,17 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(a, "--prompt", SamplingConfig, "prompt", help="text prompt (text-conditional models)")
     _setting(a, "--guidance-scale", SamplingConfig, "guidance_scale", type=float,
              help="classifier-free guidance (text-conditional models)")
-    a.add_argument("--mask", type=Path, help="image whose non-black pixels select the patch")
-    a.add_argument("--method", default="journey", choices=list(METHODS), metavar="METHOD",
-                   help="attribution method (ekfac/kfac need `attribution fit-factors`; --ridge is then their relative damping): " + "; ".join(f"{n} ({m.label})" for n, m in METHODS.items()))
+    a.add_argument("--mask", type=Path,
+                   help="image whose pixels brighter than mid-grey (gray level > 127 of 255) select the patch; "
+                        "at the model's size, or at another size of the same aspect ratio (then box-averaged)")
+    a.add_argument("--method", default="journey", choices=[*METHODS, *BASELINE_METHODS], metavar="METHOD",
+                   help="attribution method (ekfac/kfac need `attribution fit-factors`; --ridge is then their relative damping): "
+                        + "; ".join(f"{n} ({m.label})" for n, m in METHODS.items())
+                        + "; baseline-pixel or pixel, baseline-embedding or embedding (cosine similarity of x0_hat "
+                          "with each training image, in pixels or the digit classifier's embedding; no store features)")
+    a.add_argument("--data",
+                   help="the store's training set (default: the one recorded in the store): for the baselines and "
+                        "the check of a stored row recomputed from the models")
     _setting(a, "--num-resamples", QueryConfig, "num_resamples", type=int, help="K in Eq. (3)")
     _setting(a, "--ridge", QueryConfig, "ridge", type=float)
     a.add_argument("--top-k", type=int, default=10, help="influencers each way to print and save")
@@ -380,17 +532,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", help="dataset spec to compare with the store's ('digits', a folder, an .npz)")
     d.add_argument("--record-checksums", action="store_true",
                    help="add row checksums to a store written without them (trusts its current contents)")
+    d.add_argument("--bind-settings", action="store_true",
+                   help="for a store written before settings were bound: once every check passes and the recomputed "
+                        "rows match, record the manifest's settings beside the rows (later edits are then refused)")
+    d.add_argument("--rows", type=int, default=3,
+                   help="rows per checkpoint recomputed from the models and compared with the stored ones "
+                        "(catches a manifest whose settings were edited; 0: skip)")
     d.add_argument("-v", "--verbose", action="store_true", help="also print the checks that passed")
     d.set_defaults(func=cmd_doctor)
 
-    from .evaluation.commands import add_bench_parser
+    if bench:
+        from .evaluation.commands import add_bench_parser
 
-    add_bench_parser(sub)
+        add_bench_parser(sub)
+    else:  # listed only: its parser imports the benchmark's modules (seconds), which other commands never need
+        from .evaluation import BENCH_HELP
+
+        sub.add_parser("bench", help=BENCH_HELP)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(bench=bool(argv) and argv[0] == "bench").parse_args(argv)
     try:
         code = args.func(args)
     except KeyboardInterrupt:

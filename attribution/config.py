@@ -9,6 +9,7 @@ Defaults are sized for the bundled digit models on a 2-core CPU.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
@@ -203,8 +204,8 @@ class QueryConfig:
     def __post_init__(self) -> None:
         if self.num_resamples < 1:
             raise ValueError("num_resamples must be at least 1")
-        if self.ridge < 0:
-            raise ValueError("ridge must be non-negative")
+        if not math.isfinite(self.ridge) or self.ridge < 0:
+            raise ValueError(f"ridge must be a finite non-negative number, not {self.ridge}")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import argparse
 from attribution.cli import build_parser
 from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig, TrainConfig, setting_help
 from attribution.features import METHODS
+from attribution.scoring.baselines import BASELINE_METHODS
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -36,4 +37,4 @@ def test_flags_take_defaults_and_help_from_the_settings():
     assert _option(attribute, "--guidance-scale").default == SamplingConfig.guidance_scale == 7.5
     assert _option(train, "--block-out-channels").default == list(TrainConfig.block_out_channels)
     method = _option(attribute, "--method")
-    assert method.choices == list(METHODS) and all(name in method.help for name in METHODS)
+    assert method.choices == [*METHODS, *BASELINE_METHODS] and all(name in method.help for name in method.choices)

@@ -188,7 +188,9 @@ def test_store_of_another_factorized_layout_is_refused(tiny_models, tiny_dataset
     path = tmp_path / "s" / "manifest.json"
     manifest = json.loads(path.read_text())
     assert manifest["projection_layout"] == LAYOUT_VERSION
-    del manifest["projection_layout"]  # as written before layouts were versioned
+    del manifest["projection_layout"]  # as written before layouts were versioned (and settings were bound)
+    del manifest["settings_sha256"]
+    (tmp_path / "s" / "built_with.json").unlink()
     path.write_text(json.dumps(manifest))
     with pytest.raises(StoreError, match="layout differs"):
         featurize(tiny_models[:1], tiny_dataset, tmp_path / "s", cfg)

@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import DRAW_SHARINGS, TIMESTEP_SAMPLINGS
+from . import BENCH_HELP
 from .designs import SUBSET_DESIGNS
 from .setup import BenchConfig, load_prepared, prepare
 
@@ -423,7 +424,7 @@ def _replicates_arg(p: argparse.ArgumentParser) -> None:
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``attribution bench ...`` on the main parser's subparsers."""
-    b = sub.add_parser("bench", help="counterfactual benchmark: LDS per step, retrain without top-k, report")
+    b = sub.add_parser("bench", help=BENCH_HELP)
     bsub = b.add_subparsers(dest="bench_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -457,7 +458,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _device_arg(r)
     r.set_defaults(func=cmd_retrain)
 
-    from .run import LDS_METHODS
+    from .setup import LDS_METHODS
 
     l = common(bsub.add_parser("lds", help="LDS per step of every method (settings chosen on validation queries)"))
     l.add_argument("--methods", nargs="+", default=list(LDS_METHODS))

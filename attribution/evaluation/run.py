@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,13 +35,6 @@ from .scores import (
 from .setup import BenchPaths
 
 Log = Callable[[str], None]
-
-#: Methods compared in the LDS table (store methods by name, then similarity baselines).
-LDS_METHODS = (
-    "journey", "trak-final", "tracin", "retrac",
-    "dtrak-square", "dtrak-l1", "dtrak-l2", "dtrak-mean", "das", "das-leverage",
-    "pixel", "embedding",
-) + (("ekfac", "kfac") if find_spec("kronfluence") else ())  # the optional `ekfac` extra
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,14 @@ import numpy as np
 from ..config import TrainConfig
 from ..data.datasets import ArrayDataset, digits_dataset
 from .designs import SUBSET_DESIGNS, classifier_embeddings, design_subsets, stratified_choice
+
+#: Methods compared in the LDS table (store methods by name, then similarity baselines); here, not in
+#: :mod:`.run`, so that building the CLI's parser imports no model code.
+LDS_METHODS = (
+    "journey", "trak-final", "tracin", "retrac",
+    "dtrak-square", "dtrak-l1", "dtrak-l2", "dtrak-mean", "das", "das-leverage",
+    "pixel", "embedding",
+) + (("ekfac", "kfac") if find_spec("kronfluence") else ())  # the optional `ekfac` extra
 
 
 def _default_train() -> TrainConfig:

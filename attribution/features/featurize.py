@@ -33,7 +33,7 @@ from .latents import LatentDataset, dataset_fingerprint, model_space_dataset
 from .outputs import get_output
 from .projection import Projector, make_projector
 from .projection.factorized import LAYOUT_VERSION as FACTORIZED_LAYOUT
-from .store import Store, StoreSpec
+from .store import Store, StoreSpec, store_lock
 
 Progress = Callable[[int, int], None]
 
@@ -183,7 +183,32 @@ def featurize(
     """
     check_dataset(models[0], dataset)
     spec = store_spec(models, dataset, config, store_dir)
-    store = Store.create_or_open(store_dir, spec) if rank == 0 else Store.open(store_dir, spec, writable=True)
+    if rank != 0:  # the other ranks of a distributed run share rank 0's lock
+        return _featurize_locked(models, dataset, spec, Store.open(store_dir, spec, writable=True), config,
+                                 batch_size, chunk_size, rank, world_size, finalize, progress, log, latent_cache_dir)
+    with store_lock(store_dir):
+        store = Store.create_or_open(store_dir, spec)
+        return _featurize_locked(models, dataset, spec, store, config, batch_size, chunk_size, rank, world_size,
+                                 finalize, progress, log, latent_cache_dir)
+
+
+def _featurize_locked(
+    models: list[DiffusionModel],
+    dataset: ImageDataset,
+    spec: StoreSpec,
+    store: Store,
+    config: FeaturizeConfig,
+    batch_size: int,
+    chunk_size: int | None,
+    rank: int,
+    world_size: int,
+    finalize: bool,
+    progress: Progress | None,
+    log: Callable[[str], None],
+    latent_cache_dir: str | Path | None,
+) -> Store:
+    """The body of :func:`featurize` once the store is open (and, on rank 0, locked)."""
+    store_dir = store.root
     output = get_output(config.output)
     for m in range(len(models)):
         recheck_done_rows(store, m, rank, world_size, log)
@@ -212,11 +237,7 @@ def featurize(
             log(f"checkpoint {m}: found {skipped} finished rows, resuming")
         for start in range(0, len(pending[m]), batch_size):
             idx = pending[m][start : start + batch_size]
-            x0 = data.images(idx)
-            ts, noises = draw_timesteps_and_noise(idx, config, model.num_train_timesteps, model.image_shape)
-            cond = caption_embeddings(model, dataset, idx)
-            grads = projector.example_features(target, DrawBatch(x0, ts, noises, cond=cond), chunk)
-            rows = grads.cpu().numpy()
+            rows = example_rows(model, projector, target, data.images(idx), dataset, idx, config, chunk)
             store.write_rows(m, idx, rows)
             done_rows += len(idx)
             if progress:
@@ -226,6 +247,26 @@ def featurize(
     if finalize and rank == 0 and store.is_complete():
         store.finalize()
     return store
+
+
+def example_rows(
+    model: DiffusionModel,
+    projector: Projector,
+    target: GradientTarget,
+    x0: torch.Tensor,
+    dataset: ImageDataset,
+    indices: np.ndarray,
+    config: FeaturizeConfig,
+    chunk: int,
+) -> np.ndarray:
+    """(B, d) float32 features of train examples ``indices`` (x0: their (B, C, H, W) images in model space).
+
+    The one computation of a row: featurize writes it, :mod:`attribution.features.verify`
+    recomputes a few to check a store; the draws come from :func:`draw_timesteps_and_noise`.
+    """
+    ts, noises = draw_timesteps_and_noise(indices, config, model.num_train_timesteps, model.image_shape)
+    cond = caption_embeddings(model, dataset, indices)
+    return projector.example_features(target, DrawBatch(x0, ts, noises, cond=cond), chunk).cpu().numpy()
 
 
 def recheck_done_rows(store: Store, m: int, rank: int, world_size: int, log: Callable[[str], None]) -> int:

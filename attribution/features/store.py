@@ -8,6 +8,18 @@ Layout of a store directory::
     done_{m}.npy         (N,) uint8: 1 where row i of features_{m} is finished
     rowcrc_{m}.npy       (N,) uint32: CRC-32 of the bytes of row i, recorded when it was written
     kernel_{m}.npy       (d, d) float64 Phi_m^T Phi_m, written by :meth:`Store.finalize`
+    built_with.json      the settings the rows were computed with and their sha256
+                         (also recorded in the manifest as ``settings_sha256``)
+    .lock                held (``flock``) by the process featurizing the store; names it
+
+Settings binding: every setting that changes the features (the featurize
+settings, checkpoint hashes, dataset fingerprint, parameter count, projection
+layout) is hashed when the store is created and written both into the manifest
+and into ``built_with.json`` beside the rows. :meth:`Store.open` recomputes the
+hash from the manifest and compares the two files, so an edited setting or a
+manifest copied from another store is refused, naming the setting. Stores built
+before the binding existed have neither; for them only recomputing rows from the
+models (``attribution doctor``, :mod:`attribution.features.verify`) catches an edit.
 
 Crash safety: a row is written and flushed, then its checksum, then its done
 flag, so a killed featurize never leaves a half-written row marked done;
@@ -36,9 +48,16 @@ cached: it does not depend on the ridge lambda, and scoring with
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import json
 import os
+import socket
+import sys
+import threading
+import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -57,6 +76,151 @@ Progress = Callable[[int, int], None]
 
 class StoreError(RuntimeError):
     """A store is missing, corrupt, unfinished or built for something else."""
+
+
+class StoreBusyError(StoreError):
+    """Another process (or thread) holds the store's lock: it is being featurized."""
+
+
+BINDING_FILE = "built_with.json"
+LOCK_FILE = ".lock"
+#: Manifest entries that change what the rows hold; hashed into the settings binding.
+BOUND_KEYS = ("settings", "checkpoints", "dataset", "num_params", "proj_dim", "projection_layout")
+
+
+def bound_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The result-changing part of a manifest, flattened to ``name -> value`` (checkpoint paths left out)."""
+    out: dict[str, Any] = {f"settings.{k}": v for k, v in manifest.get("settings", {}).items()}
+    for m, ck in enumerate(manifest.get("checkpoints", [])):
+        out[f"checkpoints[{m}].hash"] = ck.get("hash")
+    ds = manifest.get("dataset", {})
+    for k in ("fingerprint", "num_train", "image_shape"):
+        out[f"dataset.{k}"] = ds.get(k)
+    for k in ("num_params", "proj_dim", "projection_layout"):
+        out[k] = manifest.get(k)
+    return out
+
+
+def settings_hash(bound: dict[str, Any]) -> str:
+    """sha256 of :func:`bound_settings` (canonical JSON)."""
+    return hashlib.sha256(json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _write_binding(root: Path, manifest: dict[str, Any]) -> None:
+    """Record the manifest's result-changing settings beside the rows and their hash in the manifest."""
+    bound = bound_settings(manifest)
+    digest = settings_hash(bound)
+    atomic_write_bytes(root / BINDING_FILE, json.dumps({"sha256": digest, "settings": bound}, indent=1).encode())
+    manifest["settings_sha256"] = digest
+
+
+def _check_binding(root: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest whose result-changing settings are not those the rows were built with.
+
+    Legacy stores (no ``settings_sha256`` and no binding file) pass: see the module doc.
+    """
+    path = root / BINDING_FILE
+    recorded = manifest.get("settings_sha256")
+    if recorded is None and not path.exists():
+        return
+    fix = "restore the store's original manifest.json, or featurize a new store with the settings you want"
+    bound = bound_settings(manifest)
+    if not path.exists():
+        raise StoreError(f"store {root} lacks {BINDING_FILE}, which its manifest says it was built with; {fix}")
+    try:
+        built = json.loads(path.read_text())
+        built_settings, built_hash = dict(built["settings"]), str(built["sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"{path} is unreadable ({e}); {fix}") from e
+    for key in sorted(set(bound) | set(built_settings)):
+        if bound.get(key) != built_settings.get(key):
+            raise StoreError(
+                f"store {root}: the manifest has {key} = {bound.get(key)!r} but the features were built with "
+                f"{built_settings.get(key)!r} ({BINDING_FILE}): the manifest was edited or comes from another store; {fix}"
+            )
+    digest = settings_hash(bound)
+    if built_hash != digest or (recorded is not None and recorded != digest):
+        raise StoreError(f"store {root}: the settings hash in {BINDING_FILE} or the manifest was edited; {fix}")
+
+
+_HELD: dict[str, tuple[int, int, int]] = {}  # resolved lock path -> (fd, thread id, depth)
+_HELD_LOCK = threading.Lock()
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return (f"PID {info['pid']} on {info['host']} since {info['since']} "
+                f"({info['command']})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextmanager
+def store_lock(root: str | Path) -> Iterator[None]:
+    """Hold the exclusive lock of the store directory ``root`` (created if absent) for the block.
+
+    The lock is an ``flock`` on ``root/.lock``, released by the OS when its holder dies
+    (a killed featurize never leaves a store locked). The holder's PID, host, start
+    time and command are written into the file, so a refused caller can say who
+    holds it. Reentrant within one thread (the CLI takes it before loading models,
+    :func:`~attribution.features.featurize.featurize` again inside).
+
+    Raises:
+        StoreBusyError: another process or thread holds it.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_FILE
+    key = str(path.resolve())
+    me = threading.get_ident()
+    with _HELD_LOCK:
+        held = _HELD.get(key)
+        if held is not None and held[1] == me:
+            _HELD[key] = (held[0], me, held[2] + 1)
+            fd = -1
+        elif held is not None:
+            raise StoreBusyError(f"store {root} is in use by another thread of this process (PID {os.getpid()})")
+        else:
+            fd = _acquire(path, root)
+            _HELD[key] = (fd, me, 1)
+    try:
+        yield
+    finally:
+        with _HELD_LOCK:
+            fd, _, depth = _HELD[key]
+            if depth > 1:
+                _HELD[key] = (fd, me, depth - 1)
+            else:
+                del _HELD[key]
+                path.unlink(missing_ok=True)  # while still locked: a later caller makes a fresh file
+                os.close(fd)
+
+
+def _acquire(path: Path, root: Path) -> int:
+    """Open and ``flock`` ``path`` (exclusive, non-blocking), write the holder's details; returns the fd."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreBusyError(
+                f"store {root} is in use by {_lock_holder(path)}; wait for it to finish or stop it, "
+                "then rerun (a stopped featurize resumes)"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file between our open and lock: try the new one
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]) if sys.argv else "python"}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    return fd
 
 
 def _allocate_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
@@ -125,6 +289,15 @@ def _check_npy_header(path: Path, info: dict[str, Any]) -> None:
         )
 
 
+def settings_mismatch(built: dict[str, Any], config: FeaturizeConfig) -> str | None:
+    """Say which featurize setting of ``config`` (resolved) differs from a manifest's ``built`` settings (None: none)."""
+    want = config.resolved().to_dict()
+    for key in sorted(set(built) | set(want)):
+        if built.get(key) != want.get(key):
+            return f"setting {key!r} differs: the store was built with {built.get(key)!r}, now {want.get(key)!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class StoreSpec:
     """What a store is built for; two specs must match for a store to be reused.
@@ -150,11 +323,9 @@ class StoreSpec:
 
     def mismatch(self, manifest: dict[str, Any]) -> str | None:
         """Say, in words, how ``manifest`` differs from this spec (None if it does not)."""
-        built = manifest["settings"]
-        want = self.config.to_dict()
-        for key in sorted(set(built) | set(want)):
-            if built.get(key) != want.get(key):
-                return f"setting {key!r} differs: the store was built with {built.get(key)!r}, now {want.get(key)!r}"
+        why = settings_mismatch(manifest["settings"], self.config)
+        if why is not None:
+            return why
         old_ck = manifest["checkpoints"]
         if len(old_ck) != len(self.checkpoints):
             return f"the store holds {len(old_ck)} checkpoints, {len(self.checkpoints)} were given"
@@ -232,6 +403,7 @@ class Store:
         }
         if spec.projection_layout is not None:
             manifest["projection_layout"] = spec.projection_layout
+        _write_binding(root, manifest)
         atomic_write_bytes(root / "manifest.json", json.dumps(manifest, indent=2).encode())
         return cls(root, manifest, writable=True)
 
@@ -269,6 +441,7 @@ class Store:
                     "truncated or was replaced; delete the store and featurize again"
                 )
             _check_npy_header(f, info)
+        _check_binding(root, manifest)
         if spec is not None:
             why = spec.mismatch(manifest)
             if why is not None:
@@ -389,6 +562,18 @@ class Store:
             atomic_save_npy(self.root / name, crc)
             self.manifest["arrays"][name] = {"shape": [self.num_train], "dtype": crc.dtype.str,
                                              "bytes": (self.root / name).stat().st_size}
+        atomic_write_bytes(self.root / "manifest.json", json.dumps(self.manifest, indent=2).encode())
+
+    @property
+    def has_binding(self) -> bool:
+        """True when the store records the settings its rows were built with (:data:`BINDING_FILE`)."""
+        return "settings_sha256" in self.manifest
+
+    def bind_settings(self) -> None:
+        """Record the manifest's settings as those the rows were built with (trusts them: verify rows first)."""
+        if not self.writable:
+            raise StoreError("store opened read-only")
+        _write_binding(self.root, self.manifest)
         atomic_write_bytes(self.root / "manifest.json", json.dumps(self.manifest, indent=2).encode())
 
     def read_rows(self, m: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:

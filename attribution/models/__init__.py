@@ -1,109 +1,73 @@
-"""Diffusion models and the other networks the core uses: the model adapter (pixel and latent), LoRA, loading, training, the digit classifier and CLIP."""
+"""Diffusion models and the other networks the core uses: the model adapter (pixel and latent), LoRA, loading, training, the digit classifier and CLIP.
 
-from .base import (
-    DiffusionModel,
-    ModelLoadError,
-    hash_files,
-    resolve_device,
-)
-from .classifier import (
-    ARCHITECTURE,
-    CLASSIFIER_DIR,
-    CONFIG_NAME,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_EPOCHS,
-    DEFAULT_LR,
-    FORMAT_VERSION,
-    MAX_SHIFT,
-    METRICS_NAME,
-    WEIGHTS_NAME,
-    DigitClassifier,
-    build_classifier,
-    count_parameters,
-    evaluate_accuracy,
-    load_classifier,
-    predict_labels,
-    random_shift,
-    save_classifier,
-    train_classifier,
-)
-from .clip import (
-    CLIP_MEAN,
-    CLIP_STD,
-    ClipLabeler,
-    check_labels,
-    load_clip,
-)
-from .latent import (
-    LatentDiffusionModel,
-    hash_components,
-    load_latent_model,
-)
-from .load import (
-    load_model,
-    load_models,
-)
-from .lora import (
-    DIFFUSERS_LORA_WEIGHTS,
-    LORA_TARGETS,
-    PEFT_CONFIG,
-    PEFT_WEIGHTS,
-    add_lora,
-    apply_lora,
-    load_lora,
-    lora_param_filter,
-    module_param_filter,
-    refresh_lora_hash,
-)
-from .training import (
-    make_unet,
-    train_ddpm,
-)
+The names below load their submodule on first use (PEP 562): importing one light
+submodule, e.g. ``attribution.models.base``, does not import diffusers through the others.
+"""
 
-__all__ = [
-    "ARCHITECTURE",
-    "CLASSIFIER_DIR",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "CONFIG_NAME",
-    "ClipLabeler",
-    "DEFAULT_BATCH_SIZE",
-    "DEFAULT_EPOCHS",
-    "DEFAULT_LR",
-    "DIFFUSERS_LORA_WEIGHTS",
-    "DiffusionModel",
-    "DigitClassifier",
-    "FORMAT_VERSION",
-    "LORA_TARGETS",
-    "LatentDiffusionModel",
-    "MAX_SHIFT",
-    "METRICS_NAME",
-    "ModelLoadError",
-    "PEFT_CONFIG",
-    "PEFT_WEIGHTS",
-    "WEIGHTS_NAME",
-    "add_lora",
-    "apply_lora",
-    "build_classifier",
-    "check_labels",
-    "count_parameters",
-    "evaluate_accuracy",
-    "hash_components",
-    "hash_files",
-    "load_classifier",
-    "load_clip",
-    "load_latent_model",
-    "load_lora",
-    "load_model",
-    "load_models",
-    "lora_param_filter",
-    "make_unet",
-    "module_param_filter",
-    "predict_labels",
-    "random_shift",
-    "refresh_lora_hash",
-    "resolve_device",
-    "save_classifier",
-    "train_classifier",
-    "train_ddpm",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: exported name -> the submodule that defines it
+_EXPORTS = {
+    "ARCHITECTURE": "classifier",
+    "CLASSIFIER_DIR": "classifier",
+    "CLIP_MEAN": "clip",
+    "CLIP_STD": "clip",
+    "CONFIG_NAME": "classifier",
+    "ClipLabeler": "clip",
+    "DEFAULT_BATCH_SIZE": "classifier",
+    "DEFAULT_EPOCHS": "classifier",
+    "DEFAULT_LR": "classifier",
+    "DIFFUSERS_LORA_WEIGHTS": "lora",
+    "DiffusionModel": "base",
+    "DigitClassifier": "classifier",
+    "FORMAT_VERSION": "classifier",
+    "LORA_TARGETS": "lora",
+    "LatentDiffusionModel": "latent",
+    "MAX_SHIFT": "classifier",
+    "METRICS_NAME": "classifier",
+    "ModelLoadError": "base",
+    "PEFT_CONFIG": "lora",
+    "PEFT_WEIGHTS": "lora",
+    "WEIGHTS_NAME": "classifier",
+    "add_lora": "lora",
+    "apply_lora": "lora",
+    "build_classifier": "classifier",
+    "check_labels": "clip",
+    "count_parameters": "classifier",
+    "evaluate_accuracy": "classifier",
+    "hash_components": "latent",
+    "hash_files": "base",
+    "load_classifier": "classifier",
+    "load_clip": "clip",
+    "load_latent_model": "latent",
+    "load_lora": "lora",
+    "load_model": "load",
+    "load_models": "load",
+    "lora_param_filter": "lora",
+    "make_unet": "training",
+    "module_param_filter": "lora",
+    "predict_labels": "classifier",
+    "random_shift": "classifier",
+    "refresh_lora_hash": "lora",
+    "resolve_device": "base",
+    "save_classifier": "classifier",
+    "train_classifier": "classifier",
+    "train_ddpm": "training",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

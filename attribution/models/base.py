@@ -28,9 +28,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+
+if TYPE_CHECKING:  # annotations only: importing diffusers takes seconds, which every CLI error would wait for
+    from diffusers import DDPMScheduler, UNet2DModel
 
 
 class ModelLoadError(RuntimeError):

@@ -1,73 +1,61 @@
-"""Scores: query features and per-step TRAK scores, masks, DAS, similarity baselines."""
+"""Scores: query features and per-step TRAK scores, masks, DAS, similarity baselines.
 
-from .baselines import (
-    BASELINE_NOTES,
-    BASELINES,
-    SimilarityBaseline,
-)
-from .das import (
-    RESIDUALS_FILE,
-    das_weights,
-    leverages,
-    residual_errors,
-    store_residuals,
-)
-from .masks import (
-    FULL,
-    PatchMask,
-    downsample_mask,
-    mask_from_selection,
-    mask_key,
-    mask_values,
-    prepare_mask,
-)
-from .scorer import (
-    FINAL_SAMPLE_KEY,
-    Attribution,
-    Scorer,
-    query_noises,
-    top_k,
-)
-from .anchored import (
-    AnchoredScorer,
-    AnchoredStore,
-    checkpoint_dirs,
-    featurize_anchored,
-    is_anchored,
-    open_scorer,
-    reference_store,
-)
-from .groups import GroupInfluence, class_share_over_steps, group_influence
+The names below load their submodule on first use (PEP 562), so that importing a light
+submodule (``attribution.scoring.baselines``) does not import the scorer and diffusers.
+"""
 
-__all__ = [
-    "AnchoredScorer",
-    "AnchoredStore",
-    "GroupInfluence",
-    "checkpoint_dirs",
-    "class_share_over_steps",
-    "featurize_anchored",
-    "group_influence",
-    "is_anchored",
-    "open_scorer",
-    "reference_store",
-    "Attribution",
-    "BASELINES",
-    "BASELINE_NOTES",
-    "FINAL_SAMPLE_KEY",
-    "FULL",
-    "PatchMask",
-    "RESIDUALS_FILE",
-    "Scorer",
-    "SimilarityBaseline",
-    "das_weights",
-    "downsample_mask",
-    "leverages",
-    "mask_from_selection",
-    "mask_key",
-    "mask_values",
-    "prepare_mask",
-    "query_noises",
-    "residual_errors",
-    "store_residuals",
-    "top_k",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: exported name -> the submodule that defines it
+_EXPORTS = {
+    "AnchoredScorer": "anchored",
+    "AnchoredStore": "anchored",
+    "GroupInfluence": "groups",
+    "checkpoint_dirs": "anchored",
+    "class_share_over_steps": "groups",
+    "featurize_anchored": "anchored",
+    "group_influence": "groups",
+    "is_anchored": "anchored",
+    "open_scorer": "anchored",
+    "reference_store": "anchored",
+    "Attribution": "scorer",
+    "BASELINES": "baselines",
+    "BASELINE_METHODS": "baselines",
+    "baseline_scores": "baselines",
+    "BASELINE_NOTES": "baselines",
+    "FINAL_SAMPLE_KEY": "scorer",
+    "FULL": "masks",
+    "PatchMask": "masks",
+    "RESIDUALS_FILE": "das",
+    "Scorer": "scorer",
+    "SimilarityBaseline": "baselines",
+    "das_weights": "das",
+    "downsample_mask": "masks",
+    "leverages": "das",
+    "mask_from_file": "masks",
+    "mask_from_selection": "masks",
+    "mask_key": "masks",
+    "mask_values": "masks",
+    "prepare_mask": "masks",
+    "query_noises": "scorer",
+    "residual_errors": "das",
+    "store_residuals": "das",
+    "top_k": "scorer",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

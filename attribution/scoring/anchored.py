@@ -28,7 +28,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,10 +39,12 @@ from ..features.featurize import draw_timesteps_and_noise, featurize, store_spec
 from ..features.outputs import Method
 from ..features.store import Store, StoreError
 from ..models.base import DiffusionModel
-from ..sampling.trajectory import Trajectory
 from ..tools.files import atomic_write_bytes
 from .masks import prepare_mask
 from .scorer import Attribution, Scorer
+
+if TYPE_CHECKING:  # annotations only (the sampling module imports diffusers)
+    from ..sampling.trajectory import Trajectory
 
 ANCHORS_FILE = "anchors.json"
 FORMAT_VERSION = 1

@@ -27,6 +27,10 @@ BASELINE_NOTES = {
 }
 
 
+#: ``--method`` names of the baselines (the app's ``baseline-*`` names and the benchmark's short ones) -> baseline.
+BASELINE_METHODS = {"baseline-pixel": "pixel", "baseline-embedding": "embedding", "pixel": "pixel", "embedding": "embedding"}
+
+
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     x = x.flatten(1).float()
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -57,3 +61,12 @@ class SimilarityBaseline:
         """x0_hat (S, C, H, W) in [-1, 1] -> (S, N) cosine similarities."""
         q = _normalize(self.embed(x0_hat) if self.embed is not None else x0_hat)
         return (q @ self.train.T).numpy().astype(np.float32)
+
+
+def baseline_scores(base: SimilarityBaseline, x0_hat: torch.Tensor, mask: torch.Tensor | None = None) -> np.ndarray:
+    """Scores (S, N) of pixel-space one-step predictions x0_hat (S, C, H, W), clamped to [-1, 1] and,
+    with a patch ``mask`` (1|C, H, W) in [0, 1], restricted to it (pixels outside set to 0)."""
+    x0 = x0_hat.clamp(-1, 1)
+    if mask is not None:
+        x0 = x0 * mask.to(x0.device)
+    return base.scores(x0)

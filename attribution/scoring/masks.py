@@ -3,8 +3,8 @@
 A mask M (H, W) in [0, 1] at the pixel size users see weights the squared error of the
 model output pixel-wise (Eq. 3 restricted to a patch); latent models get it area-averaged
 onto the latent grid (:func:`prepare_mask`). :func:`mask_from_selection` is the one
-constructor for every front end: the CLI makes a binary mask from an image's non-black
-pixels, the app a soft one from a painted canvas (each painted canvas pixel counts for
+constructor for every front end: the CLI makes a mask from an image file's pixels brighter
+than mid-grey (:func:`mask_from_file`), the app a soft one from a painted canvas (each painted canvas pixel counts for
 its share of the model pixel it falls in). :class:`PatchMask` carries a mask with its
 hash, computed once, which names it in caches.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from PIL import Image
 
 from ..models.base import DiffusionModel
 
-__all__ = ["PatchMask", "downsample_mask", "mask_from_selection", "mask_key", "prepare_mask"]
+__all__ = ["PatchMask", "downsample_mask", "mask_from_file", "mask_from_selection", "mask_key", "prepare_mask"]
 
 #: Cache key of "no mask" (the whole image).
 FULL = "full"
@@ -46,6 +47,45 @@ def mask_from_selection(selected: np.ndarray, shape: tuple[int, int], soft: bool
         return picked.astype(np.float32)
     small = Image.fromarray(picked.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BOX)
     return np.clip(np.asarray(small, dtype=np.float32), 0.0, 1.0)
+
+
+def mask_from_file(path: str | Path, shape: tuple[int, int]) -> tuple[np.ndarray, str | None]:
+    """A (H, W) float32 mask from an image file: its pixels brighter than mid-grey (gray level > 127 of 255,
+    after conversion to grey) are selected.
+
+    A file of another size but the same aspect ratio is box-averaged onto ``shape``
+    (each model pixel weighted by the share of it selected) and a note says so; one
+    of another aspect ratio is refused (it would have to be cropped).
+
+    Returns:
+        (mask, note): the note (None when the sizes agree) says how the mask was resized.
+
+    Raises:
+        ValueError: not a decodable image, another aspect ratio, or no pixel selected.
+    """
+    from ..data.datasets import decode_image
+
+    path = Path(path)
+    h, w = shape
+    if not path.is_file():
+        raise ValueError(f"mask {path} is not a file")
+    try:
+        with Image.open(path) as img:  # reads the header only
+            fw, fh = img.size
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"mask {path} is not an image Pillow can read ({e})") from None
+    if fw * h != fh * w:
+        raise ValueError(f"mask {path} is {fw}x{fh} pixels but the model's images are {w}x{h}: a mask must have "
+                         "the images' aspect ratio (it is never cropped); resize or repaint it")
+    selected = decode_image(path, (1, fh, fw))[0].numpy() > 0  # (fh, fw): brighter than mid-grey
+    mask = mask_from_selection(selected, (h, w), soft=(fh, fw) != (h, w))
+    if mask is None:
+        raise ValueError(f"mask {path} selects no pixel: paint the patch brighter than mid-grey (> 127 of 255)")
+    note = None
+    if (fh, fw) != (h, w):
+        note = (f"mask {path.name} is {fw}x{fh} pixels, the model's images {w}x{h}: it was box-averaged onto "
+                f"{w}x{h} (each pixel weighted by the share of it the mask selects)")
+    return mask, note
 
 
 @dataclass(frozen=True, eq=False)

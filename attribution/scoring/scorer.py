@@ -23,7 +23,7 @@ own text encoder (no guidance in the query: eps_theta(x, t, c_prompt)).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,9 +35,11 @@ from ..features.gradients import DrawBatch, GradientTarget, select_params
 from ..features.outputs import Method, get_method, get_output
 from ..features.store import STREAM_CHUNK_ROWS, Store, StoreError
 from ..models.base import DiffusionModel
-from ..sampling.trajectory import Trajectory
 from .das import das_weights, leverages, store_residuals
 from .masks import prepare_mask
+
+if TYPE_CHECKING:  # annotations only (the sampling module imports diffusers)
+    from ..sampling.trajectory import Trajectory
 
 Progress = Callable[[int, int], None]
 
@@ -77,7 +79,13 @@ class Attribution:
 
 
 def top_k(scores: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the k most positive and k most negative examples per row: ((S, k), (S, k))."""
+    """Indices of the k most positive and k most negative examples per row: ((S, k), (S, k)).
+
+    Raises:
+        ValueError: k < 1.
+    """
+    if k < 1:
+        raise ValueError(f"top-k needs k of at least 1, not {k}")
     k = min(k, scores.shape[-1])
     order = np.argsort(-scores, axis=-1, kind="stable")
     return order[..., :k], order[..., ::-1][..., :k]

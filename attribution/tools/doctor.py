@@ -11,7 +11,12 @@ it. The doctor does everything at once, reading every file in full:
   * model directories: a diffusers layout with safetensors weights (pickle
     weight files are reported: they are never loaded), and each checkpoint's
     content hash against the one the store was built for;
-  * data: the dataset's fingerprint and size against the store's.
+  * data: the dataset's fingerprint and size against the store's;
+  * settings: a few random rows of every checkpoint recomputed from the models
+    with the manifest's settings and compared with the stored ones
+    (:mod:`attribution.features.verify`): the only check that catches an edited
+    or swapped manifest in a store without a settings binding. On a mismatch it
+    names the one-setting edit that explains it, when one does.
 
 Each finding names the problem and the fix; :func:`healthy` is False when any
 finding is an error.
@@ -182,13 +187,49 @@ def check_data(spec: str, store: Store, models: list) -> list[Finding]:
     return [Finding("ok", f"data {spec!r}: {len(ds)} examples, the store's fingerprint")]
 
 
+def check_recomputed(store: Store, models: list, dataset, rows: int, seed: int | None = None) -> list[Finding]:
+    """Recompute ``rows`` random rows of every checkpoint and compare them with the stored ones."""
+    from ..features.verify import check_rows, likely_cause, mismatch_message
+
+    fix = ("restore the store's original manifest.json, or featurize a new store "
+           "(`attribution featurize` into another --store)")
+    try:
+        checks = check_rows(store, models, dataset, rows, seed)
+    except StoreError as e:
+        return [Finding("error", f"rows could not be recomputed: {e}", "fix the model and data errors first")]
+    bad = [c for c in checks if not c.ok]
+    if not bad:
+        return [Finding("ok", f"{len(checks)} row(s) recomputed from the models match the stored ones "
+                              f"(largest relative error {max((c.rel_error for c in checks), default=0.0):.1e})")]
+    cause = likely_cause(store, models, dataset, max(bad, key=lambda c: c.rel_error))
+    return [Finding("error", mismatch_message(store, checks, cause) or "", fix)]
+
+
+def _store_dataset(spec: str, store: Store, models: list):
+    """The dataset ``spec`` at the first model's pixel size, or a finding saying why it cannot be loaded."""
+    from ..data.datasets import ImageDecodeError, load_dataset
+
+    try:
+        return load_dataset(spec, models[0].pixel_shape), None
+    except (OSError, ValueError, ImageDecodeError) as e:
+        return None, Finding("warning", f"rows not recomputed: the store's dataset {spec!r} cannot be loaded ({e})",
+                             f"pass --data with the dataset the store was built from (--store {store.root})")
+
+
 def run_doctor(
     store_dir: str | Path,
     model_dirs: Sequence[str | Path] | None = None,
     data: str | None = None,
     record_checksums: bool = False,
+    rows: int = 3,
+    bind_settings: bool = False,
 ) -> list[Finding]:
-    """All checks: the store, the models (default: those recorded in the store) and optionally the data."""
+    """All checks: the store, the models (default: those recorded in the store), the data (default: the one
+    recorded in the store, for recomputing ``rows`` rows per checkpoint; 0 skips that).
+
+    ``bind_settings``: when every check passed and the recomputed rows match, record the manifest's
+    settings as the rows' (:meth:`Store.bind_settings`), so that later edits are refused at open.
+    """
     store_dir = Path(store_dir)
     if record_checksums:
         try:
@@ -203,4 +244,25 @@ def run_doctor(
     findings += found
     if data is not None:
         findings += check_data(data, store, models)
+    if rows > 0 and models and healthy(findings):
+        dataset, why = _store_dataset(data or store.manifest["dataset"]["name"], store, models)
+        findings += [why] if why is not None else check_recomputed(store, models, dataset, rows)
+    if not store.has_binding:
+        verified = any(f.level == "ok" and "recomputed from the models match" in f.what for f in findings)
+        findings.append(_binding_finding(store, bind_settings and verified and healthy(findings)))
     return findings
+
+
+def _binding_finding(store: Store, bind: bool) -> Finding:
+    """Bind a verified legacy store's settings (``bind``), or warn that its manifest is not bound."""
+    if bind:
+        try:
+            Store.open(store.root, writable=True).bind_settings()
+        except (StoreError, OSError) as e:
+            return Finding("error", f"the settings could not be recorded: {e}", "check the store directory is writable")
+        return Finding("ok", f"recorded the settings of the verified rows in {store.root}/built_with.json")
+    return Finding(
+        "warning", "the store records no settings binding (written by an older version): an edited manifest is "
+                   "caught only by recomputing rows",
+        f"after a healthy check, `attribution doctor --store {store.root} --bind-settings`",
+    )

@@ -35,7 +35,7 @@ from ..models.lora import apply_lora
 from ..sampling.inversion import invert_image
 from ..sampling.likelihood import LikelihoodCurves, label_curves, likelihood_curves
 from ..sampling.trajectory import Trajectory, sample_trajectory
-from ..scoring.baselines import BASELINES, SimilarityBaseline
+from ..scoring.baselines import BASELINES, SimilarityBaseline, baseline_scores
 from ..scoring.masks import PatchMask, mask_key, mask_values, prepare_mask
 from ..scoring.scorer import Scorer
 from ..scoring.groups import GroupInfluence, group_influence
@@ -360,10 +360,7 @@ class Workspace:
             if method.startswith("baseline-"):
                 base = self.baseline(method.split("-", 1)[1])
                 mask_t = prepare_mask(mask, self.pixel_shape) if mask is not None else None
-                x0 = traj.display_x0_hat[missing].clamp(-1, 1)
-                if mask_t is not None:
-                    x0 = x0 * mask_t
-                rows = base.scores(x0.to(self.device))
+                rows = baseline_scores(base, traj.display_x0_hat[missing].to(self.device), mask_t)
             else:
                 rows = self.scorer(method).score(traj, missing, mask, progress).scores
             for s, row in zip(missing, rows):
