@@ -341,7 +341,7 @@ def test_sign_removing_top_raises_f_more_than_removing_bottom(micro):
     assert np.mean(wins) >= 5 / 6 and np.mean(rises) >= 5 / 6, (wins, rises)
 
 
-def test_cli_fit_factors_then_attribute(tmp_path, micro):
+def test_cli_fit_factors_then_attribute(tmp_path, micro, monkeypatch):
     """`attribution fit-factors` then `attribute --method ekfac|kfac` on a store built by `featurize`."""
     from attribution.cli import main
 
@@ -349,7 +349,8 @@ def test_cli_fit_factors_then_attribute(tmp_path, micro):
     npz = tmp_path / "d.npz"
     np.savez(npz, images=((ds.images(np.arange(len(ds)))[:, 0] + 1) * 127.5).round().numpy().astype(np.uint8))
     model_dir = str(micro["models"][0].path)
-    store = tmp_path / "store"
+    monkeypatch.chdir(tmp_path)
+    store = Path("store")  # relative, as typed (kronfluence writes under an absolute path)
     assert main(["featurize", "--model", model_dir, "--data", str(npz), "--store", str(store), "--proj-dim", "32",
                  "--num-draws", "1", "--device", "cpu"]) == 0
     assert main(["fit-factors", "--store", str(store), "--data", str(npz), "--batch-size", "8", "--device", "cpu"]) == 0

@@ -506,7 +506,7 @@ def fit_factors(
         analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0))
         analyzer.fit_all_factors("ekfac", items, per_device_batch_size=config.batch_size, factor_args=args)
         fdir = analyzer.factors_output_dir("ekfac")
-        files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(fdir.rglob("*.safetensors"))}
+        files = {str(p.resolve().relative_to(root.resolve())): sha256_file(p) for p in sorted(fdir.rglob("*.safetensors"))}
         manifest["checkpoint_factors"][key] = {
             "files": files, "fit_seconds": round(time.perf_counter() - t0, 2),
             "num_items": len(items), "num_examples": int(len(indices)),
