@@ -369,7 +369,7 @@ def cmd_fit_factors(args: argparse.Namespace) -> None:
 
 def cmd_build_assets(args: argparse.Namespace) -> None:
     from .tools.assets import build_assets, verify_assets
-    from .workspace.workspace import ASSETS_DIR
+    from .workspace.bundles import ASSETS_DIR
 
     assets = args.assets or ASSETS_DIR
     if args.verify:

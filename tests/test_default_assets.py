@@ -124,3 +124,9 @@ def test_model_to_uint8_round_trip():
     data = digits_dataset("heldout")
     x = data.images([0, 1])
     assert np.array_equal(model_to_uint8(x)[..., 0], data.array[:2])
+
+
+def test_build_assets_verify_command(capsys):
+    """`attribution build-assets --verify` (what .ci/run calls) checks the bundled files against MANIFEST.json."""
+    assert cli_main(["build-assets", "--verify"]) == 0
+    assert "all files match MANIFEST.json" in capsys.readouterr().out
