@@ -138,7 +138,7 @@ def retrain(request: CounterfactualRequest, images: torch.Tensor, cache: str | P
     keep[list(request.removed)] = False
     with _training_lock(work):
         work.mkdir(parents=True, exist_ok=True)
-        with open(work.parent / f"{work.name}.lock", "w") as lock:  # and one across processes (app and CLI)
+        with open(work / ".lock", "w") as lock:  # and one across processes (app and CLI)
             fcntl.flock(lock, fcntl.LOCK_EX)
             work.mkdir(parents=True, exist_ok=True)  # removed by a cancel while this one waited
             atomic_write_bytes(work / "request.json", json.dumps(request.to_dict(), indent=1).encode())
