@@ -472,7 +472,7 @@ class Workspace:
                                random_seed: int = 0):
         """The :class:`~attribution.counterfactual.CounterfactualRequest` of removing ``remove`` (top, bottom,
         random, class:C) of size ``k`` for trajectory ``key`` at ``step``, ranked by ``method``'s scores."""
-        from ..counterfactual import CounterfactualRequest, checkpoint_hash, removed_set, train_config_of
+        from ..counterfactual import CounterfactualRequest, removed_set, train_config_of
 
         if self.is_latent or self.is_conditional:
             raise ValueError("counterfactuals retrain pixel-space DDPMs only (the bundled kind)")
@@ -480,15 +480,21 @@ class Workspace:
             raise ValueError("counterfactuals need an attribution method's scores, not a similarity baseline")
         row = self.scores(key, method, [step])[0]
         removed = removed_set(remove, int(k), row, self.dataset.labels, random_seed)
-        with self._lock:
-            if self._cf_checkpoint is None:
-                self._cf_checkpoint = checkpoint_hash(self.bundle.model_dirs[0])
         return CounterfactualRequest(
-            checkpoint=self._cf_checkpoint, sample=key, step=int(step), remove=remove, k=len(removed),
+            checkpoint=self.counterfactual_checkpoint(), sample=key, step=int(step), remove=remove, k=len(removed),
             removed=tuple(int(i) for i in removed), method=method, train=train_config_of(self.bundle.model_dirs[0]),
             device=torch.device(self.device).type, num_resamples=self.query.num_resamples,
             noise_seed=self.query.noise_seed, random_seed=random_seed,
             predicted_delta_f=float(row[removed].sum()))
+
+    def counterfactual_checkpoint(self) -> str:
+        """The generating checkpoint's hash (:func:`~attribution.counterfactual.checkpoint_hash`), computed once."""
+        from ..counterfactual import checkpoint_hash
+
+        with self._lock:
+            if self._cf_checkpoint is None:
+                self._cf_checkpoint = checkpoint_hash(self.bundle.model_dirs[0])
+            return self._cf_checkpoint
 
     def counterfactual_result(self, request):
         """The finished result of ``request`` (cache or shipped showcase), or None."""
