@@ -12,6 +12,7 @@ from cf_bundle import build_cf_bundle
 from test_app import APP, REPO, TIMEOUT, texts
 
 BUNDLE_ENV = "ATTRIBUTION_BUNDLE"
+SHOTS = Path("/tmp") / "cf-screenshots"  # not in the repository
 
 
 @pytest.fixture(scope="module")
@@ -83,19 +84,19 @@ def test_panel_progress_and_cancel(cf_ws, monkeypatch):
 
     real = cf_ws.counterfactual_request
 
-    def long_request(*a, **k):  # 400 epochs: long enough to watch
+    def long_request(*a, **k):  # 2000 epochs: long enough to watch
         r = real(*a, **k)
-        return replace(r, train=replace(r.train, epochs=400))
+        return replace(r, train=replace(r.train, epochs=2000))
 
     monkeypatch.setattr(cf_ws, "counterfactual_request", long_request)
     at = _app(**{ui.state.CF_K: 10, ui.state.CF_CONTROL: False})
     at.button(key="cf-start").click().run()
     deadline = time.time() + 60
-    while not any(j.done > 3 for j in cf_ws.counterfactual_jobs()) and time.time() < deadline:
+    while not any(j.done > 3 for _, j in cf_ws.counterfactual_jobs()) and time.time() < deadline:
         time.sleep(0.05)
     at.run()
     bars = [p.proto.text for p in at.get("progress")]
-    assert any("Without top-10: retraining without them" in b and "left" in b for b in bars), bars
+    assert any("Without top-10 (seed 0, step 25): retraining without them" in b and "left" in b for b in bars), bars
     cancel = [b for b in at.button if b.label == "Cancel"]
     assert len(cancel) == 1
     cancel[0].click().run()
@@ -112,7 +113,8 @@ from first_paint import CHROMIUM, CHROMIUM_ARGS, streamlit_server  # noqa: E402
 
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: apt-get install -y chromium")
-def test_browser_start_reload_result(cf_root, tmp_path):
+def test_browser_start_reload_result(tmp_path):
+    cf_root = build_cf_bundle(tmp_path / "bundle", epochs=40)  # a replay of ~20 s: long enough to watch
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
     env = {BUNDLE_ENV: str(cf_root), "ATTRIBUTION_CACHE": str(tmp_path / "cache")}
     with streamlit_server(REPO, tmp_path / "streamlit.log", env) as (url, _), sync_api.sync_playwright() as p:
@@ -120,19 +122,22 @@ def test_browser_start_reload_result(cf_root, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
             page.goto(url)
-            page.get_by_text("Not computed yet for seed 0 at step 25").wait_for(timeout=240_000)
+            page.get_by_text("What if these were never in the training set?").wait_for(timeout=240_000)
             # k = 10 (the tiny bundle has 48 training images)
-            page.get_by_role("combobox", name="k").click() if page.get_by_role("combobox", name="k").count() else None
+            page.get_by_role("combobox", name="k").click()
             page.get_by_role("option", name="10", exact=True).click()
             page.get_by_text("Not computed yet for seed 0 at step 25").wait_for(timeout=60_000)
             page.get_by_role("button", name="Start").click()
             page.get_by_text("retraining without them").first.wait_for(timeout=60_000)
-            page.screenshot(path=str(tmp_path / "progress.png"))
-            page.reload()
-            page.get_by_role("combobox", name="k").click()
-            page.get_by_role("option", name="10", exact=True).click()
-            page.get_by_text("Without random-10").first.wait_for(timeout=240_000)
-            page.get_by_text("pixel distance").first.wait_for(timeout=240_000)
-            page.screenshot(path=str(tmp_path / "result.png"), full_page=True)
+            SHOTS.mkdir(exist_ok=True)
+            panel = page.locator("[data-testid='stExpander']").filter(has_text="What if these were never")
+            panel.screenshot(path=str(SHOTS / "counterfactual-progress.png"))
+            page.reload()  # a new session: the widgets are back at k = 100, the job and its result are the server's
+            page.get_by_text("Running on this server").or_(page.get_by_text("Computed earlier for seed 0")).first.wait_for(
+                timeout=240_000)
+            page.get_by_text("Computed earlier for seed 0").wait_for(timeout=240_000)
+            page.get_by_text("Without random-10 (step 25)").first.wait_for(timeout=60_000)
+            page.get_by_text("pixel distance").first.wait_for(timeout=60_000)
+            panel.screenshot(path=str(SHOTS / "counterfactual-result.png"))
         finally:
             browser.close()

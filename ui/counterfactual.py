@@ -89,9 +89,17 @@ def show_results(ws: Workspace, results: dict[str, CounterfactualResult | None],
                "is the sum of the removed images' scores (positive: the step becomes less likely without them).")
 
 
-def _job_bar(ws: Workspace, request, label: str) -> None:
-    """One line of ``request``'s running job: its progress bar with the time left (or its place in the queue), Cancel."""
-    job = ws.counterfactual_job(request)
+def _job_label(request) -> str:
+    return f"Without {request.label()} ({_sample_key_name(request.sample)}, step {request.step})"
+
+
+def _sample_key_name(key: str) -> str:
+    return f"seed {key[4:].split('-')[0]}" if key.startswith("seed") else "an upload"
+
+
+def _job_bar(ws: Workspace, request, job) -> None:
+    """One line of a running job: its progress bar with the time left (or its place in the queue), and Cancel."""
+    label = _job_label(request)
     c_bar, c_cancel = st.columns([5, 1], vertical_alignment="bottom")
     if job.stage == "queued":
         c_bar.progress(0.0, text=f"{label}: queued — {MAX_COUNTERFACTUAL_JOBS} retrainings already run, this one "
@@ -127,18 +135,21 @@ def _status(ws: Workspace, request, label: str) -> CounterfactualResult | None:
     return None
 
 
-def _live_bars(ws: Workspace, rows: dict) -> None:
-    """Progress bars of the running jobs of ``rows``, redrawn every second; the page reruns when one ends."""
-    running = {name: r for name, r in rows.items() if _running(ws, r)}
+def _live_bars(ws: Workspace) -> None:
+    """Progress bars of every counterfactual job of the server (any sample, any session), redrawn every second;
+    the page reruns when one ends, to show its result."""
+    running = ws.counterfactual_jobs()
     if not running:
         return
 
     @st.fragment(run_every=1.0)
     def bars() -> None:
-        if not all(_running(ws, r) for r in running.values()):
+        if not all(job.running for _, job in running):
             st.rerun(scope="app")
-        for name, r in running.items():
-            _job_bar(ws, r, name)
+        st.markdown(f"**Running on this server** ({len(running)}; at most {MAX_COUNTERFACTUAL_JOBS} at once, the "
+                    "others wait)")
+        for request, job in running:
+            _job_bar(ws, request, job)
 
     bars()
 
@@ -179,10 +190,20 @@ def counterfactual_panel(ws: Workspace, key: str, traj: Trajectory, step: int, m
             if ws.counterfactual_result(r) is None:
                 ws.start_counterfactual(r)
     results = {name: _status(ws, r, name) for name, r in rows.items()}
-    _live_bars(ws, rows)
-    if not any(results.values()) and not any(_running(ws, r) for r in rows.values()):
+    _live_bars(ws)
+    if any(results.values()):
+        show_results(ws, results, step)
+    elif not any(_running(ws, r) for r in rows.values()):
         st.caption(f"Not computed yet for {_sample_name(traj)} at step {step}: press Start.")
-    show_results(ws, results, step)
+    shown = {r.key() for r in rows.values()}
+    earlier = [r for r in ws.counterfactual_results_of(key) if r.request.key() not in shown]
+    if earlier:
+        st.markdown(f"**Computed earlier for {_sample_name(traj)}**")
+        groups: dict[tuple[int, int], list[CounterfactualResult]] = {}
+        for r in earlier:
+            groups.setdefault((r.request.step, r.request.k), []).append(r)
+        for (s, _), group in groups.items():
+            show_results(ws, {f"Without {r.request.label()} (step {s})": r for r in group}, s)
 
 
 def _sample_name(traj: Trajectory) -> str:

@@ -109,6 +109,7 @@ class Workspace:
         self.counterfactual_shipped = (bundles.ASSETS_DIR / "showcase",)
         self._cf_slots = threading.BoundedSemaphore(MAX_COUNTERFACTUAL_JOBS)
         self._cf_checkpoint: str | None = None
+        self._cf_requests: dict[str, Any] = {}  # job key -> its request
 
     # ------------------------------------------------------------------ data
     @property
@@ -548,15 +549,30 @@ class Workspace:
             finally:
                 self._cf_slots.release()
 
+        self._cf_requests[request.key()] = request
         return self.jobs.start(("counterfactual", request.key()), f"counterfactual-{request.key()}", work)
 
     def counterfactual_job(self, request) -> Job | None:
         """The background job of ``request`` started in this process, if any."""
         return self.jobs.get(("counterfactual", request.key()))
 
-    def counterfactual_jobs(self) -> list[Job]:
-        """Counterfactual jobs running or queued now."""
-        return [j for j in self.jobs.running() if j.name.startswith("counterfactual-")]
+    def counterfactual_jobs(self) -> list[tuple[Any, Job]]:
+        """(request, job) of every counterfactual job running or queued now, in the order they were started."""
+        out = []
+        for key, request in list(self._cf_requests.items()):
+            job = self.jobs.get(("counterfactual", key))
+            if job is not None and job.running:
+                out.append((request, job))
+        return out
+
+    def counterfactual_results_of(self, sample: str) -> list:
+        """Every finished result of trajectory ``sample`` under this checkpoint (cache and showcase), by step and k."""
+        from ..counterfactual.showcase import entries
+
+        ck = self.counterfactual_checkpoint()
+        found = [r for root in (self.counterfactual_cache, *self.counterfactual_shipped) for r in entries(root)]
+        found = [r for r in found if r.meta["request"]["sample"] == sample and r.meta["request"]["checkpoint"] == ck]
+        return sorted(found, key=lambda r: (r.meta["request"]["step"], r.meta["request"]["k"]))
 
     def cancel_counterfactual(self, request) -> None:
         """Stop ``request``'s job at its next check and remove its files (also an interrupted run's)."""
