@@ -114,7 +114,7 @@ from first_paint import CHROMIUM, CHROMIUM_ARGS, streamlit_server  # noqa: E402
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: apt-get install -y chromium")
 def test_browser_start_reload_result(tmp_path):
-    cf_root = build_cf_bundle(tmp_path / "bundle", epochs=40)  # a replay of ~20 s: long enough to watch
+    cf_root = build_cf_bundle(tmp_path / "bundle", epochs=8)  # a replay of some seconds: long enough to watch
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
     env = {BUNDLE_ENV: str(cf_root), "ATTRIBUTION_CACHE": str(tmp_path / "cache")}
     with streamlit_server(REPO, tmp_path / "streamlit.log", env) as (url, _), sync_api.sync_playwright() as p:

@@ -173,18 +173,19 @@ def counterfactual_panel(ws: Workspace, key: str, traj: Trajectory, step: int, m
     else:
         remove = rule
         k = c_k.selectbox("k", KS, index=1, key=state.CF_K)
-    control = c_ctl.checkbox("also remove k random images (the control)", value=True, key=state.CF_CONTROL,
-                             disabled=rule == "random")
+    control = c_ctl.checkbox("+ random-k control", value=True, key=state.CF_CONTROL, disabled=rule == "random",
+                             help="Also retrain without k random images (the same random set for every sample), "
+                                  "to compare: removing any k images moves a small model's sample a little.")
     request = _request_or_error(ws, key, step, remove, k, method)
-    if request is None:
-        return
-    rows = {f"Without {request.label()}": request}
-    if control and rule != "random":
-        rows[f"Without random-{request.k}"] = _request_or_error(ws, key, step, "random", request.k, method)
+    rows = {}
+    if request is not None:
+        rows[f"Without {request.label()}"] = request
+        if control and rule != "random":
+            rows[f"Without random-{request.k}"] = _request_or_error(ws, key, step, "random", request.k, method)
     rows = {name: r for name, r in rows.items() if r is not None}
-    started = c_go.button("Start", type="primary", icon=":material/play_arrow:", width="stretch",
-                          key="cf-start", help="Runs in the background: you can keep exploring, reload the page, "
-                                               "or come back later; finished results are kept on disk.")
+    started = c_go.button("Start", type="primary", icon=":material/play_arrow:", width="stretch", key="cf-start",
+                          disabled=not rows, help="Runs in the background: you can keep exploring, reload the page, "
+                                                  "or come back later; finished results are kept on disk.")
     if started:
         for r in rows.values():
             if ws.counterfactual_result(r) is None:
@@ -193,17 +194,22 @@ def counterfactual_panel(ws: Workspace, key: str, traj: Trajectory, step: int, m
     _live_bars(ws)
     if any(results.values()):
         show_results(ws, results, step)
-    elif not any(_running(ws, r) for r in rows.values()):
+    elif rows and not any(_running(ws, r) for r in rows.values()):
         st.caption(f"Not computed yet for {_sample_name(traj)} at step {step}: press Start.")
-    shown = {r.key() for r in rows.values()}
+    _earlier_results(ws, key, traj, {r.key() for r in rows.values()})
+
+
+def _earlier_results(ws: Workspace, key: str, traj: Trajectory, shown: set[str]) -> None:
+    """The other finished counterfactuals of sample ``key`` (other rules, k or steps), grouped by step and k."""
     earlier = [r for r in ws.counterfactual_results_of(key) if r.request.key() not in shown]
-    if earlier:
-        st.markdown(f"**Computed earlier for {_sample_name(traj)}**")
-        groups: dict[tuple[int, int], list[CounterfactualResult]] = {}
-        for r in earlier:
-            groups.setdefault((r.request.step, r.request.k), []).append(r)
-        for (s, _), group in groups.items():
-            show_results(ws, {f"Without {r.request.label()} (step {s})": r for r in group}, s)
+    if not earlier:
+        return
+    st.markdown(f"**Computed earlier for {_sample_name(traj)}**")
+    groups: dict[tuple[int, int], list[CounterfactualResult]] = {}
+    for r in earlier:
+        groups.setdefault((r.request.step, r.request.k), []).append(r)
+    for (s, _), group in groups.items():
+        show_results(ws, {f"Without {r.request.label()} (step {s})": r for r in group}, s)
 
 
 def _sample_name(traj: Trajectory) -> str:
