@@ -62,8 +62,20 @@ def _column(ws: Workspace, col, title: str, images: tuple[np.ndarray, np.ndarray
              f"<figcaption style='font-size:0.75rem;color:#6b7280'>x̂0 at step {step}</figcaption></figure></div>")
     if probs is not None:
         lines = [_class_label(ws, probs), *lines]
-        col.bar_chart({"p": probs}, height=110, x_label=None, y_label=None)
+        col.html(_prob_bars(ws.class_names(), probs))
     col.markdown("  \n".join(lines))
+
+
+def _prob_bars(names: list[str], probs: list[float], height: int = 44) -> str:
+    """The classifier's class probabilities as a row of small bars (the most likely class dark)."""
+    top = int(np.argmax(probs))
+    bars = "".join(
+        "<div style='display:flex;flex-direction:column;align-items:center;width:18px'>"
+        f"<div style='height:{height}px;display:flex;align-items:flex-end'><div title='{n}: {100 * p:.1f} %' "
+        f"style='width:12px;height:{max(1, round(height * p))}px;background:{'#4338ca' if i == top else '#a5b4fc'}'>"
+        f"</div></div><span style='font-size:0.7rem;color:#6b7280'>{n}</span></div>"
+        for i, (n, p) in enumerate(zip(names, probs)))
+    return f"<div style='display:flex;gap:2px;margin:4px 0' aria-label='class probabilities'>{bars}</div>"
 
 
 def show_results(ws: Workspace, results: dict[str, CounterfactualResult | None], step: int) -> None:
