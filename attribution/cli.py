@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -409,6 +409,57 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if healthy(findings) else 1
 
 
+def _store_workspace(store: Path, models: list[Path] | None, data: str, classifier: Path | None, device: str):
+    """A :class:`Workspace` over ``store``: the bundled default when it is the bundled store, else the store's
+    (or ``models``') checkpoints on ``data``, with ``classifier`` if given."""
+    from dataclasses import replace
+
+    from .scoring.anchored import checkpoint_dirs
+    from .workspace import Workspace, custom_bundle, default_bundle
+
+    default = default_bundle()
+    if not models and store.resolve() == Path(default.stores["loss"]).resolve():
+        bundle = default
+    else:
+        bundle = custom_bundle(models or checkpoint_dirs(store), data, store)
+        bundle = replace(bundle, classifier_dir=classifier, roots=())
+    return Workspace(bundle, device=device)
+
+
+def cmd_counterfactual(args: argparse.Namespace) -> None:
+    import shutil
+
+    from .workspace import SampleRecipe
+
+    if args.k < 1:
+        raise ValueError("--k must be at least 1")
+    ws = _store_workspace(args.store, args.model, args.data, args.classifier, args.device)
+    if args.cache:
+        ws.counterfactual_cache = args.cache
+    if args.image:
+        recipe = SampleRecipe.uploaded(args.image.read_bytes(), args.image.name)
+    else:
+        recipe = SampleRecipe.generated(args.seed)
+    recipe = replace(recipe, num_steps=args.num_steps)
+    key, traj = ws.sample(recipe)
+    if not 0 <= args.step < traj.num_steps:
+        raise ValueError(f"--step must be in [0, {traj.num_steps}), not {args.step}")
+    request = ws.counterfactual_request(key, args.step, args.remove, args.k, args.method, args.random_seed)
+    cached = ws.counterfactual_result(request) is not None
+    bar, update = _bar(f"counterfactual {request.label()} (retrain)")
+    result = ws.run_counterfactual(request, progress=update, log=tqdm.write)
+    bar.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for f in result.path.iterdir():
+        shutil.copy(f, args.out / f.name)
+    m = result.meta["metrics"]
+    changed = m.get("class_changed")
+    print(f"{'from cache: ' if cached else ''}{request.label()} of {key} at step {args.step}: pixel l2 {m['pixel_l2']:.3f}, "
+          f"delta f_t measured {m['measured_delta_f']:+.4g} vs predicted {m['predicted_delta_f']:+.4g}"
+          + ("" if changed is None else f", class {m['class_original']} -> {m['class_new']}")
+          + f"; wrote {args.out}")
+
+
 def _setting(parser: argparse.ArgumentParser, flag: str, cls: type, name: str, **kw) -> None:
     """A flag for setting ``name`` of the config dataclass ``cls``: its default and its help text come from ``cls``."""
     default = next(f.default for f in fields(cls) if f.name == name)
@@ -521,6 +572,29 @@ def build_parser(bench: bool = True) -> argparse.ArgumentParser:
     k.add_argument("--batch-size", type=int, default=64, help="(example, draw) items per batch")
     k.add_argument("--device", default="auto", help="cpu, cuda or auto")
     k.set_defaults(func=cmd_fit_factors)
+    c = sub.add_parser("counterfactual", help="remove a sample's top influencers (or random ones, or a class), "
+                       "retrain the generating checkpoint without them, regenerate from the same noise")
+    c.add_argument("--store", required=True, type=Path, help="store built by featurize (the bundled one: assets/store/journey)")
+    c.add_argument("--model", action="append", type=Path, help="model directories (default: those recorded in the store)")
+    c.add_argument("--data", default="digits", help="the store's training set (ignored for the bundled store)")
+    c.add_argument("--classifier", type=Path, help="digit classifier for class probabilities (the bundled store uses its own)")
+    cs = c.add_mutually_exclusive_group(required=True)
+    cs.add_argument("--seed", type=int, help="the sample's seed")
+    cs.add_argument("--image", type=Path, help="an image file (regenerated from its DDIM-inverted noise)")
+    c.add_argument("--step", type=int, required=True, help="step whose scores choose what to remove (0 = noisiest)")
+    c.add_argument("--remove", default="top", help="top (positive influencers), bottom (negative), random (the control) "
+                   "or class:C (every training image of class C)")
+    c.add_argument("--k", type=int, default=100, help="how many images to remove (ignored by class:C)")
+    c.add_argument("--method", default="journey", choices=list(METHODS), metavar="METHOD",
+                   help="attribution method whose scores rank the images")
+    c.add_argument("--random-seed", type=int, default=0, help="seed of --remove random (the draw does not depend on the sample)")
+    _setting(c, "--num-steps", SamplingConfig, "num_inference_steps", type=int, help="sampling steps")
+    c.add_argument("--device", default="cpu", help="where to retrain: cpu or cuda (one retraining of the bundled "
+                   "checkpoint: about 8 min on 2 CPU cores)")
+    c.add_argument("--cache", type=Path, help="result cache (default: $ATTRIBUTION_CACHE/counterfactuals); a rerun "
+                   "resumes an interrupted retraining and a finished one is read back")
+    c.add_argument("--out", required=True, type=Path, help="directory to copy the result into (PNGs + result.json)")
+    c.set_defaults(func=cmd_counterfactual)
     b = sub.add_parser("build-assets", help="rebuild the bundled default under assets/ (skips what exists)")
     b.add_argument("--assets", type=Path, help="assets directory (default: the repo's assets/)")
     _setting(b, "--epochs", TrainConfig, "epochs", type=int)

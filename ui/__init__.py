@@ -6,6 +6,7 @@
 * :mod:`ui.images`, :mod:`ui.grids`, :mod:`ui.figures`: what the pages draw;
 * :mod:`ui.progress`: scores on screen, background jobs and their progress;
 * :mod:`ui.exports`: downloads;
+* :mod:`ui.counterfactual`: Explore's retrain-without-them panel and the precomputed showcase;
 * :mod:`ui.labels`: display names read from the core's registries.
 
 Nothing here does attribution math: the pages call the
@@ -15,6 +16,10 @@ Nothing here does attribution math: the pages call the
 from attribution.workspace import short_text
 
 from . import state
+from .counterfactual import (
+    counterfactual_panel,
+    showcase,
+)
 from .exports import (
     export_buttons,
     scores_csv,
@@ -141,6 +146,7 @@ __all__ = [
     "canvas_to_mask",
     "checked_path",
     "computed_steps",
+    "counterfactual_panel",
     "configure_torch_threads",
     "current_recipe",
     "current_sample",
@@ -179,6 +185,7 @@ __all__ = [
     "scores_npz",
     "set_seed_sample",
     "set_upload_sample",
+    "showcase",
     "sign_flips",
     "spearman_table",
     "start_store_build",

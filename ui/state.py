@@ -57,6 +57,11 @@ EXAMPLE_CHART = "example_chart"
 COMPARE_K = "compare_k"
 #: Evaluate: the report picked
 EVALUATE_REPORT = "evaluate_report"
+#: Explore's counterfactual panel: the removal rule, k, the class, whether to run the random-k control too
+CF_RULE = "cf_rule"
+CF_K = "cf_k"
+CF_CLASS = "cf_class"
+CF_CONTROL = "cf_control"
 #: background scoring jobs whose failure was already shown
 FAILED_JOBS = "failed_jobs"
 

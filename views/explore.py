@@ -84,6 +84,14 @@ if gi is not None:
                      "means the step would become less likely without it.")
         c_text.markdown("\n\n".join(lines))
 
+if not (ws.is_latent or ws.is_conditional):
+    with st.expander("What if these were never in the training set?", icon=":material/science:", expanded=True):
+        tab_this, tab_show = st.tabs(["This sample", "Showcase (precomputed)"])
+        with tab_this:
+            ui.counterfactual_panel(ws, key, traj, step, method)
+        with tab_show:
+            ui.showcase(ws)
+
 all_done = ui.background_scores(ws, key, method, traj.num_steps, center=step)
 
 with st.expander("Export", icon=":material/download:"):

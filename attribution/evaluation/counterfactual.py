@@ -145,17 +145,34 @@ def measure(
                                 float(step_outputs(full, _one_query(queries, q), step_spec)[0, 0]))
             old, f_old = ref[seed, q]
             model = load_model(path)
-            pair = torch.stack([old, _regenerate(model, queries, qspec, q)])
-            e = embed(pair)
-            labels = classify(pair)
             rows.append({
                 "name": path.name, "query": q, "kind": kind, "k": int(k[1:]), "train_seed": seed,
-                "pixel_l2": float((pair[1] - pair[0]).norm()),
-                "feature_dist": float((e[1] - e[0]).norm()),
-                "class_changed": bool(labels[0] != labels[1]),
+                **sample_change(old, _regenerate(model, queries, qspec, q), embed, classify),
                 "delta_f": float(step_outputs(model, _one_query(queries, q), step_spec)[0, 0]) - f_old,
             })
     return rows
+
+
+@torch.no_grad()
+def sample_change(old: torch.Tensor, new: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
+                  classify: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """How far sample ``new`` (C, H, W) moved from ``old``: pixel_l2 (||new - old||_2 in [-1, 1]),
+    feature_dist (l2 of the classifier embeddings) and class_changed (the labels ``classify`` gives differ)."""
+    pair = torch.stack([old, new])
+    e = embed(pair)
+    labels = classify(pair)
+    return {"pixel_l2": float((pair[1] - pair[0]).norm()), "feature_dist": float((e[1] - e[0]).norm()),
+            "class_changed": bool(labels[0] != labels[1])}
+
+
+def fixed_step_output(model: DiffusionModel, trajectory, step: int, num_resamples: int, noise_seed: int) -> float:
+    """f_t(theta) of Eq. (3) of ``model`` at ``trajectory``'s fixed x0_hat of ``step`` with the K query noises
+    of :func:`attribution.scoring.scorer.query_noises` (what the scores predict the change of)."""
+    one = QuerySet(trajectory.timesteps, trajectory.x_t[None], trajectory.x0_hat[None], trajectory.eps[None],
+                   trajectory.sample[None], np.zeros(1, dtype=np.int64))
+    spec = QuerySpec(num_queries=1, num_val_queries=0, num_inference_steps=len(trajectory.timesteps), steps=(int(step),),
+                     num_resamples=num_resamples, noise_seed=noise_seed)
+    return float(step_outputs(model, one, spec)[0, 0])
 
 
 METRICS = ("pixel_l2", "feature_dist", "class_changed", "delta_f")

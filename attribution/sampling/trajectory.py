@@ -176,10 +176,13 @@ def sample_trajectory(
     prompt: str | None = None,
     guidance_scale: float | None = None,
     decode: bool = True,
+    initial: torch.Tensor | None = None,
 ) -> Trajectory:
     """Generate one sample from ``config.seed`` and record every step.
 
     Args:
+        initial: (C, H, W) x_T to start from instead of the seed's noise (an inverted
+            upload's; with DDIM and eta 0 no other noise is drawn).
         prompt, guidance_scale: override ``config.prompt`` / ``config.guidance_scale``
             (text-conditional models; the trajectory's config records the values used).
         decode: latent models: also decode x0_hat of every step for display.
@@ -192,6 +195,8 @@ def sample_trajectory(
     sched = make_scheduler(model, config)
     gen = torch.Generator().manual_seed(config.seed)
     x = torch.randn((1, *model.image_shape), generator=gen).to(device)
+    if initial is not None:
+        x = initial.reshape(1, *model.image_shape).to(device=device, dtype=x.dtype)
     abar = model.alphas_cumprod
     cond, uncond = prompt_embeddings(model, config)
     xs, epss, x0s = [], [], []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,8 +39,11 @@ class Job:
     total: int = 0
     error: str | None = None
     finished: bool = False
+    stage: str = ""
+    cancelled: bool = False
     thread: threading.Thread | None = field(default=None, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _rate_from: tuple[float, int] | None = field(default=None, repr=False)  # (time, done) of the first report
 
     @property
     def running(self) -> bool:
@@ -47,11 +51,27 @@ class Job:
 
     def progress(self, done: int, total: int) -> None:
         """A progress callback for the job's work (also checks for shutdown)."""
+        if self._rate_from is None:
+            self._rate_from = (time.monotonic(), int(done))
         self.done, self.total = int(done), int(total)
         self.check()
 
+    def seconds_left(self) -> float | None:
+        """Time left at the rate measured since the first progress report (None before two reports)."""
+        if self._rate_from is None or self.total <= 0:
+            return None
+        t0, d0 = self._rate_from
+        if self.done <= d0:
+            return None
+        return (self.total - self.done) * (time.monotonic() - t0) / (self.done - d0)
+
+    def cancel(self) -> None:
+        """Ask the work to stop at its next check, as cancelled by the user (not a shutdown)."""
+        self.cancelled = True
+        self._stop.set()
+
     def check(self) -> None:
-        """Raise :class:`JobCancelled` if the runner is shutting down."""
+        """Raise :class:`JobCancelled` if the job was cancelled or the runner is shutting down."""
         if self._stop.is_set():
             raise JobCancelled(self.name)
 

@@ -42,10 +42,12 @@ from ..scoring.groups import GroupInfluence, group_influence
 from ..tools.paths import resolve_within
 from . import bundles
 from .bundles import Bundle
-from .jobs import Job, JobRunner, PriorityLock
+from .jobs import Job, JobCancelled, JobRunner, PriorityLock
 from .recipes import SampleRecipe
 
 Progress = Callable[[int, int], None]
+#: Counterfactual retrainings that run at once; later ones wait in a queue.
+MAX_COUNTERFACTUAL_JOBS = 2
 
 
 class LRU:
@@ -102,6 +104,12 @@ class Workspace:
         # caller's request before the background jobs'.
         self._compute_lock = PriorityLock()
         self.jobs = JobRunner()
+        # counterfactuals: results and interrupted runs here; bundled showcase results are read too
+        self.counterfactual_cache = bundles.CACHE_DIR / "counterfactuals"
+        self.counterfactual_shipped = (bundles.ASSETS_DIR / "showcase",)
+        self._cf_slots = threading.BoundedSemaphore(MAX_COUNTERFACTUAL_JOBS)
+        self._cf_checkpoint: str | None = None
+        self._cf_requests: dict[str, Any] = {}  # job key -> its request
 
     # ------------------------------------------------------------------ data
     @property
@@ -456,3 +464,125 @@ class Workspace:
             cached = label_curves(self.models[0], traj, self.clip, labels, steps, num_samples, progress=progress)
             self._curves.put(ck, cached)
         return cached
+
+    # ------------------------------------------------------------------ counterfactuals
+    def counterfactual_request(self, key: str, step: int, remove: str, k: int, method: str = "journey",
+                               random_seed: int = 0):
+        """The :class:`~attribution.counterfactual.CounterfactualRequest` of removing ``remove`` (top, bottom,
+        random, class:C) of size ``k`` for trajectory ``key`` at ``step``, ranked by ``method``'s scores."""
+        from ..counterfactual import CounterfactualRequest, removed_set, train_config_of
+
+        if self.is_latent or self.is_conditional:
+            raise ValueError("counterfactuals retrain pixel-space DDPMs only (the bundled kind)")
+        if method.startswith("baseline-"):
+            raise ValueError("counterfactuals need an attribution method's scores, not a similarity baseline")
+        row = self.scores(key, method, [step])[0]
+        removed = removed_set(remove, int(k), row, self.dataset.labels, random_seed)
+        return CounterfactualRequest(
+            checkpoint=self.counterfactual_checkpoint(), sample=key, step=int(step), remove=remove, k=len(removed),
+            removed=tuple(int(i) for i in removed), method=method, train=train_config_of(self.bundle.model_dirs[0]),
+            device=torch.device(self.device).type, num_resamples=self.query.num_resamples,
+            noise_seed=self.query.noise_seed, random_seed=random_seed,
+            predicted_delta_f=float(row[removed].sum()))
+
+    def counterfactual_checkpoint(self) -> str:
+        """The generating checkpoint's hash (:func:`~attribution.counterfactual.checkpoint_hash`), computed once."""
+        from ..counterfactual import checkpoint_hash
+
+        with self._lock:
+            if self._cf_checkpoint is None:
+                self._cf_checkpoint = checkpoint_hash(self.bundle.model_dirs[0])
+            return self._cf_checkpoint
+
+    def counterfactual_result(self, request):
+        """The finished result of ``request`` (cache or shipped showcase), or None."""
+        from ..counterfactual import find_result
+
+        for root in (self.counterfactual_cache, *self.counterfactual_shipped):
+            found = find_result(root, request)
+            if found is not None:
+                return found
+        return None
+
+    def run_counterfactual(self, request, progress: Progress | None = None, log: Callable[[str], None] = lambda s: None,
+                           keep_model: bool = False):
+        """Compute ``request`` here and now (or read it from the cache): what the background job and the CLI run.
+        ``keep_model``: keep the retrained model for more samples of the same removed set."""
+        from ..counterfactual import run_counterfactual
+
+        found = self.counterfactual_result(request)
+        if found is not None:
+            return found
+        traj = self._trajectories.get(request.sample)
+        if traj is None:
+            raise KeyError(f"unknown trajectory {request.sample!r}; generate or upload it first")
+        images = self.dataset.images(np.arange(self.num_train))
+        return run_counterfactual(request, self.bundle.model_dirs[0], images, traj, self.counterfactual_cache,
+                                  classifier=self.classifier, progress=progress, log=log, keep_model=keep_model)
+
+    def start_counterfactual(self, request) -> Job:
+        """Run ``request`` in the background (no-op while it runs). At most :data:`MAX_COUNTERFACTUAL_JOBS` train
+        at once; the others wait with ``job.stage == "queued"``. Cancelling (:meth:`cancel_counterfactual`) removes
+        the run's files; a shutdown keeps them, and starting it again resumes at the last finished epoch."""
+        from ..counterfactual import discard_work
+
+        def work(job: Job) -> None:
+            job.stage = "queued"
+            while not self._cf_slots.acquire(timeout=0.2):
+                job.check()
+            try:
+                job.stage = "training"
+
+                def progress(done: int, total: int) -> None:
+                    if done >= total - 1:
+                        job.stage = "regenerating"
+                    job.progress(done, total)
+
+                self.run_counterfactual(request, progress)
+            except JobCancelled:
+                if job.cancelled:
+                    discard_work(self.counterfactual_cache, request)
+                raise
+            finally:
+                self._cf_slots.release()
+
+        self._cf_requests[request.key()] = request
+        return self.jobs.start(("counterfactual", request.key()), f"counterfactual-{request.key()}", work)
+
+    def counterfactual_job(self, request) -> Job | None:
+        """The background job of ``request`` started in this process, if any."""
+        return self.jobs.get(("counterfactual", request.key()))
+
+    def counterfactual_jobs(self) -> list[tuple[Any, Job]]:
+        """(request, job) of every counterfactual job running or queued now, in the order they were started."""
+        out = []
+        for key, request in list(self._cf_requests.items()):
+            job = self.jobs.get(("counterfactual", key))
+            if job is not None and job.running:
+                out.append((request, job))
+        return out
+
+    def counterfactual_results_of(self, sample: str) -> list:
+        """Every finished result of trajectory ``sample`` under this checkpoint (cache and showcase), by step and k."""
+        from ..counterfactual.showcase import entries
+
+        ck = self.counterfactual_checkpoint()
+        found = [r for root in (self.counterfactual_cache, *self.counterfactual_shipped) for r in entries(root)]
+        found = [r for r in found if r.meta["request"]["sample"] == sample and r.meta["request"]["checkpoint"] == ck]
+        return sorted(found, key=lambda r: (r.meta["request"]["step"], r.meta["request"]["k"]))
+
+    def cancel_counterfactual(self, request) -> None:
+        """Stop ``request``'s job at its next check and remove its files (also an interrupted run's)."""
+        from ..counterfactual import discard_work
+
+        job = self.counterfactual_job(request)
+        if job is not None and job.running:
+            job.cancel()
+            job.thread.join(30)
+        discard_work(self.counterfactual_cache, request)
+
+    def counterfactual_interrupted(self, request) -> int | None:
+        """Finished epochs of an interrupted run of ``request`` left on disk (None: there is none)."""
+        from ..counterfactual import interrupted
+
+        return interrupted(self.counterfactual_cache, request)
