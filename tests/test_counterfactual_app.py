@@ -111,6 +111,18 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from first_paint import CHROMIUM, CHROMIUM_ARGS, streamlit_server  # noqa: E402
 
 
+def _choose(page, label: str, option: str, tries: int = 10) -> None:
+    """Pick ``option`` of the selectbox ``label``; reopens the list when a rerun of the page closed it."""
+    for _ in range(tries):
+        page.get_by_role("combobox", name=label, exact=True).click()
+        try:
+            page.get_by_role("option", name=option, exact=True).click(timeout=5_000)
+            return
+        except Exception:  # playwright's TimeoutError: the list was closed by a rerun
+            time.sleep(1)
+    raise AssertionError(f"could not choose {option!r} in {label!r}")
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: apt-get install -y chromium")
 def test_browser_start_reload_result(tmp_path):
@@ -124,8 +136,7 @@ def test_browser_start_reload_result(tmp_path):
             page.goto(url)
             page.get_by_text("What if these were never in the training set?").wait_for(timeout=240_000)
             # k = 10 (the tiny bundle has 48 training images)
-            page.get_by_role("combobox", name="k").click()
-            page.get_by_role("option", name="10", exact=True).click()
+            _choose(page, "k", "10")
             page.get_by_text("Not computed yet for seed 0 at step 25").wait_for(timeout=60_000)
             page.get_by_role("button", name="Start").click()
             page.get_by_text("retraining without them").first.wait_for(timeout=60_000)
