@@ -43,7 +43,11 @@ with st.sidebar:
             st.markdown(ws.describe())
         sample_slot = st.empty()
 
-page.run()
+if ws is None:
+    page.run()
+else:
+    with ws.foreground():  # background scoring waits while this session renders
+        page.run()
 
 if ws is not None:
     # Filled after the page ran, so it already shows a sample the page just made.

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from attribution.scoring import PatchMask
+from attribution.tools import configure_torch_threads
 from attribution.workspace import Workspace, default_bundle
 
 
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="masked requests per condition")
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args()
+    configure_torch_threads()  # as the app does: one torch thread per Python thread
     ws = Workspace(default_bundle())
     key, traj = ws.generate(seed=0)
     steps = list(range(len(traj.timesteps)))

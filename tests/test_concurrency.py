@@ -13,7 +13,7 @@ from PIL import Image
 
 from attribution.config import FeaturizeConfig, QueryConfig
 from attribution.features import featurize
-from attribution.workspace import Bundle, Workspace
+from attribution.workspace import Bundle, PriorityLock, Workspace
 
 CLIENTS = 8
 STEPS = [0, 1, 2, 3]
@@ -81,3 +81,65 @@ def test_concurrent_clients_get_sequential_results_with_bounded_caches(bundle):
     # every client got its own sample's scores: no two clients' rows are the same
     rows = [got[i]["journey"][-1] for i in range(CLIENTS)]
     assert all(not np.array_equal(rows[a], rows[b]) for a in range(CLIENTS) for b in range(a))
+
+
+def _background_worker(lock: PriorityLock, units: list[int], stop: threading.Event, started: threading.Event) -> threading.Thread:
+    """A background holder that never releases the lock by itself: only its pause points can."""
+
+    def run() -> None:
+        with lock.hold(background=True):
+            started.set()
+            while not stop.is_set():
+                units.append(len(units))
+                time.sleep(0.002)
+                lock.pause_point()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_background_holder_gives_the_lock_up_at_a_pause_point():
+    lock, units, stop, started = PriorityLock(max_pause=30.0), [], threading.Event(), threading.Event()
+    worker = _background_worker(lock, units, stop, started)
+    assert started.wait(10)
+    acquired = threading.Event()
+
+    def foreground() -> None:
+        with lock.hold(background=False):
+            acquired.set()
+
+    fg = threading.Thread(target=foreground, daemon=True)
+    fg.start()
+    assert acquired.wait(10), "a foreground request waited for the whole background hold"
+    assert lock.pauses >= 1 and worker.is_alive()
+    n = len(units)
+    stop.set()
+    worker.join(10)
+    assert not worker.is_alive() and len(units) >= n  # the background work went on after the request
+
+
+def test_background_work_waits_while_a_page_renders():
+    lock, units, stop, started = PriorityLock(max_pause=30.0), [], threading.Event(), threading.Event()
+    worker = _background_worker(lock, units, stop, started)
+    assert started.wait(10)
+    with lock.foreground():
+        time.sleep(0.05)  # the worker reaches its next pause point and stops there
+        during = len(units)
+        time.sleep(0.3)
+        assert len(units) - during <= 1
+    deadline = time.time() + 10
+    while len(units) <= during + 1 and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(units) > during + 1, "background work did not resume after the page run"
+    stop.set()
+    worker.join(10)
+
+
+def test_pause_point_is_a_no_op_outside_the_background_holder():
+    lock = PriorityLock()
+    with lock.hold(background=False):
+        lock.pause_point()  # the foreground holder keeps its lock
+        assert lock.pauses == 0
+    lock.pause_point()
+    assert lock.pauses == 0

@@ -19,6 +19,7 @@ import streamlit as st
 
 from attribution.config import FeaturizeConfig
 from attribution.tools import PathEscapeError, resolve_within
+from attribution.tools.threads import THREADS_ENV, configure_torch_threads
 from attribution.workspace import ASSETS_DIR, CACHE_DIR, Bundle, Workspace, custom_bundle, default_bundle
 
 from .labels import DTRAK_OUTPUTS
@@ -51,25 +52,6 @@ def bundle_from_dir(root: str | Path) -> Bundle:
         featurize=featurize,
         roots=(root, CACHE_DIR),
     )
-
-
-THREADS_ENV = "ATTRIBUTION_TORCH_THREADS"
-
-
-def configure_torch_threads() -> int:
-    """One intra-op torch thread per Python thread by default (``$ATTRIBUTION_TORCH_THREADS`` overrides).
-
-    The app scores the step on screen and prefetches the others in a background
-    thread; with torch's default of one OpenMP thread per core,
-    the two fight over the cores, and on a busy 2-core machine a UNet forward
-    measured 100x slower (0.56 s instead of 5.6 ms; one journey step 18-250 s
-    instead of 0.5-1 s).
-    """
-    import torch
-
-    n = int(os.environ.get(THREADS_ENV, "1"))
-    torch.set_num_threads(n)
-    return n
 
 
 @st.cache_resource(show_spinner="Loading the models, the training set and the attribution store…")

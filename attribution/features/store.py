@@ -67,6 +67,7 @@ import torch
 
 from ..config import FeaturizeConfig
 from ..tools.files import _replace_from_tmp, atomic_save_npy, atomic_write_bytes, sha256_file
+from .kernel_cache import cached_kernel, kernel_cache_key
 
 FORMAT_VERSION = 1
 MANIFEST_KEYS = ("settings", "checkpoints", "dataset", "num_params", "proj_dim", "arrays", "kernels")
@@ -365,6 +366,7 @@ class Store:
         self._kernels: dict[int, np.ndarray] = {}
         self._checksums: dict[int, np.memmap] = {}
         self._verified: dict[int, np.ndarray] = {}  # (N,) bool: rows whose checksum was checked
+        self.kernel_cache: Path | None = None  # where kernels computed from Phi are kept (kernel_cache.py)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -670,7 +672,7 @@ class Store:
             name = f"kernel_{m}.npy"
             if name in self.manifest["kernels"] and (self.root / name).exists():
                 continue
-            kernel = self._compute_kernel(m, chunk_rows)
+            kernel = self.compute_kernel(m, chunk_rows)
             if progress:
                 progress(m + 1, self.num_checkpoints)
             atomic_save_npy(self.root / name, kernel)
@@ -682,7 +684,9 @@ class Store:
 
         Read from ``kernel_{m}.npy`` when :meth:`finalize` wrote it (verified against
         its recorded sha256); a complete store without kernel files (e.g. a read-only
-        shipped store) gets it computed from Phi once and kept in memory.
+        shipped store) gets it computed from Phi once and kept in memory, and, when
+        ``kernel_cache`` names a directory, on disk for the next process
+        (:func:`~attribution.features.kernel_cache.cached_kernel`).
         """
         if m in self._kernels:
             return self._kernels[m]
@@ -698,11 +702,21 @@ class Store:
         else:
             if not self.is_complete(m):
                 raise StoreError(f"store {self.root} is unfinished; run `attribution featurize` again to complete it")
-            kernel = self._compute_kernel(m)
+            if self.kernel_cache is not None:
+                kernel = cached_kernel(self.kernel_cache_key(m), self.proj_dim, lambda: self.compute_kernel(m),
+                                       self.kernel_cache)
+            else:
+                kernel = self.compute_kernel(m)
         self._kernels[m] = kernel
         return kernel
 
-    def _compute_kernel(self, m: int, chunk_rows: int = 8192) -> np.ndarray:
+    def kernel_cache_key(self, m: int) -> str:
+        """The key of checkpoint ``m``'s kernel in a kernel cache (bound to its rows' contents)."""
+        crcs = np.asarray(self.checksums(m)) if self.has_checksums else None
+        return kernel_cache_key(self.manifest, m, crcs, np.asarray(self.done(m)), self.root / f"features_{m}.npy")
+
+    def compute_kernel(self, m: int, chunk_rows: int = 8192) -> np.ndarray:
+        """(d, d) float64 Phi_m^T Phi_m, from one streaming pass over the rows."""
         kernel = torch.zeros((self.proj_dim, self.proj_dim), dtype=torch.float64)
         for _, block in self.iter_chunks(m, chunk_rows, torch.float64):
             kernel.addmm_(block.T, block)

@@ -164,11 +164,14 @@ class Scorer:
         mask: torch.Tensor | None = None,
         progress: Progress | None = None,
         prompt: str | None = None,
+        pause: Callable[[], None] | None = None,
     ) -> list[torch.Tensor]:
         """Projected Eq. (3) gradients: one (S, d) float32 tensor per checkpoint (on the CPU).
 
         ``prompt`` (conditional models): the text f_s is conditioned on; default the
-        trajectory's prompt, else ``""``.
+        trajectory's prompt, else ``""``. ``pause``: called between two gradient passes (a
+        checkpoint's chunk of steps), where background work may give way to a user's request
+        (:meth:`~attribution.workspace.jobs.PriorityLock.pause_point`).
         """
         steps = list(steps)
         if prompt is None:
@@ -195,6 +198,8 @@ class Scorer:
                 rows.append(g.cpu())
                 if progress:
                     progress(m * len(steps) + min(c + self.query.chunk_size, len(steps)), total)
+                if pause:
+                    pause()
             feats.append(torch.cat(rows))
         return feats
 
@@ -231,7 +236,9 @@ class Scorer:
                 self._row_norms.append(np.maximum(norms, 1e-12))
         return self._row_norms
 
-    def scores_from_features(self, feats: list[torch.Tensor], chunk_rows: int = STREAM_CHUNK_ROWS) -> np.ndarray:
+    def scores_from_features(
+        self, feats: list[torch.Tensor], chunk_rows: int = STREAM_CHUNK_ROWS, pause: Callable[[], None] | None = None
+    ) -> np.ndarray:
         """Combine query features with the store, streaming Phi in row chunks: (S, N) float32.
 
         trak:   tau = (1/M) sum_m Phi_m (K_m + lambda I)^-1 g_m
@@ -240,6 +247,7 @@ class Scorer:
         ekfac, kfac: tau = (1/M) sum_m Phi_m g_m, g_m already (1/N) P_m (H_m + lambda I)^-1 grad f
 
         Memory: the (S, N) scores plus two reused chunk buffers (:meth:`Store.iter_chunks`).
+        ``pause``: called after each checkpoint (see :meth:`query_features`).
         """
         n = self.store.num_train
         combine = self.method.combine
@@ -261,6 +269,8 @@ class Scorer:
                 if self.row_weights is not None:
                     p.mul_(torch.from_numpy(self.row_weights[m][start : start + rows]).float()[:, None])
                 out[:, start : start + rows].add_(p.T)
+            if pause:
+                pause()
         if combine in ("trak", "ekfac", "kfac"):
             out /= len(feats)
         return out.numpy()
@@ -272,19 +282,20 @@ class Scorer:
         mask: torch.Tensor | np.ndarray | None = None,
         progress: Progress | None = None,
         prompt: str | None = None,
+        pause: Callable[[], None] | None = None,
     ) -> Attribution:
         """Scores for ``steps`` (default: all) of ``trajectory``, optionally for a pixel mask.
 
         ``prompt``: conditional models: the prompt the query is conditioned on
-        (default: ``trajectory.prompt``, else ``""``).
+        (default: ``trajectory.prompt``, else ``""``). ``pause``: see :meth:`query_features`.
         """
         steps = list(range(trajectory.num_steps)) if steps is None else [int(s) for s in steps]
         if any(s < 0 or s >= trajectory.num_steps for s in steps):
             raise ValueError(f"steps must lie in [0, {trajectory.num_steps})")
         mask_t = prepare_mask(mask, tuple(trajectory.x0_hat.shape[1:]), self.models[0])
-        feats = self.query_features(trajectory, steps, mask_t, progress, prompt=prompt)
+        feats = self.query_features(trajectory, steps, mask_t, progress, prompt=prompt, pause=pause)
         return Attribution(
-            scores=self.scores_from_features(feats),
+            scores=self.scores_from_features(feats, pause=pause),
             steps=np.asarray(steps),
             timesteps=trajectory.timesteps[steps].numpy(),
             method=self.method.name,

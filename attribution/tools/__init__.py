@@ -12,6 +12,10 @@ from .files import (
     atomic_write_bytes,
     sha256_file,
 )
+from .threads import (
+    THREADS_ENV,
+    configure_torch_threads,
+)
 from .paths import (
     MAX_NAME,
     PathEscapeError,
@@ -22,9 +26,11 @@ from .paths import (
 __all__ = [
     "DEFAULT_KEEP_BYTES",
     "MAX_NAME",
+    "THREADS_ENV",
     "PathEscapeError",
     "atomic_save_npy",
     "atomic_write_bytes",
+    "configure_torch_threads",
     "resolve_within",
     "safe_name",
     "sha256_file",

@@ -10,7 +10,11 @@ process exits aborts it ("terminate called without an active exception", exit co
 (``torch.func.functional_call`` swaps a module's parameters while it runs, so two threads
 differentiating one UNet at once corrupt each other's results), and lets what a user just
 asked for go before background work: a background holder waits while a foreground request
-is waiting.
+is waiting, and gives the lock up at its next :meth:`PriorityLock.pause_point` (between two
+gradient passes, inside a step) when one arrives. A session that is rendering a page marks
+itself with :meth:`PriorityLock.foreground`; background work pauses at those points for it
+too, since on a small machine a background thread doubles the time of every page run (the
+two threads take turns on the interpreter lock).
 """
 
 from __future__ import annotations
@@ -140,21 +144,50 @@ class JobRunner:
 
 
 class PriorityLock:
-    """A mutex whose foreground requests go before background ones (see module doc)."""
+    """A mutex whose foreground requests go before background ones (see module doc).
 
-    def __init__(self) -> None:
+    Foreground: a thread that :meth:`hold` s the lock with ``background=False``, or that runs
+    inside :meth:`foreground` (a page being rendered). Background holders wait while any
+    foreground is active, and release the lock at :meth:`pause_point` until none is, for at
+    most ``max_pause`` seconds at a time, so that a stream of page runs cannot starve them.
+    """
+
+    def __init__(self, max_pause: float = 5.0) -> None:
         self._lock = threading.Lock()
         self._cond = threading.Condition()
         self._waiting = 0  # foreground requests waiting for the lock
+        self._active = 0  # foreground activities (page runs) in progress
+        self._background_owner: int | None = None  # thread id of a background holder
+        self.max_pause = max_pause
+        self.pauses = 0  # times a background holder gave the lock up (for tests and benchmarks)
+
+    def _foreground_idle(self) -> bool:
+        return self._waiting == 0 and self._active == 0
+
+    @contextmanager
+    def foreground(self) -> Iterator[None]:
+        """Mark the calling thread's work as what a user waits for: background work pauses meanwhile."""
+        with self._cond:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def _wait_for_foreground(self) -> None:
+        with self._cond:
+            self._cond.wait_for(self._foreground_idle, timeout=self.max_pause)
 
     @contextmanager
     def hold(self, background: bool) -> Iterator[None]:
         if background:
             while True:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._waiting == 0)
+                self._wait_for_foreground()
                 if self._lock.acquire(timeout=0.05):
                     break
+            self._background_owner = threading.get_ident()
         else:
             with self._cond:
                 self._waiting += 1
@@ -165,4 +198,26 @@ class PriorityLock:
         try:
             yield
         finally:
+            if background:
+                self._background_owner = None
             self._lock.release()
+
+    def pause_point(self) -> None:
+        """Called by background work between two units that need not run under one hold (e.g. the
+        gradient passes of two checkpoints): when a foreground is active or waiting, release the
+        lock, wait until it is done (at most ``max_pause`` s) and take the lock again. A no-op in
+        any thread but the background holder's."""
+        if self._background_owner != threading.get_ident():
+            return
+        with self._cond:
+            if self._foreground_idle():
+                return
+        self.pauses += 1
+        self._background_owner = None
+        self._lock.release()
+        try:
+            self._wait_for_foreground()
+        finally:
+            while not self._lock.acquire(timeout=0.05):
+                self._wait_for_foreground()
+            self._background_owner = threading.get_ident()

@@ -17,7 +17,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -310,6 +310,7 @@ class Workspace:
                     )
                 spec = store_spec(self.models, self.dataset, Store.open(path).config)
                 store = Store.open(path, spec)
+                store.kernel_cache = self.writable_path(bundles.CACHE_DIR / "kernels")
                 self._scorers[method] = Scorer(store, self.models, m, self.query, dataset=self.dataset)
             return self._scorers[method]
 
@@ -370,7 +371,7 @@ class Workspace:
                 mask_t = prepare_mask(mask, self.pixel_shape) if mask is not None else None
                 rows = baseline_scores(base, traj.display_x0_hat[missing].to(self.device), mask_t)
             else:
-                rows = self.scorer(method).score(traj, missing, mask, progress).scores
+                rows = self.scorer(method).score(traj, missing, mask, progress, pause=self._compute_lock.pause_point).scores
             for s, row in zip(missing, rows):
                 self._scores.put((key, method, s, mk), row)
                 found[s] = row
@@ -394,6 +395,11 @@ class Workspace:
         if job is None:
             return (0, 0, None)
         return (job.done, job.total, job.error)
+
+    def foreground(self) -> ContextManager[None]:
+        """Context of work a user is waiting for (a page being rendered): background scoring pauses
+        at its next pause point until it is over (:meth:`PriorityLock.foreground`)."""
+        return self._compute_lock.foreground()
 
     def shutdown(self) -> None:
         """Stop the background jobs and wait for them (also done at interpreter exit)."""
