@@ -6,6 +6,11 @@ caption of the grid: the cold first paint (the first session loads the models, t
 scores a step) and then ``--sessions`` new sessions, each in a fresh browser context (what a
 new tab on a running server costs). The server is stopped by its PID.
 
+The command-line run does this twice with one private, at first empty, cache directory
+(``$ATTRIBUTION_CACHE``): a fresh machine (the kernels of the read-only bundled store are
+computed and cached), then a restarted server, which finds the cache filled. A one-element
+Streamlit page in the same browser gives the floor: what any new session costs here.
+
 Usage: python benchmarks/first_paint.py [--repo DIR] [--sessions 3] [--json out.json]
 """
 
@@ -17,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import ExitStack, contextmanager
@@ -72,14 +78,15 @@ def streamlit_server(repo: Path, log_path: Path, env: dict[str, str] | None = No
                 proc.wait()
 
 
-def first_paint(browser, url: str, timeout_ms: float = 300_000) -> float:
-    """Seconds from opening ``url`` in a new browser context (a new session) to the first influencer caption."""
+def first_paint(browser, url: str, timeout_ms: float = 300_000, selector: str = CAPTION) -> float:
+    """Seconds from opening ``url`` in a new browser context (a new session) to the first influencer caption
+    (``selector``)."""
     context = browser.new_context(viewport={"width": 1440, "height": 1000})
     try:
         page = context.new_page()
         t0 = time.perf_counter()
         page.goto(url)
-        page.wait_for_selector(CAPTION, timeout=timeout_ms)
+        page.wait_for_selector(selector, timeout=timeout_ms)
         return time.perf_counter() - t0
     finally:
         context.close()
@@ -101,15 +108,43 @@ def measure(repo: Path, sessions: int, log_path: Path, env: dict[str, str] | Non
     return {"server_start_s": started, "cold_first_paint_s": cold, "warm_first_paint_s": warm}
 
 
+FLOOR_APP = (
+    "import streamlit as st\n"
+    "st.html('<div class=\"influencer-grid\"><figure><figcaption>floor</figcaption></figure></div>')\n"
+)
+
+
+def floor(browser, sessions: int, log_path: Path) -> list[float]:
+    """New-session first paints of a one-element Streamlit page (the browser's and Streamlit's own cost)."""
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "app.py").write_text(FLOOR_APP)
+        with streamlit_server(Path(d), log_path) as (url, _):
+            first_paint(browser, url, selector=".influencer-grid figcaption")
+            return [first_paint(browser, url, selector=".influencer-grid figcaption") for _ in range(sessions)]
+
+
 def main() -> None:
+    from playwright.sync_api import sync_playwright
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", type=Path, default=REPO, help="checkout whose app.py is served")
     ap.add_argument("--sessions", type=int, default=3, help="new sessions measured after the cold one")
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args()
-    result = measure(args.repo.resolve(), args.sessions, Path("/tmp") / f"first_paint_{os.getpid()}.log")
-    print(f"{args.repo}: server up in {result['server_start_s']:.1f} s; cold first paint {result['cold_first_paint_s']:.1f} s; "
-          "new sessions " + ", ".join(f"{w:.1f}" for w in result["warm_first_paint_s"]) + " s")
+    log = Path("/tmp") / f"first_paint_{os.getpid()}.log"
+    with sync_playwright() as p, tempfile.TemporaryDirectory() as cache:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        env = {"ATTRIBUTION_CACHE": cache}
+        result = {"fresh_machine": measure(args.repo.resolve(), args.sessions, log, env, browser),
+                  "restarted_server": measure(args.repo.resolve(), args.sessions, log, env, browser),
+                  "floor_new_session_s": floor(browser, args.sessions, log)}
+        browser.close()
+    for name in ("fresh_machine", "restarted_server"):
+        r = result[name]
+        print(f"{name:17s} server up in {r['server_start_s']:.1f} s; cold first paint {r['cold_first_paint_s']:.1f} s; "
+              "new sessions " + ", ".join(f"{w:.1f}" for w in r["warm_first_paint_s"]) + " s")
+    print("floor (one-element Streamlit page): new sessions "
+          + ", ".join(f"{w:.1f}" for w in result["floor_new_session_s"]) + " s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
