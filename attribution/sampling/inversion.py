@@ -24,6 +24,12 @@ like the upload to the model; five iterations bring it to ~0.05 (see
 read from noisy to clean, with eps and x0_hat recomputed at each x_t by the objective's
 formulas; its final sample is the uploaded image itself.
 
+Sample-prediction models are inverted the same way, but the refinement does not converge
+at the cleanest steps: there eps_hat = (x_t - sqrt(abar_t) x0_theta) / sqrt(1 - abar_t)
+amplifies any change of x_t by 1 / sqrt(1 - abar_t), and the last sampler step lands on
+x0_theta(x_t) whatever eps_hat is, so the fixed-point map is no contraction. Their
+trajectories are as good as plain DDIM inversion at those steps.
+
 Latent text-conditional models: the inversion runs in latent space and uses the
 conditional branch only (no guidance); the trajectory keeps pixel decodings for display.
 """
