@@ -61,6 +61,16 @@ def hand_x0_hat(kind: str, x_t: torch.Tensor, pred: torch.Tensor, a: torch.Tenso
             "flow": x_t - b * pred}[kind]
 
 
+def hand_losses(model, kind: str, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, params=None) -> torch.Tensor:
+    """(D,) training losses ||y_t - model(a_t x0 + b_t eps, tau(t))||^2 of one example x0 (C, H, W) at its draws
+    t (D,), eps (D, C, H, W); ``params``: parameters to call the network with (None: its own)."""
+    a, b, tau = hand_schedule(model, kind, t)
+    x_t = a.view(-1, 1, 1, 1) * x0 + b.view(-1, 1, 1, 1) * eps
+    net = model.unet if params is None else (lambda *args: functional_call(model.unet, params, args, strict=False))
+    pred = net(x_t, tau).sample
+    return ((hand_target(kind, x0[None], eps, a, b) - pred) ** 2).flatten(1).mean(1)
+
+
 def kind_of(model) -> str:
     return model.objective.kind.value
 
@@ -119,11 +129,8 @@ def test_loss_is_the_models_training_loss(pixel_models, tiny_dataset, kind):
     ts, noises = draw_timesteps_and_noise(np.arange(3), FeaturizeConfig(num_draws=4), 100, model.image_shape)
     got = looped_grads(model, params, get_output("loss"), x0, ts, noises)
     for i in range(3):
-        a, b, tau = hand_schedule(model, kind, ts[i])
-        x_t = a.view(-1, 1, 1, 1) * x0[i] + b.view(-1, 1, 1, 1) * noises[i]
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        pred = functional_call(model.unet, leaves, (x_t, tau), strict=False).sample
-        loss = ((hand_target(kind, x0[i][None], noises[i], a, b) - pred) ** 2).mean()
+        loss = hand_losses(model, kind, x0[i], ts[i], noises[i], leaves).mean()
         want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(leaves.values()))])
         torch.testing.assert_close(got[i], want, rtol=1e-3, atol=1e-5 * float(want.abs().max()))  # abar in float64 here
 
@@ -287,3 +294,50 @@ def test_cli_featurize_and_attribute_record_the_objective(pixel_models, tiny_dat
                  "--num-resamples", "2", "--device", "cpu", "--out", str(out)]) == 0
     with np.load(out) as z:
         assert z["scores"].shape == (2, len(tiny_dataset)) and np.isfinite(z["scores"]).all()
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "flow"])
+def test_cli_trains_a_model_of_each_objective(tiny_dataset, tmp_path, kind):
+    """`attribution train --prediction` saves a pipeline whose scheduler carries the objective it was trained with."""
+    from attribution.cli import main
+
+    npz = tmp_path / "d.npz"
+    np.savez(npz, images=tiny_dataset.array)
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(npz), "--out", str(out), "--epochs", "1", "--block-out-channels", "4", "8",
+                 "--size", "8", "--channels", "1", "--prediction", kind, "--shift", "2.0"]) == 0
+    model = load_model(out)
+    assert kind_of(model) == kind and json.loads((out / "train_config.json").read_text())["prediction"] == kind
+    if kind == "flow":
+        assert model.objective.shift == 2.0
+
+
+@torch.no_grad()
+def _hand_losses(model, kind: str, x0: torch.Tensor, ts: torch.Tensor, noises: torch.Tensor) -> torch.Tensor:
+    """(B, D) per-draw training losses, by hand: x0 (B, C, H, W), ts (B, D), noises (B, D, C, H, W)."""
+    return torch.stack([hand_losses(model, kind, x0[i], ts[i], noises[i]) for i in range(len(x0))])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_influence_task_and_das_residuals_use_the_objective(pixel_models, tiny_dataset, tmp_path, kind):
+    """The kronfluence task's train loss and measurement (EK-FAC) and the DAS residuals are the model's own loss."""
+    pytest.importorskip("kronfluence")
+    from attribution.scoring import ekfac
+    from attribution.scoring.das import residual_errors
+
+    model = pixel_models[kind]
+    x0 = _images(tiny_dataset)[:3]
+    ts, noises = draw_timesteps_and_noise(np.arange(3), FeaturizeConfig(num_draws=2), 100, model.image_shape)
+    want = _hand_losses(model, kind, x0, ts, noises)  # (3, 2)
+    task = ekfac.make_task(model, [])
+    with torch.no_grad():
+        train = task.compute_train_loss((x0, ts[:, 0], noises[:, 0], torch.zeros(3, 3, dtype=torch.long)), model.unet)
+        measured = task.compute_measurement((x0, ts, noises, torch.ones(3, 1, 8, 8)), model.unet)
+    torch.testing.assert_close(train, want[:, 0].sum(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(measured, want.mean(1).sum(), rtol=1e-4, atol=1e-6)
+    cfg = FeaturizeConfig(proj_dim=16, num_draws=2)
+    store = featurize([model], tiny_dataset, tmp_path / "s", cfg)
+    ts_all, noises_all = draw_timesteps_and_noise(np.arange(len(tiny_dataset)), cfg, 100, model.image_shape)
+    r = residual_errors(model, tiny_dataset, store)
+    want_r = _hand_losses(model, kind, _images(tiny_dataset), ts_all, noises_all).mean(1).sqrt().numpy()
+    np.testing.assert_allclose(r, want_r, rtol=1e-4)
