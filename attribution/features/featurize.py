@@ -113,8 +113,7 @@ def store_spec(
     matching uses the content hashes only.
     """
     config = config.resolved()
-    kinds = {m.objective.identity["schedule_sha256"] for m in models}
-    if len(kinds) > 1:
+    if any(not m.objective.matches(models[0].objective) for m in models[1:]):
         raise ValueError("the checkpoints have different training objectives or noise schedules; featurize them separately")
     params = select_params(models[0], config.param_filter)
     shape = models[0].image_shape if models[0].is_latent else dataset.image_shape

@@ -129,8 +129,6 @@ class DiffusionModel:
     def eps(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted noise eps_hat(x_t, t[, c]) implied by the prediction: shapes as :meth:`predict`."""
         pred = self.predict(x_t, timesteps, cond)
-        if self.objective.kind.value == "epsilon":
-            return pred
         a, b = self.objective.coefficients(timesteps.to(x_t.device))
         return self.objective.eps_hat(x_t, pred, a, b)
 

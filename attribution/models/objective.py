@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,7 @@ class DiffusionObjective:
     def num_train_timesteps(self) -> int:
         return int(self.table.shape[0])
 
-    @property
+    @cached_property
     def identity(self) -> dict[str, str]:
         """``{"kind", "schedule_sha256"}``: recorded in store manifests, compared when a store is opened."""
         h = hashlib.sha256(self.kind.value.encode())
@@ -167,8 +168,8 @@ class DiffusionObjective:
         return f"{self.kind.value} ({sched}, T = {self.num_train_timesteps})"
 
     def matches(self, other: "DiffusionObjective") -> bool:
-        """Same kind and (numerically) the same schedule."""
-        return self.kind is other.kind and torch.allclose(self.table, other.table)
+        """Same kind and the same schedule (what a store records: :attr:`identity`)."""
+        return self.identity == other.identity
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
