@@ -138,17 +138,12 @@ def guided_prediction(
     return p_u + guidance_scale * (p_c - p_u)
 
 
-def guided_eps(
-    model: DiffusionModel,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    cond: torch.Tensor | None = None,
-    uncond: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-) -> torch.Tensor:
-    """eps_hat of a sampling step (the guided prediction as a noise; itself for epsilon models), shapes as
-    :func:`guided_prediction`."""
-    pred = guided_prediction(model, x, t, cond, uncond, guidance_scale)
+def guided_eps(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, *guidance) -> torch.Tensor:
+    """eps_hat of a sampling step: the guided prediction as a noise (itself for epsilon models).
+
+    Arguments as :func:`guided_prediction` (``guidance``: cond, uncond, guidance_scale); (B, C, H, W).
+    """
+    pred = guided_prediction(model, x, t, *guidance)
     a, b = model.objective.coefficients(t)
     return model.objective.eps_hat(x, pred, a, b)
 
