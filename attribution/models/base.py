@@ -37,7 +37,7 @@ import torch
 from .objective import DiffusionObjective
 
 if TYPE_CHECKING:  # annotations only: importing diffusers takes seconds, which every CLI error would wait for
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
 
 class ModelLoadError(RuntimeError):
@@ -57,7 +57,7 @@ class DiffusionModel:
     """
 
     unet: UNet2DModel
-    scheduler: DDPMScheduler
+    scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler
     path: Path
     checkpoint_hash: str
 
