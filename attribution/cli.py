@@ -94,7 +94,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     images = ds.images(np.arange(len(ds)))
     if args.coupled and subset is None:
         raise ValueError("--coupled needs --subset-mask")
-    train_ddpm(images, args.out, cfg, subset=subset, progress=update, log=tqdm.write, coupled=args.coupled)
+    train_ddpm(images, args.out, cfg, subset=subset, progress=update, log=tqdm.write, coupled=args.coupled,
+               prediction=args.prediction, shift=args.shift)
     bar.close()
     print(f"saved {args.out}")
 
@@ -473,7 +474,7 @@ def build_parser(bench: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attribution", description="Step-by-step data attribution for diffusion models")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a DDPM on a dataset or a subset of it")
+    t = sub.add_parser("train", help="train a diffusion model (DDPM or flow matching) on a dataset or a subset of it")
     t.add_argument("--data", default="digits", help="training set: 'digits', an image folder or an .npz")
     t.add_argument("--out", required=True, type=Path, help="directory to save the trained pipeline in")
     t.add_argument("--seed", type=int, default=0, help=setting_help(TrainConfig, "seed"))
@@ -487,6 +488,9 @@ def build_parser(bench: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--coupled", action="store_true",
                    help="with --subset-mask: replay the full-data run of --seed (shuffling, timesteps, noises) and "
                         "drop the other rows from each minibatch, instead of a fresh run over the subset")
+    t.add_argument("--prediction", default="epsilon", choices=["epsilon", "v_prediction", "sample", "flow"],
+                   help="training objective: epsilon, v or sample prediction on a DDPM schedule, or flow matching")
+    t.add_argument("--shift", type=float, default=1.0, help="--prediction flow: the sigma shift of its scheduler")
     t.add_argument("--size", type=int, default=32, help="image size for image folders")
     t.add_argument("--channels", type=int, default=3, help="channels for image folders")
     t.set_defaults(func=cmd_train)

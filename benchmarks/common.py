@@ -175,27 +175,30 @@ def save_random_pipeline(
     block_out_channels: tuple[int, ...],
     layers_per_block: int,
     seed: int = 0,
+    prediction: str = "epsilon",
+    shift: float = 1.0,
 ) -> Path:
-    """A random-weight UNet2DModel (the project's make_unet) + DDPMScheduler in DDPMPipeline layout."""
+    """A random-weight UNet2DModel (the project's make_unet) + its training scheduler in DDPMPipeline layout
+    (``prediction``: the objective, :func:`attribution.models.make_training_scheduler`)."""
     import torch
-    from diffusers import DDPMScheduler
 
     from attribution.config import TrainConfig
-    from attribution.models import make_unet
+    from attribution.models import make_training_scheduler, make_unet
 
     if (directory / "model_index.json").exists():
         return directory
     torch.manual_seed(seed)
     unet = make_unet(image_shape, TrainConfig(block_out_channels=block_out_channels, layers_per_block=layers_per_block))
     unet.save_pretrained(directory / "unet", safe_serialization=True)
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(directory / "scheduler")
+    sched = make_training_scheduler(prediction, 1000, shift)
+    sched.save_pretrained(directory / "scheduler")
     (directory / "model_index.json").write_text(
         json.dumps(
             {
                 "_class_name": "DDPMPipeline",
                 "_diffusers_version": "0.42.1",
                 "unet": ["diffusers", "UNet2DModel"],
-                "scheduler": ["diffusers", "DDPMScheduler"],
+                "scheduler": ["diffusers", type(sched).__name__],
             }
         )
     )

@@ -7,14 +7,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 
 from attribution.data import ArrayDataset
 from attribution.models import load_models
 
 
-def make_tiny_pipeline(directory: Path, seed: int, channels: int = 1, size: int = 8) -> Path:
-    """A random tiny UNet2DModel + DDPMScheduler saved in DDPMPipeline layout."""
+def make_tiny_pipeline(directory: Path, seed: int, channels: int = 1, size: int = 8, prediction: str = "epsilon",
+                       shift: float = 3.0) -> Path:
+    """A random tiny UNet2DModel + its training scheduler saved in DDPMPipeline layout.
+
+    ``prediction``: the objective (``"epsilon"``, ``"v_prediction"``, ``"sample"``: a DDPMScheduler with
+    that prediction_type; ``"flow"``: a FlowMatchEulerDiscreteScheduler with ``shift``).
+    """
+    from attribution.models import make_training_scheduler
+
     torch.manual_seed(seed)
     unet = UNet2DModel(
         sample_size=size,
@@ -31,12 +38,12 @@ def make_tiny_pipeline(directory: Path, seed: int, channels: int = 1, size: int 
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    sched = DDPMScheduler(num_train_timesteps=100)
+    sched = make_training_scheduler(prediction, 100, shift)
     unet.save_pretrained(directory / "unet")
     sched.save_pretrained(directory / "scheduler")
     (directory / "model_index.json").write_text(
         '{"_class_name": "DDPMPipeline", "_diffusers_version": "0.42.1", '
-        '"unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}'
+        f'"unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "{type(sched).__name__}"]}}'
     )
     return directory
 

@@ -62,12 +62,14 @@ def tiny_text_encoder(seed: int):
     return CLIPTextModel(_tiny_text_config()).eval()
 
 
-def make_tiny_latent_pipeline(directory: Path, seed: int = 0, vae_seed: int = 10, text_seed: int = 20) -> Path:
+def make_tiny_latent_pipeline(directory: Path, seed: int = 0, vae_seed: int = 10, text_seed: int = 20,
+                              prediction: str = "epsilon") -> Path:
     """A random tiny UNet2DConditionModel + AutoencoderKL + CLIP text encoder in SD layout.
 
     Latents (4, 8, 8), pixels (3, 16, 16), text embeddings (8, 32), 100 training timesteps.
+    ``prediction``: the DDPM scheduler's prediction_type, or ``"flow"`` (FlowMatchEulerDiscreteScheduler, shift 3).
     """
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -82,13 +84,17 @@ def make_tiny_latent_pipeline(directory: Path, seed: int = 0, vae_seed: int = 10
     tiny_vae(vae_seed).save_pretrained(directory / "vae")
     tiny_text_encoder(text_seed).save_pretrained(directory / "text_encoder")
     write_char_tokenizer(directory / "tokenizer")
-    DDPMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  clip_sample=False).save_pretrained(directory / "scheduler")
+    if prediction == "flow":
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=100, shift=3.0)
+    else:
+        sched = DDPMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, prediction_type=prediction)
+    sched.save_pretrained(directory / "scheduler")
     (directory / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
+        "scheduler": ["diffusers", type(sched).__name__],
     }))
     return directory
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from trak_checks import explicit_scores
+
 from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig
 from attribution.data import ArrayDataset
 from attribution.features import (
@@ -26,7 +28,7 @@ from attribution.features import (
 )
 from attribution.models import load_models
 from attribution.sampling import invert_image, sample_trajectory
-from attribution.scoring import Scorer, query_noises, top_k
+from attribution.scoring import Scorer, top_k
 
 SMALL_PARAMS = ("conv_in", "conv_out")  # 77 parameters: identity projection stays tiny
 
@@ -163,23 +165,6 @@ def test_projections_are_seeded_and_blockwise(monkeypatch):
     assert ((ratio - 1).abs() < 0.15).all()
 
 
-def _explicit_scores(models, dataset, cfg, traj, steps, query, params_filter):
-    """tau_s = (1/M) sum_m Phi_m (Phi_m^T Phi_m + lambda_m I)^-1 g_{s,m}, by torch.linalg.solve."""
-    total = 0
-    for m, model in enumerate(models):
-        params = select_params(model, params_filter)
-        ts, noises = draw_timesteps_and_noise(np.arange(len(dataset)), cfg, model.num_train_timesteps, model.image_shape)
-        phi = looped_grads(model, params, get_output("loss"), dataset.images(range(len(dataset))), ts, noises).double()
-        K = query.num_resamples
-        qn = query_noises(steps, K, query.noise_seed, model.image_shape)
-        qt = traj.timesteps[steps][:, None].expand(-1, K)
-        g = looped_grads(model, params, get_output("loss"), traj.x0_hat[steps], qt, qn).double()
-        kern = phi.T @ phi
-        lam = query.ridge * torch.trace(kern) / kern.shape[0]
-        total = total + (phi @ torch.linalg.solve(kern + lam * torch.eye(kern.shape[0], dtype=kern.dtype), g.T)).T
-    return (total / len(models)).numpy()
-
-
 @pytest.mark.parametrize("num_models", [1, 2])
 def test_identity_projection_scores_equal_explicit_solve(tiny_models, tiny_dataset, tmp_path, num_models):
     models = tiny_models[:num_models]
@@ -190,7 +175,7 @@ def test_identity_projection_scores_equal_explicit_solve(tiny_models, tiny_datas
     query = QueryConfig(num_resamples=4, ridge=1e-2)
     steps = [0, 3, 5]
     got = Scorer(store, models, "journey", query).score(traj, steps).scores
-    want = _explicit_scores(models, tiny_dataset, cfg, traj, steps, query, SMALL_PARAMS)
+    want = explicit_scores(models, tiny_dataset.images(range(len(tiny_dataset))), cfg, traj, steps, query)
     assert got.shape == (3, len(tiny_dataset))
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
 

@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("transformers")
 
 from latent_builders import CAPTIONS  # noqa: E402
+from trak_checks import assert_self_attribution, explicit_scores  # noqa: E402
 
 from attribution.config import FeaturizeConfig, QueryConfig, SamplingConfig
 from attribution.data import image_folder_dataset
@@ -36,7 +37,7 @@ from attribution.features import (
 )
 from attribution.models import add_lora, load_model, load_models, lora_param_filter, module_param_filter
 from attribution.sampling import continue_from_step, guided_eps, invert_image, sample_trajectory
-from attribution.scoring import Scorer, downsample_mask, prepare_mask, query_noises
+from attribution.scoring import Scorer, downsample_mask, prepare_mask
 
 # conv_out (292) + the cross-attention key projection of the first down block (256):
 # small enough for an identity projection, and it exercises regex filters and the text path.
@@ -250,22 +251,6 @@ def test_guided_sampling_records_latents_and_decodes(latent_model):
 
 
 # ---------------------------------------------------------------------- scores
-def _explicit_scores(model, latents, captions, cfg, traj, steps, query, mask=None):
-    """tau_s = Phi (Phi^T Phi + lambda I)^-1 g_s by torch.linalg.solve, conditioning on captions / prompt."""
-    params = select_params(model, cfg.param_filter)
-    n = latents.shape[0]
-    ts, noises = draw_timesteps_and_noise(np.arange(n), cfg, model.num_train_timesteps, model.image_shape)
-    out = get_output("loss")
-    phi = looped_grads(model, params, out, latents, ts, noises, cond=model.encode_prompts(captions)).double()
-    K = query.num_resamples
-    qn = query_noises(steps, K, query.noise_seed, model.image_shape)
-    qt = traj.timesteps[steps][:, None].expand(-1, K)
-    g = looped_grads(model, params, out, traj.x0_hat[steps], qt, qn, mask, cond=model.encode_prompts([traj.prompt])).double()
-    kern = phi.T @ phi
-    lam = query.ridge * torch.trace(kern) / kern.shape[0]
-    return (phi @ torch.linalg.solve(kern + lam * torch.eye(kern.shape[0], dtype=kern.dtype), g.T)).T.numpy()
-
-
 def test_identity_projection_scores_equal_explicit_solve(latent_model, latent_data, identity_store):
     store, cfg = identity_store
     assert store.proj_dim == 548 and store.manifest["dataset"]["image_shape"] == [4, 8, 8]
@@ -274,7 +259,7 @@ def test_identity_projection_scores_equal_explicit_solve(latent_model, latent_da
     scorer = Scorer(store, [latent_model], "journey", query)
     steps = [0, 2, 4]
     got = scorer.score(traj, steps).scores
-    want = _explicit_scores(latent_model, latent_data.latents, CAPTIONS, cfg, traj, steps, query)
+    want = explicit_scores([latent_model], latent_data.latents, cfg, traj, steps, query, captions=CAPTIONS)
     assert got.shape == (3, 8)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
     # a pixel mask is downsampled to the latent grid before entering f_s
@@ -282,7 +267,7 @@ def test_identity_projection_scores_equal_explicit_solve(latent_model, latent_da
     pixel_mask[4:12, 2:10] = 1
     masked = scorer.score(traj, [2], mask=pixel_mask).scores
     latent_mask = downsample_mask(torch.as_tensor(pixel_mask, dtype=torch.float32)[None], (8, 8))
-    want_m = _explicit_scores(latent_model, latent_data.latents, CAPTIONS, cfg, traj, [2], query, latent_mask)
+    want_m = explicit_scores([latent_model], latent_data.latents, cfg, traj, [2], query, latent_mask, captions=CAPTIONS)
     np.testing.assert_allclose(masked, want_m, rtol=1e-3, atol=1e-4 * np.abs(want_m).max())
     # the query is conditioned on the prompt: another prompt, other scores
     assert not np.allclose(scorer.score(traj, [2], prompt="green stripes").scores, got[1:2])
@@ -308,14 +293,8 @@ def test_self_attribution(latent_model, latent_data, identity_store):
     models instead (the bundled digits, tests/test_default_assets.py).
     """
     store, cfg = identity_store
-    scorer = Scorer(store, [latent_model], "journey", QueryConfig(ridge=1e-6))
-    n = len(latent_data)
-    ts, noises = draw_timesteps_and_noise(np.arange(n), cfg, 100, latent_model.image_shape)
-    g = per_example_grads(latent_model, scorer.params[0], get_output("loss"), latent_data.latents, ts, noises,
-                          cond=latent_model.encode_prompts(CAPTIONS))
-    scores = scorer.scores_from_features([scorer.projectors[0].project(g)])
-    assert (scores.argmax(1) == np.arange(n)).all()
-    assert np.diag(scores).min() > 0.9 and np.abs(scores - np.diag(np.diag(scores))).max() < 0.1
+    assert_self_attribution(Scorer(store, [latent_model], "journey", QueryConfig(ridge=1e-6)), cfg, latent_data.latents,
+                            CAPTIONS)
 
 
 def test_store_is_refused_for_another_vae_or_text_encoder(latent_dirs, captioned, identity_store):

@@ -115,23 +115,41 @@ def test_no_unsafe_loading_in_the_code():
     assert not found, found
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"prediction_type": "v_prediction"}, "'v_prediction'-prediction"),
-    ({"prediction_type": "sample"}, "'sample'-prediction"),
-    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, "FlowMatchEulerDiscreteScheduler"),
-])
-def test_objectives_the_core_does_not_implement_are_refused_by_name(tmp_path, change, named):
-    """A pixel model whose scheduler is v-prediction, sample-prediction or flow matching used to load silently as a
-    DDPM epsilon model (and be attributed with the wrong loss)."""
+def _tiny_with_scheduler(tmp_path, change: dict) -> Path:
     import json
 
     from conftest import make_tiny_pipeline
-
 
     d = make_tiny_pipeline(tmp_path / "m", 0)
     cfg_path = d / "scheduler" / "scheduler_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg.update(change)
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=named):
-        load_model(d)
+    return d
+
+
+@pytest.mark.parametrize("change, kind", [
+    ({"prediction_type": "v_prediction"}, "v_prediction"),
+    ({"prediction_type": "sample"}, "sample"),
+    ({"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}, "v_prediction"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, "flow"),
+])
+def test_implemented_objectives_load_as_themselves(tmp_path, change, kind):
+    """A v-prediction, sample-prediction or flow-matching pixel model loads with its own objective
+    (it used to be refused, and before that attributed silently as an epsilon model)."""
+    model = load_model(_tiny_with_scheduler(tmp_path, change))
+    assert model.objective.kind.value == kind
+    assert model.objective.identity["kind"] == kind
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"prediction_type": "x0"}, "prediction_type='x0'"),
+    ({"_class_name": "FlowMatchHeunDiscreteScheduler"}, "FlowMatchHeunDiscreteScheduler"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}, "use_dynamic_shifting"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_karras_sigmas": True}, "use_karras_sigmas"),
+])
+def test_objectives_the_core_does_not_implement_are_refused_by_name(tmp_path, change, named):
+    """Any other objective or scheduler would be attributed with the wrong loss: refused, naming it, in one line."""
+    with pytest.raises(ModelLoadError, match=re.escape(named)) as info:
+        load_model(_tiny_with_scheduler(tmp_path, change))
+    assert "\n" not in str(info.value)

@@ -5,7 +5,11 @@ into a validation part (settings such as the ridge are chosen on it) and a
 reported part. For each query q and evaluated step s the ground truth of a model
 theta is the Eq. (3) output at the *fixed* x0_hat^s of the query's trajectory,
 
-    f_s(theta) = (1/K) sum_k || eps_k - eps_theta(sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_k, t_s) ||^2,
+    f_s(theta) = (1/K) sum_k || y_k - p_theta(a_t x0_hat + b_t eps_k, tau(t_s)) ||^2,
+
+with the noising (a_t, b_t), target y_k and timestep input tau of the model's objective
+(:mod:`attribution.models.objective`; for an epsilon model a = sqrt(abar), b = sqrt(1 - abar),
+y_k = eps_k),
 
 with the K noises of :func:`attribution.scoring.scorer.query_noises` (the ones the query
 gradients use), so truth and prediction see the same noises.
@@ -122,19 +126,21 @@ def step_outputs(model: DiffusionModel, queries: QuerySet, spec: QuerySpec, batc
     steps = list(spec.steps)
     K = spec.num_resamples
     noises = query_noises(steps, K, spec.noise_seed, tuple(queries.x0_hat.shape[2:]))  # (S, K, C, H, W)
-    abar = model.alphas_cumprod.cpu()
+    objective = model.objective
     ts = queries.timesteps[steps]  # (S,)
     Q, S = queries.x0_hat.shape[0], len(steps)
-    x0 = queries.x0_hat[:, steps][:, :, None].expand(-1, -1, K, -1, -1, -1)  # (Q, S, K, C, H, W)
-    eps = noises[None].expand(Q, -1, -1, -1, -1, -1)
-    a = abar[ts].view(1, S, 1, 1, 1, 1)
-    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * eps).reshape(-1, *x0.shape[3:])
+    shape = tuple(queries.x0_hat.shape[2:])
+    x0 = queries.x0_hat[:, steps][:, :, None].expand(-1, -1, K, -1, -1, -1).reshape(-1, *shape)  # (Q S K, C, H, W)
+    eps = noises[None].expand(Q, -1, -1, -1, -1, -1).reshape(-1, *shape)
     t_flat = ts.view(1, S, 1).expand(Q, -1, K).reshape(-1)
-    eps_flat = eps.reshape(-1, *x0.shape[3:])
+    a, b = objective.coefficients(t_flat)
+    x_t = objective.noised(x0, eps, a, b)
+    target = objective.target(x0, eps, a, b)
+    tau = objective.model_timesteps(t_flat)
     out = torch.empty(len(x_t))
     dev = model.device
     for start in range(0, len(x_t), batch):
         sl = slice(start, start + batch)
-        pred = model.unet(x_t[sl].to(dev), t_flat[sl].to(dev)).sample.cpu()
-        out[sl] = loss_output(pred, eps_flat[sl])
+        prediction = model.unet(x_t[sl].to(dev), tau[sl].to(dev)).sample.cpu()
+        out[sl] = loss_output(prediction, target[sl])
     return out.view(Q, S, K).double().mean(-1).numpy()

@@ -8,6 +8,10 @@ The D draws of example i are a pure function of ``(draw_seed, i)`` (or of
 ``draw_seed`` alone with ``draw_sharing="common"``: the same draws for every
 example) so that any chunking, resumption, sharding or device gives the same features.
 
+f is the output of the models' training objective (:mod:`attribution.models.objective`): the
+loss ``||y_t - p_theta(a_t x_i + b_t eps, tau(t))||^2`` with that objective's noising, target
+and timestep input (t indexes the sigma grid of flow models), or a D-TRAK norm of p.
+
 Latent models: x_i is the VAE latent of train image i (computed once per VAE, see
 :mod:`attribution.features.latents`) and the noises are drawn in latent space.
 Text-conditional models: each example is conditioned on the embedding of its
@@ -109,6 +113,8 @@ def store_spec(
     matching uses the content hashes only.
     """
     config = config.resolved()
+    if any(not m.objective.matches(models[0].objective) for m in models[1:]):
+        raise ValueError("the checkpoints have different training objectives or noise schedules; featurize them separately")
     params = select_params(models[0], config.param_filter)
     shape = models[0].image_shape if models[0].is_latent else dataset.image_shape
     return StoreSpec(
@@ -125,6 +131,7 @@ def store_spec(
         },
         num_params=num_params(params),
         projection_layout=FACTORIZED_LAYOUT if config.proj_kind == "factorized" else None,
+        objective=models[0].objective.identity,
     )
 
 

@@ -2,9 +2,13 @@
 
 One function serves train features and query features: for each example b,
 
-    F_b(theta) = (1/D) sum_d out(eps_theta(sqrt(abar_{t_bd}) x0_b + sqrt(1 - abar_{t_bd}) eps_bd, t_bd), eps_bd, mask)
+    F_b(theta) = (1/D) sum_d out(model_theta(x_bd, tau(t_bd)), y_bd, mask),
+    x_bd = a_{t_bd} x0_b + b_{t_bd} eps_bd,   y_bd = y_{t_bd}(x0_b, eps_bd)
 
-and we return grad_theta F_b flattened over the selected parameters. For train
+with the noising (a_t, b_t), the regression target y_t and the timestep input tau(t) of the
+model's training objective (:mod:`attribution.models.objective`: for an epsilon model
+a = sqrt(abar), b = sqrt(1 - abar), y = eps, tau(t) = t), and we return grad_theta F_b
+flattened over the selected parameters. For train
 features x0_b is a training image and (t_bd, eps_bd) its D draws; for the query of
 Eq. (3) x0_b is the one-step prediction x0_hat at step b, t_bd its timestep
 repeated K times and eps_bd the K fresh noises. Examples are vmapped
@@ -33,7 +37,7 @@ from .outputs import OutputFn
 
 @dataclass(frozen=True)
 class GradientTarget:
-    """What is differentiated: ``output`` of ``model``'s noise prediction, by the parameters ``params``
+    """What is differentiated: ``output`` of ``model``'s prediction, by the parameters ``params``
     (name -> tensor, in gradient order: :func:`select_params`)."""
 
     model: DiffusionModel
@@ -100,24 +104,25 @@ def flatten_grads(grads: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
 def _averaged_output_fn(
     model: DiffusionModel, params: dict[str, torch.Tensor], output: OutputFn
 ) -> Callable[..., torch.Tensor]:
-    """Build F(theta_sel; x0, a, b, t, eps, mask[, cond]) for one example (no batch dim)."""
+    """Build F(theta_sel; x0, a, b, tau, eps, mask[, cond]) for one example (no batch dim)."""
     others = {k: v.detach() for k, v in model.unet.named_parameters() if k not in params}
     buffers = {k: v.detach() for k, v in model.unet.named_buffers()}
+    objective = model.objective
 
     def fn(
         sel: dict[str, torch.Tensor],
         x0: torch.Tensor,  # (C, H, W)
-        sqrt_ab: torch.Tensor,  # (D,)
-        sqrt_1mab: torch.Tensor,  # (D,)
-        t: torch.Tensor,  # (D,)
+        a: torch.Tensor,  # (D,) noising coefficients of x0 ...
+        b: torch.Tensor,  # (D,) ... and of eps
+        t: torch.Tensor,  # (D,) the model's timestep input tau(t)
         eps: torch.Tensor,  # (D, C, H, W)
         mask: torch.Tensor,  # (1 or C, H, W)
         cond: torch.Tensor | None = None,  # (L, D_text)
     ) -> torch.Tensor:
-        x_t = sqrt_ab[:, None, None, None] * x0[None] + sqrt_1mab[:, None, None, None] * eps
+        x_t = objective.noised(x0[None], eps, a, b)
         c = None if cond is None else cond[None].expand(t.shape[0], *cond.shape)
-        eps_pred = functional_call(model.unet, (sel, others, buffers), (x_t, t), model.unet_kwargs(c)).sample
-        return output(eps_pred, eps, mask[None]).mean()
+        prediction = functional_call(model.unet, (sel, others, buffers), (x_t, t), model.unet_kwargs(c)).sample
+        return output(prediction, objective.target(x0[None], eps, a, b), mask[None]).mean()
 
     return fn
 
@@ -169,8 +174,7 @@ def per_example_grads(
     if mask is None:
         mask = torch.ones((1, *x0.shape[-2:]), device=device)
     mask = mask.to(device=device, dtype=torch.float32)
-    timesteps = timesteps.to(device)
-    sqrt_ab, sqrt_1mab = _alpha_bar_terms(model, timesteps)
+    a, b, tau = objective_terms(model, timesteps)
     rows = []
     for start in range(0, x0.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
@@ -182,9 +186,9 @@ def per_example_grads(
             g = per_ex(
                 params,
                 x0[sl].to(device),
-                sqrt_ab[sl],
-                sqrt_1mab[sl],
-                timesteps[sl],
+                a[sl],
+                b[sl],
+                tau[sl],
                 noises[sl].to(device),
                 mask,
                 *extra,
@@ -193,13 +197,14 @@ def per_example_grads(
     return torch.cat(rows, dim=0)
 
 
-def _alpha_bar_terms(model: DiffusionModel, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sqrt(abar_t), sqrt(1 - abar_t)), each shaped like ``timesteps`` (B, D), on the model's device.
+def objective_terms(model: DiffusionModel, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a_t, b_t, tau(t)) of the model's objective for integer ``timesteps`` (B, D), each (B, D) on the model's device.
 
     Gathered outside any vmap: indexing with a batched tensor fails inside it.
     """
-    ab = model.alphas_cumprod.index_select(0, timesteps.to(model.device).reshape(-1)).reshape(timesteps.shape)
-    return ab.sqrt(), (1 - ab).sqrt()
+    timesteps = timesteps.to(model.device)
+    a, b = model.objective.coefficients(timesteps)
+    return a, b, model.objective.model_timesteps(timesteps)
 
 
 def per_step_grads(
@@ -228,15 +233,14 @@ def per_step_grads(
     if mask is None:
         mask = torch.ones((1, *x0.shape[-2:]), device=device)
     mask = mask.to(device=device, dtype=torch.float32)
-    timesteps = timesteps.to(device)
-    sqrt_ab, sqrt_1mab = _alpha_bar_terms(model, timesteps)
+    a, b, tau = objective_terms(model, timesteps)
     sel = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # leaves, shared by every example
     leaves = list(sel.values())
     out = torch.empty(x0.shape[0], num_params(params), device=device)
-    for b in range(x0.shape[0]):
-        c = cond[b] if cond is not None else None
-        value = fn(sel, x0[b].to(device), sqrt_ab[b], sqrt_1mab[b], timesteps[b], noises[b].to(device), mask, c)
-        torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, leaves)], out=out[b])
+    for i in range(x0.shape[0]):
+        c = cond[i] if cond is not None else None
+        value = fn(sel, x0[i].to(device), a[i], b[i], tau[i], noises[i].to(device), mask, c)
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, leaves)], out=out[i])
     return out
 
 

@@ -1,14 +1,16 @@
 """Model-output functions by name.
 
-Each function maps the predicted noise of a batch of noised images to one scalar
-per image; features and queries both average it over (timestep, noise) draws:
+Each function maps the model's prediction p of a batch of noised images, and the
+regression target y of its training objective (:mod:`attribution.models.objective`:
+eps, v, x0 or eps - x0), to one scalar per image; features and queries both average
+it over (timestep, noise) draws:
 
-  * ``"loss"`` -- the DDPM training loss ``||eps - eps_theta(x_t, t)||^2`` (mean over
-    pixels). At a train example it is Algorithm 1 line 3 of journey-TRAK; at the
-    one-step prediction x0_hat of a sampling step, with K fresh noises, it is the
-    step-specific output f_t of Eq. (3).
+  * ``"loss"`` -- the training loss ``||y - p||^2`` (mean over pixels; for an epsilon
+    model ``||eps - eps_theta(x_t, t)||^2``). At a train example it is Algorithm 1
+    line 3 of journey-TRAK; at the one-step prediction x0_hat of a sampling step, with
+    K fresh noises, it is the step-specific output f_t of Eq. (3).
   * ``"square"``, ``"l1"``, ``"l2"``, ``"mean"`` -- the D-TRAK alternatives
-    (squared L2 norm, L1 norm, L2 norm and mean of eps_theta), which ignore eps.
+    (squared L2 norm, L1 norm, L2 norm and mean of the prediction p), which ignore y.
 
 An optional pixel mask M (patch attribution) weights the per-pixel terms; the sum
 is divided by the total pixel count, so f_mask + f_(1-mask) = f for the additive
@@ -32,30 +34,30 @@ def _weighted_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     return values.flatten(1).mean(1)
 
 
-def loss_output(eps_pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """DDPM loss per image: (B, C, H, W) x2 -> (B,)."""
-    return _weighted_mean((eps - eps_pred) ** 2, mask)
+def loss_output(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Training loss per image ||y - p||^2: prediction and target (B, C, H, W) -> (B,)."""
+    return _weighted_mean((target - pred) ** 2, mask)
 
 
-def square_output(eps_pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """D-TRAK's L_square: squared L2 norm of eps_theta (per pixel mean), (B,)."""
-    return _weighted_mean(eps_pred**2, mask)
+def square_output(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """D-TRAK's L_square: squared L2 norm of the prediction (per pixel mean), (B,)."""
+    return _weighted_mean(pred**2, mask)
 
 
-def l1_output(eps_pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """D-TRAK's L1 norm of eps_theta (per pixel mean), (B,)."""
-    return _weighted_mean(eps_pred.abs(), mask)
+def l1_output(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """D-TRAK's L1 norm of the prediction (per pixel mean), (B,)."""
+    return _weighted_mean(pred.abs(), mask)
 
 
-def l2_output(eps_pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """D-TRAK's L2 norm of eps_theta, (B,)."""
-    sq = eps_pred**2 if mask is None else eps_pred**2 * mask
+def l2_output(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """D-TRAK's L2 norm of the prediction, (B,)."""
+    sq = pred**2 if mask is None else pred**2 * mask
     return (sq.flatten(1).sum(1) + 1e-12).sqrt()
 
 
-def mean_output(eps_pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """D-TRAK's mean of eps_theta, (B,)."""
-    return _weighted_mean(eps_pred, mask)
+def mean_output(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """D-TRAK's mean of the prediction, (B,)."""
+    return _weighted_mean(pred, mask)
 
 
 OUTPUTS: dict[str, OutputFn] = {

@@ -2,8 +2,8 @@
 
 Layout of a store directory::
 
-    manifest.json        format version, featurize settings, checkpoint hashes,
-                         dataset fingerprint, shapes, dtypes, file sizes, kernel checksums
+    manifest.json        format version, featurize settings, checkpoint hashes, training
+                         objective, dataset fingerprint, shapes, dtypes, file sizes, kernel checksums
     features_{m}.npy     (N, d) train features Phi_m of checkpoint m (memory-mapped .npy)
     done_{m}.npy         (N,) uint8: 1 where row i of features_{m} is finished
     rowcrc_{m}.npy       (N,) uint32: CRC-32 of the bytes of row i, recorded when it was written
@@ -13,8 +13,8 @@ Layout of a store directory::
     .lock                held (``flock``) by the process featurizing the store; names it
 
 Settings binding: every setting that changes the features (the featurize
-settings, checkpoint hashes, dataset fingerprint, parameter count, projection
-layout) is hashed when the store is created and written both into the manifest
+settings, checkpoint hashes, training objective, dataset fingerprint, parameter
+count, projection layout) is hashed when the store is created and written both into the manifest
 and into ``built_with.json`` beside the rows. :meth:`Store.open` recomputes the
 hash from the manifest and compares the two files, so an edited setting or a
 manifest copied from another store is refused, naming the setting. Stores built
@@ -86,7 +86,7 @@ class StoreBusyError(StoreError):
 BINDING_FILE = "built_with.json"
 LOCK_FILE = ".lock"
 #: Manifest entries that change what the rows hold; hashed into the settings binding.
-BOUND_KEYS = ("settings", "checkpoints", "dataset", "num_params", "proj_dim", "projection_layout")
+BOUND_KEYS = ("settings", "checkpoints", "dataset", "num_params", "proj_dim", "projection_layout", "objective")
 
 
 def bound_settings(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +99,22 @@ def bound_settings(manifest: dict[str, Any]) -> dict[str, Any]:
         out[f"dataset.{k}"] = ds.get(k)
     for k in ("num_params", "proj_dim", "projection_layout"):
         out[k] = manifest.get(k)
+    if "objective" in manifest:  # only where recorded, so stores built before it keep their binding
+        out["objective"] = manifest["objective"]
     return out
+
+
+def objective_mismatch(recorded: dict[str, str] | None, identity: dict[str, str]) -> str | None:
+    """Say how the objective a store was built for (``manifest.get("objective")``) differs from a model's
+    ``objective.identity`` (None: same). Stores built before the objective was recorded are epsilon stores."""
+    recorded = recorded or {"kind": "epsilon"}
+    if recorded.get("kind") != identity["kind"]:
+        return (f"the training objective differs: the store was built for a {recorded.get('kind')!r} model, "
+                f"the model is {identity['kind']!r}")
+    if "schedule_sha256" in recorded and recorded["schedule_sha256"] != identity["schedule_sha256"]:
+        return (f"the noise schedule of the {identity['kind']!r} objective differs: the store was built with "
+                f"{recorded['schedule_sha256'][:12]}..., the model has {identity['schedule_sha256'][:12]}...")
+    return None
 
 
 def settings_hash(bound: dict[str, Any]) -> str:
@@ -310,6 +325,7 @@ class StoreSpec:
         num_params: number of differentiated parameters p.
         projection_layout: version of a structured projection's layout (factorized:
             :data:`attribution.features.projection.factorized.LAYOUT_VERSION`), None for the others.
+        objective: the models' ``objective.identity`` (``{"kind", "schedule_sha256"}``), or None (not checked).
     """
 
     config: FeaturizeConfig
@@ -317,6 +333,7 @@ class StoreSpec:
     dataset: dict[str, Any]
     num_params: int
     projection_layout: int | None = None
+    objective: dict[str, str] | None = None
 
     @property
     def proj_dim(self) -> int:
@@ -327,6 +344,10 @@ class StoreSpec:
         why = settings_mismatch(manifest["settings"], self.config)
         if why is not None:
             return why
+        if self.objective is not None:
+            why = objective_mismatch(manifest.get("objective"), self.objective)
+            if why is not None:
+                return why
         old_ck = manifest["checkpoints"]
         if len(old_ck) != len(self.checkpoints):
             return f"the store holds {len(old_ck)} checkpoints, {len(self.checkpoints)} were given"
@@ -405,6 +426,8 @@ class Store:
         }
         if spec.projection_layout is not None:
             manifest["projection_layout"] = spec.projection_layout
+        if spec.objective is not None:
+            manifest["objective"] = dict(spec.objective)
         _write_binding(root, manifest)
         atomic_write_bytes(root / "manifest.json", json.dumps(manifest, indent=2).encode())
         return cls(root, manifest, writable=True)

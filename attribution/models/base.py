@@ -1,8 +1,9 @@
 """Load diffusers models from local directories: pixel-space and latent text-conditional.
 
 A :class:`DiffusionModel` bundles what the attribution core needs of a
-checkpoint: the noise predictor ``eps_theta`` (a ``UNet2DModel``), the training
-noise schedule ``alphas_cumprod`` and a content hash that identifies the
+checkpoint: the network (a ``UNet2DModel``), its training objective (epsilon, v or
+sample prediction on a DDPM schedule, or flow matching: :mod:`attribution.models.objective`)
+and a content hash that identifies the
 checkpoint in store manifests. Weights load through diffusers
 ``from_pretrained(..., use_safetensors=True)`` from a local directory only: no hub
 access, no pickle.
@@ -27,13 +28,16 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from .objective import DiffusionObjective
+
 if TYPE_CHECKING:  # annotations only: importing diffusers takes seconds, which every CLI error would wait for
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
 
 class ModelLoadError(RuntimeError):
@@ -45,14 +49,15 @@ class DiffusionModel:
     """One checkpoint of a pixel-space diffusion model.
 
     Attributes:
-        unet: noise predictor; ``unet(x_t, t).sample`` has the shape of ``x_t`` (B, C, H, W).
-        scheduler: the training (DDPM) scheduler; its ``alphas_cumprod`` is (T,).
+        unet: the network; ``unet(x_t, objective.model_timesteps(t)).sample`` has the shape of ``x_t`` (B, C, H, W)
+            and predicts what ``objective`` says (noise, v, the clean sample or the flow velocity).
+        scheduler: the training scheduler (``DDPMScheduler`` or ``FlowMatchEulerDiscreteScheduler``).
         path: directory it was loaded from.
         checkpoint_hash: sha256 over the weights and the configs.
     """
 
     unet: UNet2DModel
-    scheduler: DDPMScheduler
+    scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler
     path: Path
     checkpoint_hash: str
 
@@ -72,10 +77,15 @@ class DiffusionModel:
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 
+    @cached_property
+    def objective(self) -> DiffusionObjective:
+        """The training objective and noise schedule, read from the scheduler config (:mod:`.objective`)."""
+        return DiffusionObjective.from_scheduler(self.scheduler)
+
     @property
     def alphas_cumprod(self) -> torch.Tensor:
-        """(T,) float32 on the model's device: alpha-bar_t of the training schedule."""
-        return self.scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float32)
+        """(T,) float32 on the model's device: alpha-bar_t of a DDPM-family training schedule."""
+        return self.objective.alphas_cumprod.to(device=self.device, dtype=torch.float32)
 
     @property
     def is_latent(self) -> bool:
@@ -111,9 +121,16 @@ class DiffusionModel:
         return {}
 
     @torch.no_grad()
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's prediction at x_t (B, C, H, W), integer training timesteps (B,), cond (B, L, D) -> (B, C, H, W)."""
+        return self.unet(x_t, self.objective.model_timesteps(timesteps), **self.unet_kwargs(cond)).sample
+
+    @torch.no_grad()
     def eps(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted noise eps_theta(x_t, t[, c]): x_t (B, C, H, W), timesteps (B,), cond (B, L, D) -> (B, C, H, W)."""
-        return self.unet(x_t, timesteps, **self.unet_kwargs(cond)).sample
+        """Predicted noise eps_hat(x_t, t[, c]) implied by the prediction: shapes as :meth:`predict`."""
+        pred = self.predict(x_t, timesteps, cond)
+        a, b = self.objective.coefficients(timesteps.to(x_t.device))
+        return self.objective.eps_hat(x_t, pred, a, b)
 
     def to(self, device: str | torch.device) -> "DiffusionModel":
         self.unet.to(device)

@@ -15,7 +15,8 @@ Directory layout (diffusers ``StableDiffusionPipeline``, safetensors only)::
     vae/           config.json + diffusion_pytorch_model.safetensors (AutoencoderKL)
     text_encoder/  config.json + model.safetensors (CLIPTextModel)
     tokenizer/     vocab.json + merges.txt or tokenizer.json (CLIPTokenizer)
-    scheduler/     scheduler_config.json (any diffusers scheduler; read as DDPM)
+    scheduler/     scheduler_config.json (a DDPM-family scheduler, any prediction_type of :mod:`.objective`,
+                   or FlowMatchEulerDiscreteScheduler)
 
 The checkpoint hash covers the configs and weights of every component and the
 tokenizer files, so a store built with another VAE or text encoder is refused.
@@ -31,9 +32,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from .base import DiffusionModel, ModelLoadError
+from .objective import load_training_scheduler
 
 
 @dataclass
@@ -167,7 +169,7 @@ def load_latent_model(path: Path, unet_dir: Path, sched_dir: Path, device: str |
         unet_cls = UNet2DConditionModel if conditional else _unconditional_unet_cls(unet_dir)
         unet = unet_cls.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True)
         vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, local_files_only=True)
-        scheduler = DDPMScheduler.from_pretrained(sched_dir, local_files_only=True)
+        scheduler = load_training_scheduler(sched_dir)
         text_encoder = tokenizer = None
         if conditional:
             from transformers import CLIPTextModel, CLIPTokenizer

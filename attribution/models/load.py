@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 
 from .base import DiffusionModel, ModelLoadError, hash_files
 from .latent import load_latent_model
+from .objective import load_training_scheduler, unsupported_reason
 
 
 def _resolve_dirs(path: Path) -> tuple[Path, Path]:
@@ -41,37 +42,20 @@ def _resolve_dirs(path: Path) -> tuple[Path, Path]:
     return unet_dir, sched_dir
 
 
-#: Schedulers whose config is a DDPM noise schedule (betas over ``num_train_timesteps``): read as DDPM.
-DDPM_FAMILY = (
-    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler",
-    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
-    "DDPMParallelScheduler", "DDIMParallelScheduler",
-)
-
-
 def check_scheduler_config(sched_dir: Path, path: Path) -> None:
     """Refuse, naming it, a scheduler or training objective the core does not implement.
 
-    The core attributes epsilon-prediction models with a DDPM noise schedule. A v-prediction or
-    sample-prediction model, or a flow-matching one (``FlowMatchEulerDiscreteScheduler``), would
-    load as a DDPM epsilon model and be attributed with the wrong loss, so it is refused here.
+    Implemented (:mod:`attribution.models.objective`): DDPM-family schedulers with ``prediction_type``
+    epsilon, v_prediction or sample, and ``FlowMatchEulerDiscreteScheduler`` with a fixed sigma grid.
+    Anything else would be attributed with the wrong loss, so it is refused here.
     """
     try:
         config = json.loads((sched_dir / "scheduler_config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{sched_dir / 'scheduler_config.json'} is unreadable: {e}") from e
-    name = config.get("_class_name", "DDPMScheduler")
-    if name not in DDPM_FAMILY:
-        raise ModelLoadError(
-            f"{path} uses the scheduler {name}, which the attribution core does not implement (flow-matching and "
-            f"other non-DDPM objectives are not supported yet); supported: DDPM-family schedulers such as "
-            f"DDPMScheduler and DDIMScheduler")
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise ModelLoadError(
-            f"{path} is a {prediction!r}-prediction model ({name}: prediction_type={prediction!r}); the attribution "
-            f"core implements epsilon-prediction only, so its loss would be wrong")
+    why = unsupported_reason(config)
+    if why is not None:
+        raise ModelLoadError(f"{path}: {why}, so the attribution core cannot attribute it")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:
@@ -87,7 +71,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Diffusio
         raise ModelLoadError(f"{unet_dir} holds a {cls_name}; only pixel-space UNet2DModel is supported here")
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True)
-        scheduler = DDPMScheduler.from_pretrained(sched_dir, local_files_only=True)
+        scheduler = load_training_scheduler(sched_dir)
     except (OSError, ValueError, EnvironmentError) as e:  # diffusers raises these for bad dirs
         raise ModelLoadError(f"could not load a diffusers model from {path}: {e}") from e
     unet.eval().requires_grad_(False).to(device)
@@ -110,6 +94,7 @@ def load_models(paths: list[str | Path], device: str | torch.device = "cpu") -> 
             raise ModelLoadError(f"{m.path} works on {m.image_shape} images but {ref.path} on {ref.image_shape}")
         if m.pixel_shape != ref.pixel_shape or m.is_conditional != ref.is_conditional:
             raise ModelLoadError(f"{m.path} and {ref.path} are different kinds of model (pixel size or conditioning)")
-        if not torch.allclose(m.scheduler.alphas_cumprod, ref.scheduler.alphas_cumprod):
-            raise ModelLoadError(f"{m.path} and {ref.path} use different noise schedules")
+        if not m.objective.matches(ref.objective):
+            raise ModelLoadError(f"{m.path} and {ref.path} use different training objectives or noise schedules "
+                                 f"({m.objective.describe()} vs {ref.objective.describe()})")
     return models

@@ -1,4 +1,9 @@
-"""Train a pixel-space DDPM (UNet2DModel + DDPMScheduler) on a dataset or a subset of it.
+"""Train a pixel-space diffusion model (UNet2DModel) on a dataset or a subset of it.
+
+The objective is epsilon prediction on a DDPM schedule by default; ``prediction`` selects
+v or sample prediction (a ``DDPMScheduler`` with that ``prediction_type``) or flow matching
+(a ``FlowMatchEulerDiscreteScheduler``), each trained with its own loss
+(:mod:`attribution.models.objective`), so tests can build tiny models of every kind.
 
 Used for the bundled ensemble and for LDS / counterfactual retraining, so it is
 deterministic from its seed and resumable: each epoch draws its shuffling,
@@ -27,11 +32,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 
 from ..config import TrainConfig
 from ..tools.files import atomic_write_bytes
+from .objective import DiffusionObjective, PredictionType, make_training_scheduler
 
 Progress = Callable[[int, int], None]
 
@@ -122,8 +128,10 @@ def train_ddpm(
     log: Callable[[str], None] = lambda s: None,
     coupled: bool = False,
     device: str | torch.device = "cpu",
+    prediction: str = "epsilon",
+    shift: float = 1.0,
 ) -> Path:
-    """Train a DDPM on ``images`` (or the rows where ``subset`` is True) and save it.
+    """Train a diffusion model on ``images`` (or the rows where ``subset`` is True) and save it.
 
     Args:
         images: (N, C, H, W) float32 in [-1, 1].
@@ -140,6 +148,9 @@ def train_ddpm(
             made on the CPU from the same generators whatever the device, so a CUDA run
             follows the same stream as a CPU run and differs only by float rounding; the
             saved state is on the CPU, so a run can resume on another device.
+        prediction: the training objective, a :class:`~attribution.models.objective.PredictionType` value
+            (``"epsilon"``, ``"v_prediction"``, ``"sample"`` or ``"flow"``).
+        shift: flow matching: the sigma shift of its ``FlowMatchEulerDiscreteScheduler``.
 
     Returns:
         ``out_dir``.
@@ -160,8 +171,12 @@ def train_ddpm(
     partial = out_dir.with_name(out_dir.name + ".partial")
     data_hash = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
     record = {**asdict(config), "num_images": n, "data_sha256": data_hash}
-    if keep is not None:  # recorded only when set, so models trained before the option existed still match
+    # recorded only when set, so models trained before the options existed still match
+    if keep is not None:
         record.update(coupled_subset=np.flatnonzero(subset).tolist(), num_images=int(keep.sum()))
+    kind = PredictionType(prediction)
+    if kind is not PredictionType.EPSILON:
+        record.update(prediction=kind.value, **({"shift": shift} if kind.is_flow else {}))
     settings = json.dumps(record, indent=2)
     for stale in out_dir.parent.glob(f"{out_dir.name}.tmp*"):  # left by a run killed while saving
         shutil.rmtree(stale, ignore_errors=True)
@@ -179,13 +194,13 @@ def train_ddpm(
     device = torch.device(device)
     torch.manual_seed(config.seed)
     unet = make_unet(tuple(images.shape[1:]), config).to(device)
-    sched = DDPMScheduler(num_train_timesteps=config.num_train_timesteps)
+    sched = make_training_scheduler(kind, config.num_train_timesteps, shift)
+    objective = DiffusionObjective.from_scheduler(sched)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.Adam(unet.parameters(), lr=config.lr)
     start_epoch = _load_state(partial, unet, ema, opt)
     if start_epoch:
         log(f"resuming {out_dir} after epoch {start_epoch}")
-    abar = sched.alphas_cumprod.float().to(device)
     images_dev = images.to(device)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -197,7 +212,7 @@ def train_ddpm(
         for b in range(steps_per_epoch):
             step = epoch * steps_per_epoch + b
             idx = perm[b * config.batch_size : (b + 1) * config.batch_size]
-            t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=g)
+            t = objective.sample_timesteps(len(idx), g)
             eps = torch.randn((len(idx), *images.shape[1:]), generator=g)
             if keep is not None:  # the full run's draws, restricted to the subset's rows
                 rows = keep[idx]
@@ -205,9 +220,10 @@ def train_ddpm(
                     continue
                 idx, t, eps = idx[rows], t[rows], eps[rows]
             x0, t, eps = images_dev[idx.to(device)], t.to(device), eps.to(device)
-            a = abar[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-            loss = torch.nn.functional.mse_loss(unet(x_t, t).sample, eps)
+            a, b = objective.coefficients(t)
+            x_t = objective.noised(x0, eps, a, b)
+            loss = torch.nn.functional.mse_loss(unet(x_t, objective.model_timesteps(t)).sample,
+                                                objective.target(x0, eps, a, b))
             lr = config.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / total))
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -241,7 +257,7 @@ def train_ddpm(
     return out_dir
 
 
-def _save_pipeline(tmp: Path, unet: UNet2DModel, sched: DDPMScheduler, partial: Path) -> None:
+def _save_pipeline(tmp: Path, unet: UNet2DModel, sched, partial: Path) -> None:
     """Write the trained model in DDPMPipeline layout under ``tmp``."""
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     sched.save_pretrained(tmp / "scheduler")
@@ -251,7 +267,7 @@ def _save_pipeline(tmp: Path, unet: UNet2DModel, sched: DDPMScheduler, partial: 
                 "_class_name": "DDPMPipeline",
                 "_diffusers_version": __import__("diffusers").__version__,
                 "unet": ["diffusers", "UNet2DModel"],
-                "scheduler": ["diffusers", "DDPMScheduler"],
+                "scheduler": ["diffusers", type(sched).__name__],
             },
             indent=2,
         )

@@ -2,7 +2,8 @@
 
 For step s of a trajectory, draw ``num_samples`` final images from p(. | x_t) by
 resuming sampling at x_t with stochastic (eta = 1, i.e. DDPM-like ancestral)
-DDIM steps over the same remaining timesteps, classify them, and average the
+DDIM steps (flow matching: the re-noising flow sampler, :mod:`.steps`) over the same
+remaining timesteps, classify them, and average the
 class probabilities. The steps where the likelihood of a feature rises fastest
 are those that decide it.
 
@@ -23,7 +24,8 @@ import torch
 from ..config import SamplingConfig
 from ..models.base import DiffusionModel
 from ..models.clip import ClipLabeler, check_labels
-from .trajectory import Trajectory, guided_eps, make_scheduler
+from .steps import StepSampler
+from .trajectory import Trajectory, guided_prediction
 
 Progress = Callable[[int, int], None]
 
@@ -57,8 +59,8 @@ def continue_from_step(
     latent models return decoded (pixel) samples.
     """
     n = trajectory.num_steps
-    sched = make_scheduler(model, SamplingConfig(num_inference_steps=n, scheduler="ddim"))
-    if not torch.equal(sched.timesteps.long(), trajectory.timesteps):
+    sampler = StepSampler(model, SamplingConfig(num_inference_steps=n, scheduler="ddim", eta=1.0))
+    if not torch.equal(sampler.timesteps.long(), trajectory.timesteps):
         raise ValueError("the trajectory's timesteps do not match a DDIM schedule of the same length")
     gen = torch.Generator().manual_seed(seed * 100003 + step)
     cond, uncond = trajectory.cond, trajectory.uncond
@@ -69,9 +71,10 @@ def continue_from_step(
     for start in range(0, num_samples, batch):
         b = min(batch, num_samples - start)
         x = trajectory.x_t[step][None].expand(b, -1, -1, -1).to(model.device)
-        for t in sched.timesteps[step:]:
-            eps = guided_eps(model, x, t.reshape(1).expand(b).to(model.device), cond, uncond, scale)
-            x = sched.step(eps, t, x, eta=1.0, generator=gen).prev_sample
+        for s in range(step, n):
+            t = sampler.timesteps[s]
+            pred = guided_prediction(model, x, t.reshape(1).expand(b).to(model.device), cond, uncond, scale)
+            x = sampler.step(pred, s, x, gen)
         out.append((model.decode(x) if model.is_latent else x.clamp(-1, 1)).cpu())
     return torch.cat(out)
 

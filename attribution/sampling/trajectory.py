@@ -1,21 +1,26 @@
 """Sampling that records the whole trajectory (DDIM inversion for uploads: :mod:`attribution.sampling.inversion`).
 
 At every sampling step s (timestep t_s, from noisy to clean) we record the input
-latent x_t, the predicted noise eps = eps_theta(x_t, t) and the one-step prediction
+latent x_t, the noise eps_hat its prediction p implies and the one-step prediction
+x0_hat of the model's training objective (:mod:`attribution.models.objective`, Section 2.2):
 
-    x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)          (Section 2.2)
+    epsilon:  x0_hat = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)
+    v:        x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v_theta
+    sample:   x0_hat = x0_theta
+    flow:     x0_hat = x_t - sigma_t v_theta
 
-computed with the training schedule's abar_t. Sampling is reproducible from a seed
+so x_t = a_t x0_hat + b_t eps_hat at every step. The step rules (DDIM / DDPM, the flow Euler
+sampler) are in :mod:`attribution.sampling.steps`. Sampling is reproducible from a seed
 (noise drawn on the CPU with ``torch.Generator``, then moved to the device).
 
 Latent text-conditional models: x_t, eps and x0_hat are recorded in latent space
 (that is where attribution happens) and the trajectory also keeps the prompt, its
 embedding and pixel decodings of x0_hat and of the sample for display
 (``decoded_x0_hat``, ``decoded_sample``; see :func:`decode_trajectory`). Sampling
-uses classifier-free guidance, eps = eps_uncond + s (eps_cond - eps_uncond), with
+uses classifier-free guidance on the prediction, p = p_uncond + s (p_cond - p_uncond), with
 s = ``SamplingConfig.guidance_scale`` (only the conditional branch when s <= 1);
-the recorded eps is the guided one, so x0_hat is what the sampler actually
-predicted. 
+the recorded eps and x0_hat come from the guided p, so x0_hat is what the sampler actually
+predicted.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
 from ..config import SamplingConfig
 from ..models.base import DiffusionModel
+from .steps import StepSampler, ddim_preimage, make_scheduler, one_step_prediction
+
+__all__ = ["Trajectory", "ddim_preimage", "decode_trajectory", "guided_eps", "guided_prediction", "make_scheduler",
+           "one_step_prediction", "prompt_embeddings", "sample_trajectory"]
 
 Progress = Callable[[int, int], None]
 
@@ -38,9 +46,9 @@ class Trajectory:
     """A recorded denoising trajectory of S steps.
 
     Attributes:
-        timesteps: (S,) int64 training timesteps t_s, noisy to clean.
+        timesteps: (S,) int64 training timesteps t_s, noisy to clean (flow: indices of the sigma grid).
         x_t: (S, C, H, W) input of each step.
-        eps: (S, C, H, W) eps_theta(x_t, t).
+        eps: (S, C, H, W) the noise eps_hat the prediction implies (eps_theta(x_t, t) for epsilon models).
         x0_hat: (S, C, H, W) one-step prediction of the clean image.
         sample: (C, H, W) the final image (the final latent for latent models).
         config: how it was made (``None`` fields for uploads).
@@ -104,26 +112,7 @@ class Trajectory:
         return out
 
 
-def make_scheduler(model: DiffusionModel, config: SamplingConfig) -> DDIMScheduler | DDPMScheduler:
-    """A fresh sampling scheduler sharing the model's training noise schedule."""
-    cls = DDIMScheduler if config.scheduler == "ddim" else DDPMScheduler
-    sched = cls.from_config(model.scheduler.config)
-    sched.set_timesteps(config.num_inference_steps)
-    return sched
-
-
-def one_step_prediction(x_t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    """x0_hat = (x_t - sqrt(1 - abar) eps) / sqrt(abar); abar broadcastable to x_t."""
-    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
-
-
-def ddim_preimage(x_prev: torch.Tensor, eps: torch.Tensor, abar_prev: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
-    """The x_t from which a deterministic DDIM step with noise prediction ``eps`` lands on ``x_prev``:
-    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with x0 = one_step_prediction(x_prev, eps, abar_prev)."""
-    return abar_t.sqrt() * one_step_prediction(x_prev, eps, abar_prev) + (1 - abar_t).sqrt() * eps
-
-
-def guided_eps(
+def guided_prediction(
     model: DiffusionModel,
     x: torch.Tensor,
     t: torch.Tensor,
@@ -131,20 +120,32 @@ def guided_eps(
     uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """eps of a sampling step: x (B, C, H, W), t (B,), cond/uncond (1 or B, L, D) -> (B, C, H, W).
+    """The network's prediction p of a sampling step: x (B, C, H, W), integer timesteps t (B,),
+    cond/uncond (1 or B, L, D) -> (B, C, H, W).
 
-    Unconditional models: eps_theta(x, t). Conditional: eps_theta(x, t, cond), or with
-    guidance (scale > 1 and ``uncond`` given) eps_u + s (eps_c - eps_u), both in one batch.
+    Unconditional models: p_theta(x, tau(t)). Conditional: p_theta(x, tau(t), cond), or with
+    guidance (scale > 1 and ``uncond`` given) p_u + s (p_c - p_u), both in one batch.
     """
+    tau = model.objective.model_timesteps(t)
     if not model.is_conditional:
-        return model.unet(x, t).sample
+        return model.unet(x, tau).sample
     b = x.shape[0]
     cond = cond.to(x.device).expand(b, -1, -1)
     if uncond is None or guidance_scale <= 1.0:
-        return model.unet(x, t, encoder_hidden_states=cond).sample
+        return model.unet(x, tau, encoder_hidden_states=cond).sample
     both = torch.cat([uncond.to(x.device).expand(b, -1, -1), cond])
-    eps_u, eps_c = model.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=both).sample.chunk(2)
-    return eps_u + guidance_scale * (eps_c - eps_u)
+    p_u, p_c = model.unet(torch.cat([x, x]), torch.cat([tau, tau]), encoder_hidden_states=both).sample.chunk(2)
+    return p_u + guidance_scale * (p_c - p_u)
+
+
+def guided_eps(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, *guidance) -> torch.Tensor:
+    """eps_hat of a sampling step: the guided prediction as a noise (itself for epsilon models).
+
+    Arguments as :func:`guided_prediction` (``guidance``: cond, uncond, guidance_scale); (B, C, H, W).
+    """
+    pred = guided_prediction(model, x, t, *guidance)
+    a, b = model.objective.coefficients(t)
+    return model.objective.eps_hat(x, pred, a, b)
 
 
 def prompt_embeddings(model: DiffusionModel, config: SamplingConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -182,7 +183,7 @@ def sample_trajectory(
 
     Args:
         initial: (C, H, W) x_T to start from instead of the seed's noise (an inverted
-            upload's; with DDIM and eta 0 no other noise is drawn).
+            upload's; with DDIM and eta 0, or the flow Euler sampler, no other noise is drawn).
         prompt, guidance_scale: override ``config.prompt`` / ``config.guidance_scale``
             (text-conditional models; the trajectory's config records the values used).
         decode: latent models: also decode x0_hat of every step for display.
@@ -192,27 +193,27 @@ def sample_trajectory(
     if guidance_scale is not None:
         config = replace(config, guidance_scale=guidance_scale)
     device = model.device
-    sched = make_scheduler(model, config)
+    sampler = StepSampler(model, config)
+    objective = model.objective
     gen = torch.Generator().manual_seed(config.seed)
     x = torch.randn((1, *model.image_shape), generator=gen).to(device)
     if initial is not None:
         x = initial.reshape(1, *model.image_shape).to(device=device, dtype=x.dtype)
-    abar = model.alphas_cumprod
     cond, uncond = prompt_embeddings(model, config)
     xs, epss, x0s = [], [], []
-    kwargs = {"eta": config.eta} if config.scheduler == "ddim" else {}
-    for s, t in enumerate(sched.timesteps):
+    for s, t in enumerate(sampler.timesteps):
         t_batch = t.reshape(1).to(device)
-        eps = guided_eps(model, x, t_batch, cond, uncond, config.guidance_scale)
+        pred = guided_prediction(model, x, t_batch, cond, uncond, config.guidance_scale)
+        a, b = objective.coefficients(t_batch)
         xs.append(x[0].cpu())
-        epss.append(eps[0].cpu())
-        x0s.append(one_step_prediction(x, eps, abar[t_batch].reshape(-1, 1, 1, 1))[0].cpu())
+        epss.append(objective.eps_hat(x, pred, a, b)[0].cpu())
+        x0s.append(objective.x0_hat(x, pred, a, b)[0].cpu())
         # A CPU generator makes diffusers draw step noise on the CPU: same samples on any device.
-        x = sched.step(eps, t, x, generator=gen, **kwargs).prev_sample
+        x = sampler.step(pred, s, x, gen)
         if progress:
-            progress(s + 1, len(sched.timesteps))
+            progress(s + 1, len(sampler.timesteps))
     traj = Trajectory(
-        timesteps=sched.timesteps.clone().long().cpu(),
+        timesteps=sampler.timesteps.clone().long().cpu(),
         x_t=torch.stack(xs),
         eps=torch.stack(epss),
         x0_hat=torch.stack(x0s),

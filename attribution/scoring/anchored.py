@@ -11,7 +11,8 @@ sources of variance:
   ``phi_{j,i} = P grad (1/D) sum_k L(theta; x_i, a_j, eps_{j,k})``;
 - the query of a step at timestep t uses the anchor j nearest to t (in log(t + 5)) and
   evaluates Eq. (3) at its own timestep t with the anchor's D noises as its K noises:
-  ``f_t = (1/D) sum_k || eps_{j,k} - eps_theta(sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_{j,k}, t) ||^2``.
+  ``f_t = (1/D) sum_k || eps_{j,k} - eps_theta(sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_{j,k}, t) ||^2``
+  for an epsilon model (the objective's noising and target otherwise, :mod:`attribution.models.objective`).
 
 A step whose timestep is an anchor is then compared with every training example through
 the same noises at the same noise level, so the ranking reflects x0_hat against x_i and

@@ -8,8 +8,8 @@ train example i of checkpoint m weighted by
     w_{m,i} = r_{m,i} / mean_j r_{m,j}              (normalized residual error)
     w_{m,i} = r_{m,i} / mean_j r_{m,j} / (1 - h_{m,i})^2     (with the leverage correction)
 
-where r_{m,i} = sqrt(mean_d ||eps_d - eps_theta_m(x_t, t_d)||^2 / pixels) is the root
-training loss of example i over its stored (timestep, noise) draws, and
+where r_{m,i} = sqrt(mean_d ||y_d - p_theta_m(x_t, t_d)||^2 / pixels) (y_d the target of the
+model's objective, eps_d for an epsilon model; p its prediction) is the root training loss of example i over its stored (timestep, noise) draws, and
 h_{m,i} = phi_i^T (Phi^T Phi + lambda I)^-1 phi_i its leverage (in [0, 1)).
 """
 
@@ -38,17 +38,19 @@ def residual_errors(model: DiffusionModel, dataset: ImageDataset, store: Store, 
     data = model_space_dataset(dataset, model, None)
     n = len(dataset)
     out = np.empty(n, dtype=np.float32)
-    abar = model.alphas_cumprod
+    objective = model.objective
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
         x0 = data.images(idx).to(model.device)  # (B, C, H, W)
         ts, noises = draw_timesteps_and_noise(idx, config, model.num_train_timesteps, model.image_shape)
         b, d = ts.shape
         ts, noises = ts.to(model.device), noises.to(model.device)
-        a = abar[ts.reshape(-1)].view(b * d, 1, 1, 1)
-        x_t = a.sqrt() * x0.repeat_interleave(d, 0) + (1 - a).sqrt() * noises.reshape(b * d, *noises.shape[2:])
-        pred = model.unet(x_t, ts.reshape(-1)).sample
-        loss = loss_output(pred, noises.reshape(b * d, *noises.shape[2:])).view(b, d).mean(1)
+        t = ts.reshape(-1)
+        ca, cb = objective.coefficients(t)
+        x0_rows, eps = x0.repeat_interleave(d, 0), noises.reshape(b * d, *noises.shape[2:])
+        x_t = objective.noised(x0_rows, eps, ca, cb)
+        prediction = model.unet(x_t, objective.model_timesteps(t)).sample
+        loss = loss_output(prediction, objective.target(x0_rows, eps, ca, cb)).view(b, d).mean(1)
         out[idx] = loss.sqrt().cpu().numpy()
     return out
 

@@ -301,8 +301,8 @@ class DrawItems(torch.utils.data.Dataset):
 def make_task(model: DiffusionModel, tracked: Sequence[str], sample_seed: int = 0):
     """A kronfluence ``Task`` for ``model`` tracking the modules ``tracked``.
 
-    ``compute_train_loss(batch)``: sum over items of L = mean_pixels (y - eps_theta(x_t, t))^2 with
-    y = eps (``sample=False``) or y = eps_theta + sqrt(P/2) z (``sample=True``, z seeded by
+    ``compute_train_loss(batch)``: sum over items of L = mean_pixels (y - p_theta(x_t, t))^2 with
+    y the objective's target (``sample=False``; eps for an epsilon model) or y = p_theta + sqrt(P/2) z (``sample=True``, z seeded by
     the item's key), whose gradient covariance has expectation the Gauss-Newton matrix of L.
     ``compute_measurement(batch)`` (cross-checks only): batch ``(x0_hat (B, C, H, W), t (B, K),
     eps (B, K, C, H, W), mask (B, 1|C, H, W)[, cond])``, sum over B of Eq. (3)'s f_s.
@@ -310,18 +310,18 @@ def make_task(model: DiffusionModel, tracked: Sequence[str], sample_seed: int = 
     from kronfluence.task import Task
 
     dm = model  # kronfluence passes the wrapped UNet as ``model``
-    abar = dm.scheduler.alphas_cumprod.float()
+    objective = dm.objective
 
     class _Task(Task):
-        def _eps(self, unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-            return unet(x_t, t, **dm.unet_kwargs(cond)).sample
+        def _predict(self, unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+            return unet(x_t, objective.model_timesteps(t), **dm.unet_kwargs(cond)).sample
 
         def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
             x0, t, eps, key = batch[:4]
             cond = batch[4] if len(batch) > 4 else None
-            ab = abar.to(x0.device)[t][:, None, None, None]
-            pred = self._eps(model, ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t, cond)
-            target = eps
+            a, b = objective.coefficients(t)
+            pred = self._predict(model, objective.noised(x0, eps, a, b), t, cond)
+            target = objective.target(x0, eps, a, b)
             if sample:
                 scale = math.sqrt(pred[0].numel() / 2)
                 z = torch.stack([torch.randn(pred.shape[1:], generator=_item_generator(sample_seed, *(int(v) for v in k)))
@@ -333,11 +333,12 @@ def make_task(model: DiffusionModel, tracked: Sequence[str], sample_seed: int = 
             x0, t, eps, mask = batch[:4]
             cond = batch[4] if len(batch) > 4 else None
             b, k = t.shape
-            ab = abar.to(x0.device)[t.reshape(-1)][:, None, None, None]
-            x_t = ab.sqrt() * x0.repeat_interleave(k, 0) + (1 - ab).sqrt() * eps.flatten(0, 1)
+            t = t.reshape(-1)
+            ca, cb = objective.coefficients(t)
+            x0, eps = x0.repeat_interleave(k, 0), eps.flatten(0, 1)
             c = None if cond is None else cond.repeat_interleave(k, 0)
-            pred = self._eps(model, x_t, t.reshape(-1), c)
-            per = loss_output(pred, eps.flatten(0, 1), mask.repeat_interleave(k, 0))
+            pred = self._predict(model, objective.noised(x0, eps, ca, cb), t, c)
+            per = loss_output(pred, objective.target(x0, eps, ca, cb), mask.repeat_interleave(k, 0))
             return per.reshape(b, k).mean(1).sum()
 
         def get_influence_tracked_modules(self) -> list[str]:
@@ -622,29 +623,30 @@ def exact_gauss_newton(
     index: torch.Tensor | None = None,
     cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The exact Gauss-Newton matrix (1/(B D)) sum_{b,d} (2/P) J_bd^T J_bd of the DDPM loss (q, q) float64.
+    """The exact Gauss-Newton matrix (1/(B D)) sum_{b,d} (2/P) J_bd^T J_bd of the training loss (q, q) float64.
 
-    x0 (B, C, H, W), timesteps (B, D), noises (B, D, C, H, W); J_bd = d eps_theta(x_t,bd, t_bd) / d theta
-    (P = C H W outputs); ``index``: flat positions (q,) of the parameters kept (None: all).
+    x0 (B, C, H, W), timesteps (B, D), noises (B, D, C, H, W); J_bd = d p_theta(x_t,bd, tau(t_bd)) / d theta of the
+    model's prediction, whatever its objective's target (P = C H W outputs); ``index``: flat positions (q,) of the parameters kept (None: all).
     Small models only: J is held whole (B D P x p).
     """
     from torch.func import functional_call, jacrev
 
     others = {k: v.detach() for k, v in model.unet.named_parameters() if k not in params}
     buffers = {k: v.detach() for k, v in model.unet.named_buffers()}
-    abar = model.alphas_cumprod
+    objective = model.objective
     b, d = timesteps.shape
     t = timesteps.reshape(-1).to(model.device)
-    ab = abar[t][:, None, None, None]
-    x_t = ab.sqrt() * x0.to(model.device).repeat_interleave(d, 0) + (1 - ab).sqrt() * noises.flatten(0, 1).to(model.device)
+    ca, cb = objective.coefficients(t)
+    x_t = objective.noised(x0.to(model.device).repeat_interleave(d, 0), noises.flatten(0, 1).to(model.device), ca, cb)
+    tau = objective.model_timesteps(t)
     c = None if cond is None else cond.repeat_interleave(d, 0)
     names = list(params)
 
-    def eps(*flat: torch.Tensor) -> torch.Tensor:
+    def prediction(*flat: torch.Tensor) -> torch.Tensor:
         sel = dict(zip(names, flat))
-        return functional_call(model.unet, (sel, others, buffers), (x_t, t), model.unet_kwargs(c)).sample.reshape(-1)
+        return functional_call(model.unet, (sel, others, buffers), (x_t, tau), model.unet_kwargs(c)).sample.reshape(-1)
 
-    jac = jacrev(eps, argnums=tuple(range(len(names))))(*[params[k] for k in names])
+    jac = jacrev(prediction, argnums=tuple(range(len(names))))(*[params[k] for k in names])
     J = torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1).double()  # (B D P, p)
     if index is not None:
         J = J[:, index]

@@ -33,7 +33,7 @@ from ..data.datasets import ImageDataset
 from ..features.featurize import checkpoint_projector
 from ..features.gradients import DrawBatch, GradientTarget, select_params
 from ..features.outputs import Method, get_method, get_output
-from ..features.store import STREAM_CHUNK_ROWS, Store, StoreError
+from ..features.store import STREAM_CHUNK_ROWS, Store, StoreError, objective_mismatch
 from ..models.base import DiffusionModel
 from .das import das_weights, leverages, store_residuals
 from .masks import prepare_mask
@@ -120,6 +120,9 @@ class Scorer:
         if len(models) != store.num_checkpoints:
             raise StoreError(f"store has {store.num_checkpoints} checkpoints, {len(models)} models were given")
         for m, model in enumerate(models):
+            why = objective_mismatch(store.manifest.get("objective"), model.objective.identity)
+            if why is not None:
+                raise StoreError(f"model {model.path} does not fit store {store.root}: {why}")
             if model.checkpoint_hash != store.manifest["checkpoints"][m]["hash"]:
                 raise StoreError(f"model {model.path} is not checkpoint {m} of store {store.root} (weights differ)")
         self.params = [select_params(model, cfg.param_filter) for model in models]

@@ -48,7 +48,7 @@ from torch.func import functional_call
 
 from ...config import ProjectionKind
 from ...models.base import DiffusionModel
-from ..gradients import DrawBatch, GradientTarget, _alpha_bar_terms, _check_cond
+from ..gradients import DrawBatch, GradientTarget, _check_cond, objective_terms
 from ..hooks import LayerBlock, LayerHooks, Sink, hooks_support
 from ..outputs import OutputFn
 from .base import Projector, block_generator
@@ -217,9 +217,10 @@ class FactorizedProjector(Projector):
         device = model.device
         B, D = timesteps.shape
         cond = _check_cond(model, cond, B)
-        sqrt_ab, sqrt_1mab = _alpha_bar_terms(model, timesteps)
-        x0, eps = x0.to(device), noises.to(device).flatten(0, 1)  # eps (B*D, C, H, W)
-        x_t = sqrt_ab.reshape(-1, 1, 1, 1) * x0.repeat_interleave(D, 0) + sqrt_1mab.reshape(-1, 1, 1, 1) * eps
+        a_t, b_t, tau = (v.reshape(-1) for v in objective_terms(model, timesteps))  # (B*D,) each
+        objective = model.objective
+        x0, eps = x0.to(device).repeat_interleave(D, 0), noises.to(device).flatten(0, 1)  # (B*D, C, H, W)
+        x_t = objective.noised(x0, eps, a_t, b_t)
         c = None if cond is None else cond.repeat_interleave(D, 0)
         m = None if mask is None else mask.to(device=device, dtype=torch.float32)[None]
         # every block's first write copies (no zero fill); blocks the pass never reached are zeroed after it
@@ -230,10 +231,10 @@ class FactorizedProjector(Projector):
         frozen = {k: v.detach() for k, v in model.unet.named_parameters()}
         hooks = LayerHooks(self, model.unet, out, small, B, D, sink, sink_rows)
         try:
-            eps_pred = functional_call(model.unet, frozen, (x_t, timesteps.to(device).reshape(-1)), model.unet_kwargs(c)).sample
+            prediction = functional_call(model.unet, frozen, (x_t, tau), model.unet_kwargs(c)).sample
             if not hooks.leaves:
                 raise ValueError("no selected layer was reached by the forward pass")
-            value = output(eps_pred, eps, m).sum() / D
+            value = output(prediction, objective.target(x0, eps, a_t, b_t), m).sum() / D
             torch.autograd.grad(value, hooks.leaves, allow_unused=True)
         finally:
             hooks.remove()
