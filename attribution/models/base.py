@@ -19,8 +19,9 @@ Accepted layouts:
     and ``encode_prompts`` (see :mod:`attribution.models.latent`).
 
 Every model has ``is_latent``, ``is_conditional``, ``pixel_shape``, ``encode``,
-``decode`` and ``encode_prompts``; for pixel models encode/decode are the identity
-and there is no conditioning.
+``decode``, ``encode_prompts`` (-> :class:`~attribution.models.conditioning.Conditioning`)
+and ``predict``; for pixel models encode/decode are the identity and there is no
+conditioning. SDXL and DiT pipelines: :mod:`attribution.models.sdxl`, :mod:`attribution.models.dit`.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+from torch.func import functional_call
+
+from .conditioning import Conditioning
 
 if TYPE_CHECKING:  # annotations only: importing diffusers takes seconds, which every CLI error would wait for
     from diffusers import DDPMScheduler, UNet2DModel
@@ -45,7 +49,8 @@ class DiffusionModel:
     """One checkpoint of a pixel-space diffusion model.
 
     Attributes:
-        unet: noise predictor; ``unet(x_t, t).sample`` has the shape of ``x_t`` (B, C, H, W).
+        unet: the denoiser (a UNet, or DiT's transformer); ``unet(x_t, t).sample`` holds the noise
+            prediction of ``x_t`` (B, C, H, W) (:meth:`prediction` takes it out).
         scheduler: the training (DDPM) scheduler; its ``alphas_cumprod`` is (T,).
         path: directory it was loaded from.
         checkpoint_hash: sha256 over the weights and the configs.
@@ -84,8 +89,24 @@ class DiffusionModel:
 
     @property
     def is_conditional(self) -> bool:
-        """True when the UNet takes text embeddings (``encoder_hidden_states``)."""
+        """True when the denoiser takes conditioning (a prompt, or a class for class-conditional models)."""
         return False
+
+    @property
+    def is_class_conditional(self) -> bool:
+        """True when the conditioning is a class label (DiT): prompts are class names."""
+        return False
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class-conditional models: the name of every class id (``id2label``), else None."""
+        return None
+
+    @property
+    def component_hashes(self) -> dict[str, str]:
+        """sha256 of each component (``unet``, ``text_encoder``, ...), for naming what differs; {} when only
+        ``checkpoint_hash`` is known."""
+        return {}
 
     @property
     def pixel_shape(self) -> tuple[int, int, int]:
@@ -100,20 +121,40 @@ class DiffusionModel:
         """Model space -> images (B, C, H, W) in [-1, 1]; the identity for pixel models."""
         return x
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings (B, L, D); pixel models take no conditioning."""
-        raise ValueError(f"{self.path} is not a text-conditional model; it takes no prompt")
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Conditioning of B prompts (text models) or class names (class-conditional models)."""
+        raise ValueError(f"{self.path} is not a conditional model; it takes no prompt")
 
-    def unet_kwargs(self, cond: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Extra UNet keyword arguments for conditioning ``cond`` (B, L, D) (none for pixel models)."""
+    def negative_conditioning(self, negative_prompt: str) -> Conditioning:
+        """(1, ...) conditioning of the unconditional branch of classifier-free guidance."""
+        return self.encode_prompts([negative_prompt])
+
+    def unet_kwargs(self, cond: Conditioning | torch.Tensor | None) -> dict[str, Any]:
+        """Extra denoiser keyword arguments for conditioning ``cond`` (none for pixel models)."""
         if cond is not None:
-            raise ValueError(f"{self.path} is not a text-conditional model; it takes no conditioning")
+            raise ValueError(f"{self.path} is not a conditional model; it takes no conditioning")
         return {}
 
+    def prediction(self, output: torch.Tensor) -> torch.Tensor:
+        """The noise prediction (B, C, H, W) within the denoiser's ``.sample`` (all of it here)."""
+        return output
+
+    def predict(
+        self,
+        params: dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], ...],
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """eps_theta(x_t, t[, c]) with the denoiser's parameters replaced by ``params`` (``functional_call``):
+        x_t (B, C, H, W), timesteps (B,), cond of B examples -> (B, C, H, W). Differentiable in ``params``."""
+        out = functional_call(self.unet, params, (x_t, timesteps), self.unet_kwargs(cond)).sample
+        return self.prediction(out)
+
     @torch.no_grad()
-    def eps(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted noise eps_theta(x_t, t[, c]): x_t (B, C, H, W), timesteps (B,), cond (B, L, D) -> (B, C, H, W)."""
-        return self.unet(x_t, timesteps, **self.unet_kwargs(cond)).sample
+    def eps(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning | torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted noise eps_theta(x_t, t[, c]): x_t (B, C, H, W), timesteps (B,), cond of B (or 1) -> (B, C, H, W)."""
+        return self.prediction(self.unet(x_t, timesteps, **self.unet_kwargs(cond)).sample)
 
     def to(self, device: str | torch.device) -> "DiffusionModel":
         self.unet.to(device)

@@ -29,6 +29,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from ..config import SamplingConfig
 from ..models.base import DiffusionModel
+from ..models.conditioning import Conditioning, as_conditioning
 
 Progress = Callable[[int, int], None]
 
@@ -47,8 +48,9 @@ class Trajectory:
         source: ``"generated"`` or ``"upload"``.
         prompt: the prompt of a text-conditional model (None otherwise); queries are
             conditioned on it.
-        cond: (1, L, D) its embedding by the sampling model's text encoder, or None.
-        uncond: (1, L, D) embedding of the negative prompt (guidance), or None.
+        cond: its :class:`~attribution.models.conditioning.Conditioning` (one example) under the
+            sampling model, or None.
+        uncond: the negative prompt's (guidance), or None.
         decoded_x0_hat: latent models: (S, 3, H, W) VAE decodings of x0_hat in [-1, 1].
         decoded_sample: latent models: (3, H, W) decoding of the sample.
     """
@@ -61,8 +63,8 @@ class Trajectory:
     config: SamplingConfig
     source: str = "generated"
     prompt: str | None = None
-    cond: torch.Tensor | None = None
-    uncond: torch.Tensor | None = None
+    cond: Conditioning | None = None
+    uncond: Conditioning | None = None
     decoded_x0_hat: torch.Tensor | None = None
     decoded_sample: torch.Tensor | None = None
 
@@ -127,32 +129,36 @@ def guided_eps(
     model: DiffusionModel,
     x: torch.Tensor,
     t: torch.Tensor,
-    cond: torch.Tensor | None = None,
-    uncond: torch.Tensor | None = None,
+    cond: Conditioning | torch.Tensor | None = None,
+    uncond: Conditioning | torch.Tensor | None = None,
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """eps of a sampling step: x (B, C, H, W), t (B,), cond/uncond (1 or B, L, D) -> (B, C, H, W).
+    """eps of a sampling step: x (B, C, H, W), t (B,), cond/uncond of 1 or B examples -> (B, C, H, W).
 
     Unconditional models: eps_theta(x, t). Conditional: eps_theta(x, t, cond), or with
     guidance (scale > 1 and ``uncond`` given) eps_u + s (eps_c - eps_u), both in one batch.
     """
     if not model.is_conditional:
-        return model.unet(x, t).sample
+        return model.eps(x, t)
     b = x.shape[0]
-    cond = cond.to(x.device).expand(b, -1, -1)
+    cond = as_conditioning(cond).to(x.device).expand(b)
     if uncond is None or guidance_scale <= 1.0:
-        return model.unet(x, t, encoder_hidden_states=cond).sample
-    both = torch.cat([uncond.to(x.device).expand(b, -1, -1), cond])
-    eps_u, eps_c = model.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=both).sample.chunk(2)
+        return model.eps(x, t, cond)
+    both = Conditioning.cat([as_conditioning(uncond).to(x.device).expand(b), cond])
+    eps_u, eps_c = model.eps(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
-def prompt_embeddings(model: DiffusionModel, config: SamplingConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """((1, L, D) prompt, (1, L, D) negative-prompt or None) embeddings; (None, None) for unconditional models."""
+def prompt_embeddings(model: DiffusionModel, config: SamplingConfig) -> tuple[Conditioning | None, Conditioning | None]:
+    """(prompt, negative-prompt or None) conditioning of one example; (None, None) for unconditional models.
+
+    The prompt is a text for text models and a class name for class-conditional ones; the
+    negative branch is the model's (SDXL: zeros for an empty one; DiT: the null class).
+    """
     if not model.is_conditional:
         return None, None
     cond = model.encode_prompts([config.prompt])
-    uncond = model.encode_prompts([config.negative_prompt]) if config.guidance_scale > 1.0 else None
+    uncond = model.negative_conditioning(config.negative_prompt) if config.guidance_scale > 1.0 else None
     return cond, uncond
 
 
