@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 from torch.func import functional_call
@@ -91,6 +91,10 @@ class DiffusionModel:
     def is_conditional(self) -> bool:
         """True when the denoiser takes conditioning (a prompt, or a class for class-conditional models)."""
         return False
+
+    #: The family in words (the app's description) and the guidance scale its diffusers pipeline defaults to.
+    family: ClassVar[str] = "DDPM"
+    default_guidance_scale: ClassVar[float] = 7.5
 
     @property
     def is_class_conditional(self) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler
@@ -40,6 +40,9 @@ class DiTModel(LatentDiffusionModel):
     Attributes:
         id2label: class id -> label text (synonyms separated by commas); may be empty.
     """
+
+    family: ClassVar[str] = "DiT"
+    default_guidance_scale: ClassVar[float] = 4.0
 
     id2label: dict[int, str] = field(default_factory=dict)
 

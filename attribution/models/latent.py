@@ -28,7 +28,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -48,6 +48,8 @@ class LatentDiffusionModel(DiffusionModel):
         vae_hash: sha256 of the VAE files; part of the latent cache key.
         components: component name (``unet``, ``vae``, ``text_encoder``, ...) -> sha256 of its files.
     """
+
+    family: ClassVar[str] = "Stable Diffusion"
 
     vae: AutoencoderKL | None = None
     text_encoder: Any = None

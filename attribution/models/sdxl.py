@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -49,6 +49,9 @@ class SDXLModel(LatentDiffusionModel):
         tokenizer_2: its tokenizer.
         force_zeros_for_empty_prompt: guidance's branch for an empty negative prompt is zeros.
     """
+
+    family: ClassVar[str] = "Stable Diffusion XL"
+    default_guidance_scale: ClassVar[float] = 5.0
 
     text_encoder_2: Any = None
     tokenizer_2: Any = None
