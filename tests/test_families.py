@@ -186,6 +186,24 @@ def test_vmap_grads_equal_looped_autograd_without_unannounced_fallbacks(family, 
     assert not torch.allclose(other, fast)  # the conditioning reaches the gradient
 
 
+def test_vmap_fallbacks_are_announced_once_naming_the_operator():
+    from attribution.features.gradients import vmap_fallbacks_reported
+
+    drop = "There is a performance drop because we have not yet implemented the batching rule for {}. Please file..."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with vmap_fallbacks_reported():
+                warnings.warn(drop.format("aten::_test_adaptive_norm_op"))
+                warnings.warn(drop.format("aten::_scaled_dot_product_flash_attention_for_cpu"))
+                warnings.warn("something else", UserWarning)
+    messages = [str(w.message) for w in caught]
+    assert [m for m in messages if "_test_adaptive_norm_op" in m] == [
+        "per-example gradients: aten::_test_adaptive_norm_op has no vmap batching rule, so torch runs it one example "
+        "at a time (a slow path) in this model"]
+    assert messages.count("something else") == 2 and not [m for m in messages if "flash_attention" in m]
+
+
 def test_lora_gradients_are_the_adapters_columns_of_full_gradients(family, loaded):
     base, _, latents, prompts = loaded
     m = family.model()
@@ -202,6 +220,28 @@ def test_lora_gradients_are_the_adapters_columns_of_full_gradients(family, loade
                                   noises, cond=cond)
     assert lora_only.abs().max() > 0
     torch.testing.assert_close(lora_only, cols, rtol=1e-4, atol=1e-6)
+
+
+def test_peft_adapter_directory_reloads_with_identical_gradients(family, loaded, tmp_path):
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    _, _, latents, prompts = loaded
+    trained = family.model()
+    add_lora(trained, rank=2, alpha=4, random_init=True)
+    state = get_peft_model_state_dict(trained.unet)
+    trained.unet.peft_config["default"].save_pretrained(tmp_path / "peft")
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()}, tmp_path / "peft" / "adapter_model.safetensors")
+    reloaded = family.model()
+    load_lora(reloaded, tmp_path / "peft")
+    assert reloaded.checkpoint_hash == trained.checkpoint_hash
+    ts, noises = _draws(trained, 2)
+
+    def grads(m):
+        return per_example_grads(m, select_params(m, ("re:lora_",)), get_output("loss"), latents.images(range(2)),
+                                 ts, noises, cond=m.encode_prompts(prompts[:2]))
+
+    torch.testing.assert_close(grads(reloaded), grads(trained), rtol=1e-5, atol=1e-7)
 
 
 def test_sdxl_lora_weights_load_as_the_training_script_saves_them(families, tmp_path):
@@ -333,5 +373,5 @@ def test_app_shows_the_familys_conditioning_inputs(family, family_app):
     assert traj.prompt == family.prompt and traj.config.guidance_scale == 2.0
     row = ws.scores(at.session_state["sample_key"], "journey", [at.select_slider(key="step").value])[0]
     assert row.shape == (ws.num_train,) and np.isfinite(row).all()
-    for page in ("about", "compare"):
+    for page in ("about", "compare", "curves", "over_steps"):
         make_app(page)
