@@ -144,12 +144,13 @@ def _check_cond(model: DiffusionModel, cond: Conditioning | torch.Tensor | None,
     return cond.to(model.device).expand(batch)
 
 
-#: The one vmap fallback known and accepted: no batching rule for CPU flash attention, so torch loops
-#: over the examples there (still faster on CPU than unfused attention).
+#: The vmap fallbacks known and accepted: no batching rule for CPU flash attention (forward, backward),
+#: so torch loops over the examples there (still faster on CPU than unfused attention).
 KNOWN_VMAP_FALLBACKS = ("aten::_scaled_dot_product_flash_attention_for_cpu",
                         "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 _FALLBACK = re.compile(r"There is a performance drop because we have not yet implemented the batching rule for (\w+::\w+)")
 _warned_fallbacks: set[str] = set()
+_reemitted: dict = {}  # the warnings registry of re-emitted warnings: the filters' "default"/"once" still apply
 
 
 @contextmanager
@@ -162,7 +163,7 @@ def vmap_fallbacks_reported() -> Iterator[None]:
     for w in caught:
         found = _FALLBACK.search(str(w.message))
         if found is None:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=_reemitted)
         elif found.group(1) not in KNOWN_VMAP_FALLBACKS and found.group(1) not in _warned_fallbacks:
             _warned_fallbacks.add(found.group(1))
             warnings.warn(f"per-example gradients: {found.group(1)} has no vmap batching rule, so torch runs it "
