@@ -69,7 +69,7 @@ def make_tiny_latent_pipeline(directory: Path, seed: int = 0, vae_seed: int = 10
     Latents (4, 8, 8), pixels (3, 16, 16), text embeddings (8, 32), 100 training timesteps.
     ``prediction``: the DDPM scheduler's prediction_type, or ``"flow"`` (FlowMatchEulerDiscreteScheduler, shift 3).
     """
-    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -77,26 +77,43 @@ def make_tiny_latent_pipeline(directory: Path, seed: int = 0, vae_seed: int = 10
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, norm_num_groups=4, attention_head_dim=2,
     )
-    with torch.no_grad():  # random init leaves zero-initialized output layers: perturb
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    unet.save_pretrained(directory / "unet")
+    perturbed(unet).save_pretrained(directory / "unet")
     tiny_vae(vae_seed).save_pretrained(directory / "vae")
     tiny_text_encoder(text_seed).save_pretrained(directory / "text_encoder")
     write_char_tokenizer(directory / "tokenizer")
+    scheduler = write_scheduler(directory / "scheduler", prediction)
+    write_model_index(directory, "StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"],
+                      vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModel"],
+                      tokenizer=["transformers", "CLIPTokenizer"], scheduler=["diffusers", scheduler])
+    return directory
+
+
+def perturbed(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """``module`` with every parameter moved by ``scale`` N(0, 1): random init leaves zero-initialized
+    output layers (and DiT's zero adaLN), which would make gradients vanish."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module
+
+
+def write_scheduler(d: Path, prediction: str = "epsilon") -> str:
+    """A 100-step scaled-linear DDPM schedule (SD's betas) with ``prediction_type=prediction``, or for
+    ``"flow"`` a FlowMatchEulerDiscreteScheduler with shift 3; returns the scheduler's class name."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
     if prediction == "flow":
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=100, shift=3.0)
     else:
-        sched = DDPMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, prediction_type=prediction)
-    sched.save_pretrained(directory / "scheduler")
-    (directory / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", type(sched).__name__],
-    }))
-    return directory
+        sched = DDPMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, prediction_type=prediction)
+    sched.save_pretrained(d)
+    return type(sched).__name__
+
+
+def write_model_index(directory: Path, class_name: str, **entries) -> None:
+    (directory / "model_index.json").write_text(json.dumps(
+        {"_class_name": class_name, "_diffusers_version": "0.42.1", **entries}))
 
 
 def write_caption_folder(root: Path, captions: list[str] = CAPTIONS, size: int = 16) -> Path:

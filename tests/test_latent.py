@@ -80,7 +80,7 @@ def test_latent_pipeline_loads_with_the_core_interface(latent_model, latent_dirs
     z = m.encode(images)
     assert z.shape == (2, 4, 8, 8) and torch.equal(z, m.encode(images))  # deterministic (posterior mean)
     assert m.decode(z).shape == (2, 3, 16, 16)
-    emb = m.encode_prompts(["a red square", ""])
+    emb = m.encode_prompts(["a red square", ""]).text
     assert emb.shape == (2, 8, 32) and not torch.allclose(emb[0], emb[1])
     hashes = {k: load_model(d).checkpoint_hash for k, d in latent_dirs.items()}
     assert len(set(hashes.values())) == 3 and hashes["a"] == m.checkpoint_hash
@@ -233,7 +233,7 @@ def test_guided_sampling_records_latents_and_decodes(latent_model):
     m = latent_model
     cfg = SamplingConfig(num_inference_steps=4, seed=3, prompt="a red square", guidance_scale=3.0)
     traj = sample_trajectory(m, cfg)
-    assert traj.x_t.shape == (4, 4, 8, 8) and traj.prompt == "a red square" and traj.cond.shape == (1, 8, 32)
+    assert traj.x_t.shape == (4, 4, 8, 8) and traj.prompt == "a red square" and traj.cond.text.shape == (1, 8, 32)
     assert traj.decoded_x0_hat.shape == (4, 3, 16, 16) and traj.display_sample.shape == (3, 16, 16)
     t0 = traj.timesteps[:1]
     cond, uncond = m.encode_prompts(["a red square"]), m.encode_prompts([""])

@@ -222,7 +222,7 @@ def _check_trajectory(model, traj, cond=None) -> None:
     """x0_hat of every step obeys the family's formula at the recomputed prediction, and x_t = a x0_hat + b eps."""
     kind = kind_of(model)
     a, b, tau = hand_schedule(model, kind, traj.timesteps)
-    kwargs = {} if cond is None else {"encoder_hidden_states": cond.expand(len(tau), -1, -1)}
+    kwargs = {} if cond is None else model.unet_kwargs(cond.expand(len(tau)))
     with torch.no_grad():
         pred = model.unet(traj.x_t, tau, **kwargs).sample
     if cond is None:  # (guided latent trajectories: the guided prediction is not recomputed here)

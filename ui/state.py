@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import streamlit as st
 
-from attribution.config import SamplingConfig
 from attribution.data import ImageDecodeError
 from attribution.sampling import Trajectory
 from attribution.tools import safe_name
@@ -110,9 +109,8 @@ def current_sample(ws: Workspace, autogenerate: bool = True) -> tuple[str, Traje
             return None
         with st.spinner("Generating a first sample (seed 0)…"):
             if ws.is_conditional:
-                captions = ws.captions or [""]
-                set_seed_sample(ws, 0, st.session_state.get(PROMPT_INPUT, captions[0]),
-                                st.session_state.get(GUIDANCE_INPUT, SamplingConfig.guidance_scale))
+                set_seed_sample(ws, 0, st.session_state.get(PROMPT_INPUT, ws.default_prompt()),
+                                st.session_state.get(GUIDANCE_INPUT, ws.default_guidance_scale))
             else:
                 set_seed_sample(ws, 0)
         recipe = current_recipe()

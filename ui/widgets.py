@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import streamlit as st
 
-from attribution.config import SamplingConfig
 from attribution.sampling import Trajectory
 from attribution.workspace import Workspace
 
@@ -15,19 +14,30 @@ from .state import current_sample, sample_label
 
 
 def prompt_inputs(ws: Workspace, container=None) -> tuple[str | None, float | None]:
-    """Prompt and guidance-scale inputs for text-conditional models; (None, None) otherwise."""
+    """The conditioning inputs: a prompt box (text models) or a class picker (class-conditional models),
+    and the guidance scale where the model uses it; (None, None) for unconditional models."""
     if not ws.is_conditional:
         return None, None
     target = container if container is not None else st
-    captions = ws.captions or []
-    st.session_state.setdefault(state.PROMPT_INPUT, captions[0] if captions else "")
+    st.session_state.setdefault(state.PROMPT_INPUT, ws.default_prompt())
     c_prompt, c_scale = target.columns([3.2, 1], vertical_alignment="bottom")
-    prompt = c_prompt.text_input("Prompt", key=state.PROMPT_INPUT, max_chars=500,
-                                 help="The text the model is conditioned on; the scores are conditioned on it too.")
-    scale = c_scale.number_input("Guidance scale", min_value=1.0, max_value=20.0, value=SamplingConfig.guidance_scale, step=0.5,
-                                 key=state.GUIDANCE_INPUT,
-                                 help="Classifier-free guidance: 1 = conditional prediction only, higher = follow the prompt more.")
-    return prompt, float(scale)
+    if ws.conditioning == "class":
+        classes = ws.class_choices
+        if st.session_state[state.PROMPT_INPUT] not in classes:
+            st.session_state[state.PROMPT_INPUT] = ws.default_prompt()
+        prompt = c_prompt.selectbox("Class", classes, key=state.PROMPT_INPUT,
+                                    help="The class the model is conditioned on; the scores are conditioned on it too.")
+    else:
+        prompt = c_prompt.text_input("Prompt", key=state.PROMPT_INPUT, max_chars=500,
+                                     help="The text the model is conditioned on; the scores are conditioned on it too.")
+    scale = None
+    if ws.uses_guidance:
+        scale = float(c_scale.number_input(
+            "Guidance scale", min_value=1.0, max_value=20.0, value=ws.default_guidance_scale, step=0.5,
+            key=state.GUIDANCE_INPUT,
+            help="Classifier-free guidance: 1 = conditional prediction only, higher = follow the "
+                 f"{'class' if ws.conditioning == 'class' else 'prompt'} more."))
+    return prompt, scale
 
 
 def sample_caption() -> None:

@@ -9,7 +9,7 @@ import streamlit as st
 import ui
 
 ws = ui.get_workspace()
-subject = "an image from a prompt" if ws.is_conditional else "a digit"
+subject = {"text": "an image from a prompt", "class": "an image of a class"}.get(ws.conditioning, "a digit")
 ui.page_header(
     "Explore",
     f"Generate {subject} (or upload one), move through its denoising steps, and see which training images "

@@ -223,6 +223,19 @@ def image_folder_dataset(root: str | Path, image_shape: tuple[int, int, int], na
     return ArrayDataset(arr, labels=labels, captions=captions, name=name or str(root), class_names=class_names)
 
 
+def example_class_names(dataset: ImageDataset, indices: Sequence[int] | np.ndarray) -> list[str]:
+    """The class name of each example ``indices``: the name of the subfolder its image sits in.
+
+    Raises:
+        ValueError: the dataset has no class subfolders.
+    """
+    labels, names = dataset.labels, getattr(dataset, "class_names", None)
+    if labels is None or names is None:
+        raise ValueError(f"{dataset.name} has no classes: a class-conditional model needs its training images "
+                         f"in one subfolder per class, named by the class (e.g. 'tabby cat/0001.png')")
+    return [names[int(labels[int(i)])] for i in indices]
+
+
 def _caption_rows(meta: Path) -> list[dict[str, str]]:
     """Rows of one metadata file (jsonl or csv) as dicts."""
     text = meta.read_text(encoding="utf-8-sig")

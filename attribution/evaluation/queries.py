@@ -141,6 +141,6 @@ def step_outputs(model: DiffusionModel, queries: QuerySet, spec: QuerySpec, batc
     dev = model.device
     for start in range(0, len(x_t), batch):
         sl = slice(start, start + batch)
-        prediction = model.unet(x_t[sl].to(dev), tau[sl].to(dev)).sample.cpu()
+        prediction = model.prediction(model.unet(x_t[sl].to(dev), tau[sl].to(dev)).sample).cpu()
         out[sl] = loss_output(prediction, target[sl])
     return out.view(Q, S, K).double().mean(-1).numpy()

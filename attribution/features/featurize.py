@@ -15,7 +15,8 @@ and timestep input (t indexes the sigma grid of flow models), or a D-TRAK norm o
 Latent models: x_i is the VAE latent of train image i (computed once per VAE, see
 :mod:`attribution.features.latents`) and the noises are drawn in latent space.
 Text-conditional models: each example is conditioned on the embedding of its
-caption (the empty caption, i.e. unconditional, when the dataset has none).
+caption (the empty caption, i.e. unconditional, when the dataset has none);
+class-conditional models (DiT) on the class named by its image folder's subfolder.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..config import FeaturizeConfig
-from ..data.datasets import ImageDataset
+from ..data.datasets import ImageDataset, example_class_names
 from ..models.base import DiffusionModel
+from ..models.conditioning import Conditioning
 from .gradients import DrawBatch, GradientTarget, num_params, select_params
 from .latents import LatentDataset, dataset_fingerprint, model_space_dataset
 from .outputs import get_output
@@ -119,10 +121,7 @@ def store_spec(
     shape = models[0].image_shape if models[0].is_latent else dataset.image_shape
     return StoreSpec(
         config=config,
-        checkpoints=tuple(
-            {"path": os.path.relpath(m.path, store_dir) if store_dir else str(m.path), "hash": m.checkpoint_hash}
-            for m in models
-        ),
+        checkpoints=tuple(checkpoint_entry(m, store_dir) for m in models),
         dataset={
             "name": dataset.name,
             "fingerprint": dataset_fingerprint(dataset, models[0]),
@@ -133,6 +132,16 @@ def store_spec(
         projection_layout=FACTORIZED_LAYOUT if config.proj_kind == "factorized" else None,
         objective=models[0].objective.identity,
     )
+
+
+def checkpoint_entry(model: DiffusionModel, store_dir: str | Path | None) -> dict[str, Any]:
+    """A checkpoint's manifest entry: path, content hash and, for pipelines, the hash of each component
+    (unet or transformer, vae, text encoders, tokenizers, scheduler), so a refusal can name what differs."""
+    entry: dict[str, Any] = {"path": os.path.relpath(model.path, store_dir) if store_dir else str(model.path),
+                             "hash": model.checkpoint_hash}
+    if model.component_hashes:
+        entry["components"] = dict(model.component_hashes)
+    return entry
 
 
 def checkpoint_projector(
@@ -233,7 +242,7 @@ def _featurize_locked(
         if key not in spaces:
             spaces[key] = model_space_dataset(dataset, model, latent_cache_dir)
         data = spaces[key]
-        if model.is_conditional and dataset.captions is None:
+        if model.is_conditional and not model.is_class_conditional and dataset.captions is None:
             log("the dataset has no captions: train examples are conditioned on the empty prompt")
         params = select_params(model, config.param_filter)
         projector = checkpoint_projector(config, spec.num_params, m, model.device, params)
@@ -272,7 +281,7 @@ def example_rows(
     recomputes a few to check a store; the draws come from :func:`draw_timesteps_and_noise`.
     """
     ts, noises = draw_timesteps_and_noise(indices, config, model.num_train_timesteps, model.image_shape)
-    cond = caption_embeddings(model, dataset, indices)
+    cond = example_conditioning(model, dataset, indices)
     return projector.example_features(target, DrawBatch(x0, ts, noises, cond=cond), chunk).cpu().numpy()
 
 
@@ -304,10 +313,29 @@ def check_dataset(model: DiffusionModel, dataset: ImageDataset) -> None:
         raise ValueError(f"dataset images are {dataset.image_shape} but the model takes {want}{hint}")
 
 
-def caption_embeddings(model: DiffusionModel, dataset: ImageDataset, indices: np.ndarray) -> torch.Tensor | None:
-    """(B, L, D) caption embeddings of examples ``indices`` for conditional models, else None."""
+def example_prompts(model: DiffusionModel, dataset: ImageDataset, indices: np.ndarray) -> list[str]:
+    """What train examples ``indices`` are conditioned on: their captions (``""`` without any), or for a
+    class-conditional model the names of their image folder's subfolders (:func:`~attribution.data.datasets.example_class_names`)."""
+    if model.is_class_conditional:
+        return example_class_names(dataset, indices)
+    caps = dataset.captions
+    return [caps[int(i)] if caps is not None else "" for i in indices]
+
+
+def example_conditioning(model: DiffusionModel, dataset: ImageDataset, indices: np.ndarray) -> Conditioning | None:
+    """Conditioning of train examples ``indices`` (B examples) for conditional models, else None."""
     if not model.is_conditional:
         return None
-    caps = dataset.captions
-    texts = [caps[int(i)] if caps is not None else "" for i in indices]
-    return model.encode_prompts(texts)
+    return model.encode_prompts(example_prompts(model, dataset, indices))
+
+
+def caption_embeddings(model: DiffusionModel, dataset: ImageDataset, indices: np.ndarray) -> torch.Tensor | None:
+    """(B, L, D) caption embeddings of examples ``indices``, for callers that take a bare text tensor
+    (EK-FAC); a model conditioned on more than a text sequence (SDXL, DiT) is refused."""
+    cond = example_conditioning(model, dataset, indices)
+    if cond is None:
+        return None
+    if set(cond.present()) != {"text"}:
+        raise ValueError(f"{model.path} is conditioned on {', '.join(cond.present())}; this method supports "
+                         f"text-sequence conditioning (Stable Diffusion 1.x/2.x) only")
+    return cond.text

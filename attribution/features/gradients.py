@@ -15,9 +15,10 @@ repeated K times and eps_bd the K fresh noises. Examples are vmapped
 (``torch.func.vmap`` over ``grad`` of a ``functional_call``); the D draws of an
 example are one inner batch of the UNet.
 
-Text-conditional models take one conditioning ``c_b`` (L, D) per example (the
-caption embedding of a train example, the prompt embedding of a query), passed
-to the UNet as ``encoder_hidden_states`` and repeated for the D draws. For latent
+Conditional models take one conditioning ``c_b`` per example (a
+:class:`~attribution.models.conditioning.Conditioning`: the caption's or class's of a
+train example, the prompt's of a query), handed to the denoiser by
+``model.predict`` and repeated for the D draws. For latent
 models x0_b and eps_bd live in latent space.
 """
 
@@ -25,13 +26,15 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from ..models.base import DiffusionModel
+from ..models.conditioning import Conditioning, as_conditioning
 from .outputs import OutputFn
 
 
@@ -54,14 +57,15 @@ class DrawBatch:
         timesteps: (B, D) training timesteps of the draws.
         noises: (B, D, C, H, W) their noises.
         mask: (1|C, H, W) pixel weights of the output (a patch), or None.
-        cond: (B|1, L, D_text) text conditioning of conditional models, or None.
+        cond: conditioning of B (or 1) examples for conditional models (:class:`Conditioning`; a bare
+            (B|1, L, D) tensor is a text sequence), or None.
     """
 
     x0: torch.Tensor
     timesteps: torch.Tensor
     noises: torch.Tensor
     mask: torch.Tensor | None = None
-    cond: torch.Tensor | None = None
+    cond: Conditioning | torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.x0.shape[0])
@@ -117,27 +121,58 @@ def _averaged_output_fn(
         t: torch.Tensor,  # (D,) the model's timestep input tau(t)
         eps: torch.Tensor,  # (D, C, H, W)
         mask: torch.Tensor,  # (1 or C, H, W)
-        cond: torch.Tensor | None = None,  # (L, D_text)
+        cond: Conditioning | None = None,  # one example's (fields without the batch dim)
     ) -> torch.Tensor:
         x_t = objective.noised(x0[None], eps, a, b)
-        c = None if cond is None else cond[None].expand(t.shape[0], *cond.shape)
-        prediction = functional_call(model.unet, (sel, others, buffers), (x_t, t), model.unet_kwargs(c)).sample
+        c = None if cond is None else cond.per_draw(t.shape[0])
+        prediction = model.predict((sel, others, buffers), x_t, t, c)
         return output(prediction, objective.target(x0[None], eps, a, b), mask[None]).mean()
 
     return fn
 
 
-def _check_cond(model: DiffusionModel, cond: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-    """Validate conditioning (B or 1, L, D) and broadcast it to (B, L, D) on the model's device."""
+def _check_cond(model: DiffusionModel, cond: Conditioning | torch.Tensor | None, batch: int) -> Conditioning | None:
+    """Validate conditioning of B or 1 examples (a bare (B, L, D) tensor is text) and broadcast it to B
+    examples on the model's device."""
+    cond = as_conditioning(cond)
     if cond is None:
         if model.is_conditional:
-            raise ValueError("a text-conditional model needs cond (B, L, D); use model.encode_prompts")
+            raise ValueError("a conditional model needs cond; use model.encode_prompts")
         return None
     if not model.is_conditional:
-        raise ValueError(f"{model.path} is not text-conditional; cond must be None")
-    if cond.ndim != 3 or cond.shape[0] not in (1, batch):
-        raise ValueError(f"cond has shape {tuple(cond.shape)}; expected ({batch} or 1, L, D)")
-    return cond.to(model.device, torch.float32).expand(batch, -1, -1)
+        raise ValueError(f"{model.path} is not conditional; cond must be None")
+    if cond.text is not None and cond.text.ndim != 3:
+        raise ValueError(f"cond.text has shape {tuple(cond.text.shape)}; expected ({batch} or 1, L, D)")
+    sizes = {k: int(v.shape[0]) if v.ndim else -1 for k, v in cond.present().items()}
+    if not sizes or any(n not in (1, batch) for n in sizes.values()):
+        raise ValueError(f"cond has batch sizes {sizes}; expected {batch} or 1 for every field")
+    return cond.to(model.device).expand(batch)
+
+
+#: The vmap fallbacks known and accepted: no batching rule for CPU flash attention (forward, backward),
+#: so torch loops over the examples there (still faster on CPU than unfused attention).
+KNOWN_VMAP_FALLBACKS = ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                        "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+_FALLBACK = re.compile(r"There is a performance drop because we have not yet implemented the batching rule for (\w+::\w+)")
+_warned_fallbacks: set[str] = set()
+_reemitted: dict = {}  # the warnings registry of re-emitted warnings: the filters' "default"/"once" still apply
+
+
+@contextmanager
+def vmap_fallbacks_reported() -> Iterator[None]:
+    """Run a vmapped pass; warn once per process for each operator it ran without a batching rule
+    (other than :data:`KNOWN_VMAP_FALLBACKS`), naming it. Other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        found = _FALLBACK.search(str(w.message))
+        if found is None:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=_reemitted)
+        elif found.group(1) not in KNOWN_VMAP_FALLBACKS and found.group(1) not in _warned_fallbacks:
+            _warned_fallbacks.add(found.group(1))
+            warnings.warn(f"per-example gradients: {found.group(1)} has no vmap batching rule, so torch runs it "
+                          f"one example at a time (a slow path) in this model", RuntimeWarning, stacklevel=3)
 
 
 def per_example_grads(
@@ -149,7 +184,7 @@ def per_example_grads(
     noises: torch.Tensor,
     mask: torch.Tensor | None = None,
     chunk_size: int = 32,
-    cond: torch.Tensor | None = None,
+    cond: Conditioning | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradients of the draw-averaged output, one row per example.
 
@@ -160,8 +195,8 @@ def per_example_grads(
         noises: (B, D, C, H, W) Gaussian noises.
         mask: (1 or C, H, W) pixel weights shared by all examples, or None.
         chunk_size: examples per vmapped call (memory grows linearly with it).
-        cond: (B or 1, L, D) text embeddings for conditional models (``encoder_hidden_states``),
-            required for them and refused for unconditional ones.
+        cond: conditioning of B or 1 examples (:class:`Conditioning`, or a (B|1, L, D) text tensor),
+            required for conditional models and refused for unconditional ones.
 
     Returns:
         (B, P) float32 gradients, P = number of selected parameters.
@@ -179,10 +214,7 @@ def per_example_grads(
     for start in range(0, x0.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
         extra = (cond[sl],) if cond is not None else ()
-        with warnings.catch_warnings():
-            # No vmap batching rule for CPU flash attention: torch loops over the
-            # examples there (still faster on CPU than unfused attention).
-            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+        with vmap_fallbacks_reported():
             g = per_ex(
                 params,
                 x0[sl].to(device),
@@ -215,7 +247,7 @@ def per_step_grads(
     timesteps: torch.Tensor,
     noises: torch.Tensor,
     mask: torch.Tensor | None = None,
-    cond: torch.Tensor | None = None,
+    cond: Conditioning | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same (B, P) gradients as :func:`per_example_grads`, with plain autograd one example at a time.
 

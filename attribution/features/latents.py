@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..data.datasets import ImageDataset
+from ..data.datasets import ImageDataset, example_class_names
 from ..models.base import DiffusionModel
 
 Progress = Callable[[int, int], None]
@@ -134,7 +134,13 @@ def model_space_dataset(
 
 
 def dataset_fingerprint(dataset: ImageDataset, model: DiffusionModel) -> str:
-    """The fingerprint of ``dataset`` in ``model``'s space, without encoding anything."""
+    """The fingerprint of ``dataset`` in ``model``'s space, without encoding anything; for a class-conditional
+    model it also covers the class id of every example (its subfolder's name, read through the model's labels)."""
     if model.is_latent and not isinstance(dataset, LatentDataset):
-        return latent_fingerprint(dataset.fingerprint(), model.vae_hash)  # type: ignore[attr-defined]
-    return dataset.fingerprint()
+        fp = latent_fingerprint(dataset.fingerprint(), model.vae_hash)  # type: ignore[attr-defined]
+    else:
+        fp = dataset.fingerprint()
+    if model.is_class_conditional:
+        ids = [model.class_id(n) for n in example_class_names(dataset, np.arange(len(dataset)))]  # type: ignore[attr-defined]
+        fp = hashlib.sha256(f"classes|{fp}|{ids}".encode()).hexdigest()
+    return fp

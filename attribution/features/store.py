@@ -314,13 +314,24 @@ def settings_mismatch(built: dict[str, Any], config: FeaturizeConfig) -> str | N
     return None
 
 
+def _components_differ(built: dict[str, Any], now: dict[str, Any]) -> str:
+    """`` in its text_encoder_2`` (the components whose hashes differ), or ``""`` when either entry has none."""
+    a, b = built.get("components") or {}, now.get("components") or {}
+    if not a or not b:
+        return ""
+    names = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if not names:  # same components, other adapter (LoRA) or extra settings folded into the hash
+        return " in its adapter or settings"
+    return f" in its {', '.join(names)}"
+
+
 @dataclass(frozen=True)
 class StoreSpec:
     """What a store is built for; two specs must match for a store to be reused.
 
     Attributes:
         config: featurize settings.
-        checkpoints: one ``{"path": ..., "hash": ...}`` per checkpoint, in order.
+        checkpoints: one ``{"path": ..., "hash": ...[, "components": {name: hash}]}`` per checkpoint, in order.
         dataset: ``{"name", "fingerprint", "num_train", "image_shape"}``.
         num_params: number of differentiated parameters p.
         projection_layout: version of a structured projection's layout (factorized:
@@ -329,7 +340,7 @@ class StoreSpec:
     """
 
     config: FeaturizeConfig
-    checkpoints: tuple[dict[str, str], ...]
+    checkpoints: tuple[dict[str, Any], ...]
     dataset: dict[str, Any]
     num_params: int
     projection_layout: int | None = None
@@ -354,8 +365,8 @@ class StoreSpec:
         for m, (a, b) in enumerate(zip(old_ck, self.checkpoints)):
             if a["hash"] != b["hash"]:
                 return (
-                    f"checkpoint {m} differs: the store was built for {a['path']} (sha256 {a['hash'][:12]}...), "
-                    f"now {b['path']} (sha256 {b['hash'][:12]}...)"
+                    f"checkpoint {m} differs{_components_differ(a, b)}: the store was built for {a['path']} "
+                    f"(sha256 {a['hash'][:12]}...), now {b['path']} (sha256 {b['hash'][:12]}...)"
                 )
         old_ds = manifest["dataset"]
         if old_ds["fingerprint"] != self.dataset["fingerprint"]:

@@ -20,8 +20,9 @@ Accepted layouts:
     and ``encode_prompts`` (see :mod:`attribution.models.latent`).
 
 Every model has ``is_latent``, ``is_conditional``, ``pixel_shape``, ``encode``,
-``decode`` and ``encode_prompts``; for pixel models encode/decode are the identity
-and there is no conditioning.
+``decode``, ``encode_prompts`` (-> :class:`~attribution.models.conditioning.Conditioning`)
+and ``predict``; for pixel models encode/decode are the identity and there is no
+conditioning. SDXL and DiT pipelines: :mod:`attribution.models.sdxl`, :mod:`attribution.models.dit`.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
+from torch.func import functional_call
+
+from .conditioning import Conditioning
 
 from .objective import DiffusionObjective
 
@@ -49,8 +53,9 @@ class DiffusionModel:
     """One checkpoint of a pixel-space diffusion model.
 
     Attributes:
-        unet: the network; ``unet(x_t, objective.model_timesteps(t)).sample`` has the shape of ``x_t`` (B, C, H, W)
-            and predicts what ``objective`` says (noise, v, the clean sample or the flow velocity).
+        unet: the denoiser (a UNet, or DiT's transformer); ``unet(x_t, objective.model_timesteps(t)).sample``
+            holds the prediction of ``x_t`` (B, C, H, W) (:meth:`prediction` takes it out), of what ``objective``
+            says (noise, v, the clean sample or the flow velocity).
         scheduler: the training scheduler (``DDPMScheduler`` or ``FlowMatchEulerDiscreteScheduler``).
         path: directory it was loaded from.
         checkpoint_hash: sha256 over the weights and the configs.
@@ -94,8 +99,28 @@ class DiffusionModel:
 
     @property
     def is_conditional(self) -> bool:
-        """True when the UNet takes text embeddings (``encoder_hidden_states``)."""
+        """True when the denoiser takes conditioning (a prompt, or a class for class-conditional models)."""
         return False
+
+    #: The family in words (the app's description) and the guidance scale its diffusers pipeline defaults to.
+    family: ClassVar[str] = "DDPM"
+    default_guidance_scale: ClassVar[float] = 7.5
+
+    @property
+    def is_class_conditional(self) -> bool:
+        """True when the conditioning is a class label (DiT): prompts are class names."""
+        return False
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class-conditional models: the name of every class id (``id2label``), else None."""
+        return None
+
+    @property
+    def component_hashes(self) -> dict[str, str]:
+        """sha256 of each component (``unet``, ``text_encoder``, ...), for naming what differs; {} when only
+        ``checkpoint_hash`` is known."""
+        return {}
 
     @property
     def pixel_shape(self) -> tuple[int, int, int]:
@@ -110,25 +135,51 @@ class DiffusionModel:
         """Model space -> images (B, C, H, W) in [-1, 1]; the identity for pixel models."""
         return x
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings (B, L, D); pixel models take no conditioning."""
-        raise ValueError(f"{self.path} is not a text-conditional model; it takes no prompt")
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Conditioning of B prompts (text models) or class names (class-conditional models)."""
+        raise ValueError(f"{self.path} is not a conditional model; it takes no prompt")
 
-    def unet_kwargs(self, cond: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Extra UNet keyword arguments for conditioning ``cond`` (B, L, D) (none for pixel models)."""
+    def negative_conditioning(self, negative_prompt: str) -> Conditioning:
+        """(1, ...) conditioning of the unconditional branch of classifier-free guidance."""
+        return self.encode_prompts([negative_prompt])
+
+    def unet_kwargs(self, cond: Conditioning | torch.Tensor | None) -> dict[str, Any]:
+        """Extra denoiser keyword arguments for conditioning ``cond`` (none for pixel models)."""
         if cond is not None:
-            raise ValueError(f"{self.path} is not a text-conditional model; it takes no conditioning")
+            raise ValueError(f"{self.path} is not a conditional model; it takes no conditioning")
         return {}
 
-    @torch.no_grad()
-    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The network's prediction at x_t (B, C, H, W), integer training timesteps (B,), cond (B, L, D) -> (B, C, H, W)."""
-        return self.unet(x_t, self.objective.model_timesteps(timesteps), **self.unet_kwargs(cond)).sample
+    def prediction(self, output: torch.Tensor) -> torch.Tensor:
+        """The prediction (B, C, H, W) within the denoiser's ``.sample`` (all of it here; DiT drops its variance half)."""
+        return output
+
+    def predict(
+        self,
+        params: dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], ...],
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The network's prediction with its parameters replaced by ``params`` (``functional_call``):
+        x_t (B, C, H, W), timesteps (B,) the network's timestep input tau(t)
+        (:meth:`~attribution.models.objective.DiffusionObjective.model_timesteps`), cond of B examples
+        -> (B, C, H, W). Differentiable in ``params``."""
+        out = functional_call(self.unet, params, (x_t, timesteps), self.unet_kwargs(cond)).sample
+        return self.prediction(out)
 
     @torch.no_grad()
-    def eps(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted noise eps_hat(x_t, t[, c]) implied by the prediction: shapes as :meth:`predict`."""
-        pred = self.predict(x_t, timesteps, cond)
+    def prediction_at(
+        self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The network's prediction at x_t (B, C, H, W), integer training timesteps (B,), cond of B (or 1)
+        examples -> (B, C, H, W) (no parameter swap: :meth:`predict` is the differentiable one)."""
+        out = self.unet(x_t, self.objective.model_timesteps(timesteps), **self.unet_kwargs(cond)).sample
+        return self.prediction(out)
+
+    @torch.no_grad()
+    def eps(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning | torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted noise eps_hat(x_t, t[, c]) implied by the prediction: shapes as :meth:`prediction_at`."""
+        pred = self.prediction_at(x_t, timesteps, cond)
         a, b = self.objective.coefficients(timesteps.to(x_t.device))
         return self.objective.eps_hat(x_t, pred, a, b)
 

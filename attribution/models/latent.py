@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from .base import DiffusionModel, ModelLoadError
+from .conditioning import Conditioning, as_conditioning
 from .objective import load_training_scheduler
 
 
@@ -47,12 +48,16 @@ class LatentDiffusionModel(DiffusionModel):
         text_encoder: CLIP text model or None (an unconditional latent model).
         tokenizer: its tokenizer (None with ``text_encoder``).
         vae_hash: sha256 of the VAE files; part of the latent cache key.
+        components: component name (``unet``, ``vae``, ``text_encoder``, ...) -> sha256 of its files.
     """
+
+    family: ClassVar[str] = "Stable Diffusion"
 
     vae: AutoencoderKL | None = None
     text_encoder: Any = None
     tokenizer: Any = None
     vae_hash: str = ""
+    components: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_latent(self) -> bool:
@@ -103,29 +108,45 @@ class LatentDiffusionModel(DiffusionModel):
         return torch.cat(out) if out else torch.zeros((0, *self.pixel_shape), device=self.device)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompts -> CLIP last hidden states (B, L, D), L = tokenizer.model_max_length (padded)."""
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Prompts -> ``Conditioning(text=...)``: CLIP last hidden states (B, L, D), L = tokenizer.model_max_length."""
         if self.text_encoder is None:
             raise ValueError(f"{self.path} has no text encoder; it takes no prompt")
-        tok = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        )
-        return self.text_encoder(tok.input_ids.to(self.device))[0].float()
+        return Conditioning(text=self.text_encoder(tokenize(self.tokenizer, prompts).to(self.device))[0].float())
 
-    def unet_kwargs(self, cond: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """``{"encoder_hidden_states": cond}`` for conditional UNets (cond (B, L, D) required)."""
+    def unet_kwargs(self, cond: Conditioning | torch.Tensor | None) -> dict[str, Any]:
+        """``{"encoder_hidden_states": cond.text}`` for conditional UNets (cond required)."""
         if not self.is_conditional:
             return DiffusionModel.unet_kwargs(self, cond)
-        if cond is None:
+        cond = as_conditioning(cond)
+        if cond is None or cond.text is None:
             raise ValueError("a text-conditional model needs conditioning (encode_prompts([...]), '' for unconditional)")
-        return {"encoder_hidden_states": cond}
+        return {"encoder_hidden_states": cond.text}
+
+    @property
+    def component_hashes(self) -> dict[str, str]:
+        return dict(self.components)
 
     def to(self, device: str | torch.device) -> "LatentDiffusionModel":
         for m in (self.unet, self.vae, self.text_encoder):
             if m is not None:
                 m.to(device)
         return self
+
+
+def tokenize(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """(B, L) token ids, padded and truncated to ``tokenizer.model_max_length``."""
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def tokenizer_files(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_file())
+
+
+def component_hashes(root: Path, parts: dict[str, list[Path]]) -> dict[str, str]:
+    """component name -> :func:`hash_components` of its files."""
+    return {name: hash_components(root, files) for name, files in parts.items()}
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -185,18 +206,19 @@ def load_latent_model(path: Path, unet_dir: Path, sched_dir: Path, device: str |
     for m in (unet, vae, text_encoder):
         if m is not None:
             m.eval().requires_grad_(False).to(device)
-    files = _weight_files(unet_dir) + _weight_files(vae_dir) + [sched_dir / "scheduler_config.json"]
+    parts = {"unet": _weight_files(unet_dir), "vae": _weight_files(vae_dir), "scheduler": [sched_dir / "scheduler_config.json"]}
     if conditional:
-        files += _weight_files(te_dir) + sorted(p for p in tok_dir.iterdir() if p.is_file())
+        parts.update(text_encoder=_weight_files(te_dir), tokenizer=tokenizer_files(tok_dir))
     return LatentDiffusionModel(
         unet=unet,
         scheduler=scheduler,
         path=path,
-        checkpoint_hash=hash_components(path, files),
+        checkpoint_hash=hash_components(path, [p for files in parts.values() for p in files]),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        vae_hash=hash_components(path, _weight_files(vae_dir)),
+        vae_hash=hash_components(path, parts["vae"]),
+        components=component_hashes(path, parts),
     )
 
 

@@ -1,10 +1,13 @@
 """Load diffusers models from local directories: the dispatch over the accepted layouts.
 
-Pixel-space ``DDPMPipeline``/``DDIMPipeline`` and bare-UNet directories load here as a
+``model_index.json``'s ``_class_name`` picks the family (:data:`SUPPORTED_PIPELINES`):
+pixel-space ``DDPMPipeline``/``DDIMPipeline`` and bare-UNet directories load here as a
 :class:`~attribution.models.base.DiffusionModel`; ``StableDiffusionPipeline``
 directories (a ``UNet2DConditionModel`` or a ``vae/``) go to
-:func:`~attribution.models.latent.load_latent_model`. See :mod:`attribution.models.base`
-for the layouts.
+:func:`~attribution.models.latent.load_latent_model`, ``StableDiffusionXLPipeline`` to
+:mod:`attribution.models.sdxl`, ``DiTPipeline`` to :mod:`attribution.models.dit`. Any
+other pipeline class (video, ControlNet, Kandinsky, SD3, FLUX, ...) is refused, naming it.
+See :mod:`attribution.models.base` for the layouts.
 """
 
 from __future__ import annotations
@@ -18,6 +21,45 @@ from diffusers import UNet2DModel
 from .base import DiffusionModel, ModelLoadError, hash_files
 from .latent import load_latent_model
 from .objective import load_training_scheduler, unsupported_reason
+
+
+#: model_index.json ``_class_name`` -> family, for every pipeline the core attributes.
+SUPPORTED_PIPELINES = {
+    "DDPMPipeline": "pixel", "DDIMPipeline": "pixel", "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl", "DiTPipeline": "dit",
+}
+#: Pipelines refused with a reason beyond "not supported".
+NOT_YET = {
+    "StableDiffusion3Pipeline": "flow matching is not implemented yet",
+    "FluxPipeline": "flow matching is not implemented yet",
+}
+
+
+def pipeline_family(path: Path) -> str | None:
+    """The family of ``path``'s model_index.json (None without one: a bare UNet or SD-like directory).
+
+    Raises:
+        ModelLoadError: an unreadable index, or a pipeline class the core does not attribute.
+    """
+    index = path / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{index} is unreadable: {e}") from e
+    if name in SUPPORTED_PIPELINES:
+        return SUPPORTED_PIPELINES[name]
+    why = f" ({NOT_YET[name]})" if name in NOT_YET else ""
+    raise ModelLoadError(f"{path} holds a {name}, which is not supported{why}; supported pipelines: "
+                         f"{', '.join(SUPPORTED_PIPELINES)}")
+
+
+def _scheduler_dir(path: Path) -> Path:
+    sched_dir = path / "scheduler"
+    if not (sched_dir / "scheduler_config.json").exists():
+        raise ModelLoadError(f"no scheduler_config.json found for {path} (looked in {sched_dir})")
+    return sched_dir
 
 
 def _resolve_dirs(path: Path) -> tuple[Path, Path]:
@@ -61,6 +103,19 @@ def check_scheduler_config(sched_dir: Path, path: Path) -> None:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:
     """Load one checkpoint from a local diffusers directory (see module doc for layouts)."""
     path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {path} does not exist")
+    family = pipeline_family(path)
+    if family in ("sdxl", "dit"):
+        sched_dir = _scheduler_dir(path)
+        check_scheduler_config(sched_dir, path)
+        if family == "sdxl":
+            from .sdxl import load_sdxl_model
+
+            return load_sdxl_model(path, sched_dir, device)
+        from .dit import load_dit_model
+
+        return load_dit_model(path, sched_dir, device)
     unet_dir, sched_dir = _resolve_dirs(path)
     check_scheduler_config(sched_dir, path)
     with open(unet_dir / "config.json") as f:
@@ -92,8 +147,9 @@ def load_models(paths: list[str | Path], device: str | torch.device = "cpu") -> 
     for m in models[1:]:
         if m.image_shape != ref.image_shape:
             raise ModelLoadError(f"{m.path} works on {m.image_shape} images but {ref.path} on {ref.image_shape}")
-        if m.pixel_shape != ref.pixel_shape or m.is_conditional != ref.is_conditional:
-            raise ModelLoadError(f"{m.path} and {ref.path} are different kinds of model (pixel size or conditioning)")
+        if (m.pixel_shape != ref.pixel_shape or m.is_conditional != ref.is_conditional
+                or type(m) is not type(ref) or m.class_names != ref.class_names):
+            raise ModelLoadError(f"{m.path} and {ref.path} are different kinds of model (family, pixel size, conditioning or classes)")
         if not m.objective.matches(ref.objective):
             raise ModelLoadError(f"{m.path} and {ref.path} use different training objectives or noise schedules "
                                  f"({m.objective.describe()} vs {ref.objective.describe()})")

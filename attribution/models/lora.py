@@ -44,11 +44,23 @@ def add_lora(
         r=rank, lora_alpha=alpha if alpha is not None else rank,
         init_lora_weights=not random_init, target_modules=list(target_modules),
     )
-    model.unet.add_adapter(config)
+    attach_adapter(model.unet, config)
     model.unet.requires_grad_(False)
     names = lora_param_filter(model.unet)
     refresh_lora_hash(model)
     return list(names)
+
+
+def attach_adapter(module: torch.nn.Module, config, adapter_name: str = "default") -> None:
+    """Add a peft LoRA adapter named ``adapter_name`` to a denoiser: through diffusers' ``add_adapter``
+    where the model class has it (UNets), else with peft's ``inject_adapter_in_model`` (DiT's
+    transformer), which wraps the same target modules and names the parameters alike."""
+    if hasattr(module, "add_adapter"):
+        module.add_adapter(config, adapter_name=adapter_name)
+        return
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, module, adapter_name=adapter_name)
 
 
 def _lora_settings(unet: torch.nn.Module) -> str:
@@ -102,6 +114,8 @@ def module_param_filter(module_names: Sequence[str] = LORA_TARGETS) -> tuple[str
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+#: Key prefixes of text-encoder LoRA layers: diffusers (SD, SDXL's two encoders) and kohya-style files.
+TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.", "lora_te")
 
 
 def _lora_weight_file(path: Path) -> tuple[Path, str]:
@@ -153,18 +167,22 @@ def load_lora(model: DiffusionModel, path: str | Path) -> list[str]:
         raise ModelLoadError(f"{model.path}: the UNet already has a LoRA adapter; load weights into a fresh model")
     with safe_open(str(file), framework="pt") as f:
         keys = list(f.keys())
-    if any(k.startswith(("text_encoder.", "te.", "lora_te")) for k in keys):
-        raise ModelLoadError(f"{file} also adapts the text encoder; only UNet LoRA adapters are supported")
+    if any(k.startswith(TEXT_ENCODER_PREFIXES) for k in keys):
+        raise ModelLoadError(f"{file} also adapts a text encoder; only LoRA adapters of the UNet/transformer are "
+                             f"supported (save the UNet's layers alone)")
     try:
         if kind == "peft":
             config = LoraConfig.from_pretrained(str(file.parent))
             state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(file)).items()}
-            unet.add_adapter(config, adapter_name="default")
+            attach_adapter(unet, config)
             result = set_peft_model_state_dict(unet, state, adapter_name="default")
             unexpected = getattr(result, "unexpected_keys", None) or []
             if unexpected:
                 raise ModelLoadError(f"{file}: {len(unexpected)} LoRA weights match no UNet module, e.g. {unexpected[0]}")
         else:
+            if not hasattr(unet, "load_lora_adapter"):
+                raise ModelLoadError(f"{file}: diffusers-format LoRA weights are loaded for UNets only; save the "
+                                     f"{type(unet).__name__} adapter as a peft directory (save_pretrained)")
             prefix = "unet" if any(k.startswith("unet.") for k in keys) else None
             unet.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=prefix, adapter_name="default",
                                    use_safetensors=True, local_files_only=True)

@@ -33,6 +33,7 @@ import torch
 
 from ..config import SamplingConfig
 from ..models.base import DiffusionModel
+from ..models.conditioning import Conditioning, as_conditioning
 from .steps import StepSampler, ddim_preimage, make_scheduler, one_step_prediction
 
 __all__ = ["Trajectory", "ddim_preimage", "decode_trajectory", "guided_eps", "guided_prediction", "make_scheduler",
@@ -55,8 +56,9 @@ class Trajectory:
         source: ``"generated"`` or ``"upload"``.
         prompt: the prompt of a text-conditional model (None otherwise); queries are
             conditioned on it.
-        cond: (1, L, D) its embedding by the sampling model's text encoder, or None.
-        uncond: (1, L, D) embedding of the negative prompt (guidance), or None.
+        cond: its :class:`~attribution.models.conditioning.Conditioning` (one example) under the
+            sampling model, or None.
+        uncond: the negative prompt's (guidance), or None.
         decoded_x0_hat: latent models: (S, 3, H, W) VAE decodings of x0_hat in [-1, 1].
         decoded_sample: latent models: (3, H, W) decoding of the sample.
     """
@@ -69,8 +71,8 @@ class Trajectory:
     config: SamplingConfig
     source: str = "generated"
     prompt: str | None = None
-    cond: torch.Tensor | None = None
-    uncond: torch.Tensor | None = None
+    cond: Conditioning | None = None
+    uncond: Conditioning | None = None
     decoded_x0_hat: torch.Tensor | None = None
     decoded_sample: torch.Tensor | None = None
 
@@ -116,25 +118,25 @@ def guided_prediction(
     model: DiffusionModel,
     x: torch.Tensor,
     t: torch.Tensor,
-    cond: torch.Tensor | None = None,
-    uncond: torch.Tensor | None = None,
+    cond: Conditioning | torch.Tensor | None = None,
+    uncond: Conditioning | torch.Tensor | None = None,
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """The network's prediction p of a sampling step: x (B, C, H, W), integer timesteps t (B,),
-    cond/uncond (1 or B, L, D) -> (B, C, H, W).
+    cond/uncond of 1 or B examples -> (B, C, H, W).
 
     Unconditional models: p_theta(x, tau(t)). Conditional: p_theta(x, tau(t), cond), or with
     guidance (scale > 1 and ``uncond`` given) p_u + s (p_c - p_u), both in one batch.
     """
     tau = model.objective.model_timesteps(t)
     if not model.is_conditional:
-        return model.unet(x, tau).sample
+        return model.prediction_at(x, t)
     b = x.shape[0]
-    cond = cond.to(x.device).expand(b, -1, -1)
+    cond = as_conditioning(cond).to(x.device).expand(b)
     if uncond is None or guidance_scale <= 1.0:
-        return model.unet(x, tau, encoder_hidden_states=cond).sample
-    both = torch.cat([uncond.to(x.device).expand(b, -1, -1), cond])
-    p_u, p_c = model.unet(torch.cat([x, x]), torch.cat([tau, tau]), encoder_hidden_states=both).sample.chunk(2)
+        return model.prediction_at(x, t, cond)
+    both = Conditioning.cat([as_conditioning(uncond).to(x.device).expand(b), cond])
+    p_u, p_c = model.prediction_at(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
     return p_u + guidance_scale * (p_c - p_u)
 
 
@@ -148,12 +150,16 @@ def guided_eps(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, *guidanc
     return model.objective.eps_hat(x, pred, a, b)
 
 
-def prompt_embeddings(model: DiffusionModel, config: SamplingConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """((1, L, D) prompt, (1, L, D) negative-prompt or None) embeddings; (None, None) for unconditional models."""
+def prompt_embeddings(model: DiffusionModel, config: SamplingConfig) -> tuple[Conditioning | None, Conditioning | None]:
+    """(prompt, negative-prompt or None) conditioning of one example; (None, None) for unconditional models.
+
+    The prompt is a text for text models and a class name for class-conditional ones; the
+    negative branch is the model's (SDXL: zeros for an empty one; DiT: the null class).
+    """
     if not model.is_conditional:
         return None, None
     cond = model.encode_prompts([config.prompt])
-    uncond = model.encode_prompts([config.negative_prompt]) if config.guidance_scale > 1.0 else None
+    uncond = model.negative_conditioning(config.negative_prompt) if config.guidance_scale > 1.0 else None
     return cond, uncond
 
 

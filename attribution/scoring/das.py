@@ -49,7 +49,7 @@ def residual_errors(model: DiffusionModel, dataset: ImageDataset, store: Store, 
         ca, cb = objective.coefficients(t)
         x0_rows, eps = x0.repeat_interleave(d, 0), noises.reshape(b * d, *noises.shape[2:])
         x_t = objective.noised(x0_rows, eps, ca, cb)
-        prediction = model.unet(x_t, objective.model_timesteps(t)).sample
+        prediction = model.prediction(model.unet(x_t, objective.model_timesteps(t)).sample)
         loss = loss_output(prediction, objective.target(x0_rows, eps, ca, cb)).view(b, d).mean(1)
         out[idx] = loss.sqrt().cpu().numpy()
     return out

@@ -314,7 +314,7 @@ def make_task(model: DiffusionModel, tracked: Sequence[str], sample_seed: int = 
 
     class _Task(Task):
         def _predict(self, unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-            return unet(x_t, objective.model_timesteps(t), **dm.unet_kwargs(cond)).sample
+            return dm.prediction(unet(x_t, objective.model_timesteps(t), **dm.unet_kwargs(cond)).sample)
 
         def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
             x0, t, eps, key = batch[:4]
@@ -629,7 +629,7 @@ def exact_gauss_newton(
     model's prediction, whatever its objective's target (P = C H W outputs); ``index``: flat positions (q,) of the parameters kept (None: all).
     Small models only: J is held whole (B D P x p).
     """
-    from torch.func import functional_call, jacrev
+    from torch.func import jacrev
 
     others = {k: v.detach() for k, v in model.unet.named_parameters() if k not in params}
     buffers = {k: v.detach() for k, v in model.unet.named_buffers()}
@@ -644,7 +644,7 @@ def exact_gauss_newton(
 
     def prediction(*flat: torch.Tensor) -> torch.Tensor:
         sel = dict(zip(names, flat))
-        return functional_call(model.unet, (sel, others, buffers), (x_t, tau), model.unet_kwargs(c)).sample.reshape(-1)
+        return model.predict((sel, others, buffers), x_t, tau, c).reshape(-1)
 
     jac = jacrev(prediction, argnums=tuple(range(len(names))))(*[params[k] for k in names])
     J = torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1).double()  # (B D P, p)

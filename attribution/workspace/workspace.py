@@ -127,6 +127,42 @@ class Workspace:
         return self.models[0].is_latent
 
     @property
+    def conditioning(self) -> str:
+        """What a sample is conditioned on: ``"text"`` (a prompt), ``"class"`` (DiT: a class name) or ``"none"``."""
+        m = self.models[0]
+        return "class" if m.is_class_conditional else "text" if m.is_conditional else "none"
+
+    @property
+    def family(self) -> str:
+        """The model family in words (``"Stable Diffusion XL"``, ``"DiT"``, ...)."""
+        return self.models[0].family
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Whether sampling takes a classifier-free guidance scale (every conditional family here)."""
+        return self.models[0].is_conditional
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """The guidance scale the family's diffusers pipeline defaults to (SD 7.5, SDXL 5, DiT 4)."""
+        return float(self.models[0].default_guidance_scale)
+
+    @property
+    def class_choices(self) -> list[str]:
+        """Class-conditional models: the name of every class the model knows (its ``id2label``), in id order."""
+        return list(self.models[0].class_names or [])
+
+    def default_prompt(self) -> str:
+        """The prompt a first sample uses: the first training caption (text models), the class of the first
+        training image (class-conditional models, as named by the model), else ``""``."""
+        m = self.models[0]
+        if m.is_class_conditional:
+            if self.dataset.labels is not None and self.dataset.class_names:
+                return m.class_names[m.class_id(self.dataset.class_names[int(self.dataset.labels[0])])]
+            return m.class_names[0]
+        return (self.captions or [""])[0]
+
+    @property
     def captions(self) -> list[str] | None:
         """The training set's captions, if it has them."""
         return self.dataset.captions
@@ -147,7 +183,8 @@ class Workspace:
         if self.is_latent:
             lc, lh, lw = self.image_shape
             _, ph, pw = self.pixel_shape
-            kind = "text-conditional latent" if self.is_conditional else "latent"
+            kind = {"class": "class-conditional latent", "text": "text-conditional latent"}.get(self.conditioning, "latent")
+            kind = f"{kind} ({self.family})"
             lora = " with a LoRA adapter" if self.bundle.lora_dirs else ""
             return (
                 f"**{self.bundle.name}**  \n"

@@ -44,10 +44,10 @@ import math
 from typing import Callable
 
 import torch
-from torch.func import functional_call
 
 from ...config import ProjectionKind
 from ...models.base import DiffusionModel
+from ...models.conditioning import Conditioning, as_conditioning
 from ..gradients import DrawBatch, GradientTarget, _check_cond, objective_terms
 from ..hooks import LayerBlock, LayerHooks, Sink, hooks_support
 from ..outputs import OutputFn
@@ -187,7 +187,7 @@ class FactorizedProjector(Projector):
         timesteps: torch.Tensor,
         noises: torch.Tensor,
         mask: torch.Tensor | None = None,
-        cond: torch.Tensor | None = None,
+        cond: Conditioning | torch.Tensor | None = None,
         out: torch.Tensor | None = None,
         sink: Sink | None = None,
         sink_rows: Callable[[int], int | None] | None = None,
@@ -231,7 +231,7 @@ class FactorizedProjector(Projector):
         frozen = {k: v.detach() for k, v in model.unet.named_parameters()}
         hooks = LayerHooks(self, model.unet, out, small, B, D, sink, sink_rows)
         try:
-            prediction = functional_call(model.unet, frozen, (x_t, tau), model.unet_kwargs(c)).sample
+            prediction = model.predict(frozen, x_t, tau, c)
             if not hooks.leaves:
                 raise ValueError("no selected layer was reached by the forward pass")
             value = output(prediction, objective.target(x0, eps, a_t, b_t), m).sum() / D
@@ -260,11 +260,12 @@ class FactorizedProjector(Projector):
 _EXACT: dict[tuple, FactorizedProjector] = {}
 
 
-def _chunks(n: int, chunk_size: int, cond: torch.Tensor | None):
-    """(row slice, its conditioning) for each chunk of ``n`` examples; ``cond`` (n|1, L, D) or None."""
+def _chunks(n: int, chunk_size: int, cond: Conditioning | torch.Tensor | None):
+    """(row slice, its conditioning) for each chunk of ``n`` examples; ``cond`` of n or 1 examples, or None."""
+    cond = as_conditioning(cond)
     for s in range(0, n, chunk_size):
         sl = slice(s, s + chunk_size)
-        yield sl, (cond[sl] if cond is not None and cond.shape[0] > 1 else cond)
+        yield sl, (cond[sl] if cond is not None and len(cond) > 1 else cond)
 
 
 def _exact_projector(model: DiffusionModel, params: dict[str, torch.Tensor]) -> FactorizedProjector:
@@ -283,7 +284,7 @@ def example_grads_from_hooks(
     timesteps: torch.Tensor,
     noises: torch.Tensor,
     chunk_size: int = 32,
-    cond: torch.Tensor | None = None,
+    cond: Conditioning | torch.Tensor | None = None,
     projector=None,
 ) -> torch.Tensor:
     """The (B, P) gradients of :func:`~attribution.features.gradients.per_example_grads`, from batched passes with hooks.

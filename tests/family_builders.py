@@ -1,0 +1,105 @@
+"""Tiny random SDXL and DiT pipelines and a class-folder dataset, saved on disk (no hub, no weights).
+
+Shared by tests/test_families.py and benchmarks/bench_families.py; the components are
+built from configurations like diffusers' own pipeline tests do, with the helpers of
+tests/latent_builders.py (VAE, character tokenizer, CLIP text configs, scheduler).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from latent_builders import (
+    _tiny_text_config, perturbed, tiny_text_encoder, tiny_vae, write_char_tokenizer, write_model_index,
+    write_scheduler,
+)
+
+#: DiT classes of the tiny pipeline: id -> label (synonyms separated by commas, as ImageNet's id2label).
+ID2LABEL = {0: "red square, red block", 1: "blue circle", 2: "green stripes", 3: "yellow cross"}
+#: The class subfolders of the tiny class folder (a synonym, a plain label, and a decimal id).
+CLASS_FOLDERS = ("red block", "blue circle", "3")
+SDXL_TIME_DIM = 8  # addition_time_embed_dim
+POOLED_DIM = 16  # text_encoder_2's projection_dim
+
+
+def tiny_text_encoder_2(seed: int):
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(_tiny_text_config(projection_dim=POOLED_DIM)).eval()
+
+
+def sdxl_unet(seed: int, widths: tuple[int, ...] = (8, 16), sample_size: int = 8):
+    """An SDXL-style UNet (addition_embed_type "text_time") attending to two 32-wide text encoders."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=widths, layers_per_block=1,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(widths) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(widths) - 1) + ("UpBlock2D",),
+        cross_attention_dim=64, norm_num_groups=4, attention_head_dim=tuple(max(2, w // 8) for w in widths),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_DIM + POOLED_DIM,
+    )
+    return perturbed(unet)
+
+
+def make_tiny_sdxl_pipeline(directory: Path, seed: int = 0, text_seed: int = 20, text2_seed: int = 21,
+                            widths: tuple[int, ...] = (8, 16), sample_size: int = 8) -> Path:
+    """A random SDXL pipeline: latents (4, s, s), pixels (3, 2s, 2s), text (8, 64), pooled (16,)."""
+    sdxl_unet(seed, widths, sample_size).save_pretrained(directory / "unet")
+    tiny_vae(10).save_pretrained(directory / "vae")
+    tiny_text_encoder(text_seed).save_pretrained(directory / "text_encoder")
+    tiny_text_encoder_2(text2_seed).save_pretrained(directory / "text_encoder_2")
+    write_char_tokenizer(directory / "tokenizer")
+    write_char_tokenizer(directory / "tokenizer_2")
+    write_scheduler(directory / "scheduler")
+    write_model_index(
+        directory, "StableDiffusionXLPipeline", force_zeros_for_empty_prompt=True,
+        unet=["diffusers", "UNet2DConditionModel"], vae=["diffusers", "AutoencoderKL"],
+        text_encoder=["transformers", "CLIPTextModel"], text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+        tokenizer=["transformers", "CLIPTokenizer"], tokenizer_2=["transformers", "CLIPTokenizer"],
+        scheduler=["diffusers", "DDPMScheduler"])
+    return directory
+
+
+def dit_transformer(seed: int, layers: int = 2, heads: int = 2, head_dim: int = 8, sample_size: int = 8,
+                    num_classes: int = len(ID2LABEL)):
+    """A DiT with learned variance (out_channels = 2 in_channels) and adaLN-zero blocks."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(
+        sample_size=sample_size, num_layers=layers, patch_size=2, attention_head_dim=head_dim,
+        num_attention_heads=heads, in_channels=4, out_channels=8, num_embeds_ada_norm=num_classes,
+        norm_elementwise_affine=False,
+    )
+    return perturbed(model)
+
+
+def make_tiny_dit_pipeline(directory: Path, seed: int = 0, **transformer) -> Path:
+    """A random DiTPipeline: latents (4, 8, 8), pixels (3, 16, 16), 4 classes named by :data:`ID2LABEL`."""
+    dit_transformer(seed, **transformer).save_pretrained(directory / "transformer")
+    tiny_vae(10).save_pretrained(directory / "vae")
+    write_scheduler(directory / "scheduler")
+    write_model_index(directory, "DiTPipeline", id2label={str(k): v for k, v in ID2LABEL.items()},
+                      transformer=["diffusers", "DiTTransformer2DModel"], vae=["diffusers", "AutoencoderKL"],
+                      scheduler=["diffusers", "DDPMScheduler"])
+    return directory
+
+
+def write_class_folder(root: Path, classes: tuple[str, ...] = CLASS_FOLDERS, per_class: int = 3, size: int = 16) -> Path:
+    """RGB ``size``² images in one subfolder per class; the class sets the colour of a band."""
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            img[: size // 4, :, c % 3] = 255
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
