@@ -3,13 +3,15 @@
 Starts ``streamlit run app.py`` in ``--repo`` (default: this checkout) on a free port, opens the
 Explore page in headless Chromium and measures, from ``page.goto`` to the first influencer
 caption of the grid: the cold first paint (the first session loads the models, the store and
-scores a step) and then ``--sessions`` new sessions, each in a fresh browser context (what a
-new tab on a running server costs). The server is stopped by its PID.
+scores a step) and then ``--sessions`` new sessions of two kinds: new tabs of the same browser
+profile (what a user's new tab on a running server costs: the static files are in the browser's
+cache, each tab is its own Streamlit session) and fresh profiles (an empty cache: every script
+chunk is downloaded and compiled again). The server is stopped by its PID.
 
 The command-line run does this twice with one private, at first empty, cache directory
 (``$ATTRIBUTION_CACHE``): a fresh machine (the kernels of the read-only bundled store are
 computed and cached), then a restarted server, which finds the cache filled. A one-element
-Streamlit page in the same browser gives the floor: what any new session costs here.
+Streamlit page in the same browser gives the floor: what any new tab costs here.
 
 Usage: python benchmarks/first_paint.py [--repo DIR] [--sessions 3] [--json out.json]
 """
@@ -78,24 +80,32 @@ def streamlit_server(repo: Path, log_path: Path, env: dict[str, str] | None = No
                 proc.wait()
 
 
-def first_paint(browser, url: str, timeout_ms: float = 300_000, selector: str = CAPTION) -> float:
-    """Seconds from opening ``url`` in a new browser context (a new session) to the first influencer caption
-    (``selector``)."""
-    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+def first_paint(browser, url: str, timeout_ms: float = 300_000, selector: str = CAPTION, context=None) -> float:
+    """Seconds from opening ``url`` in a new session to the first influencer caption (``selector``).
+
+    The session opens as a new tab of ``context`` (a browser profile whose HTTP cache it shares, as a
+    user's new tab does), or, without one, in a fresh browser context (a new profile, empty cache).
+    """
+    own = context is None
+    context = browser.new_context(viewport={"width": 1440, "height": 1000}) if own else context
+    page = context.new_page()
     try:
-        page = context.new_page()
         t0 = time.perf_counter()
         page.goto(url)
         page.wait_for_selector(selector, timeout=timeout_ms)
         return time.perf_counter() - t0
     finally:
-        context.close()
+        page.close()
+        if own:
+            context.close()
 
 
 def measure(repo: Path, sessions: int, log_path: Path, env: dict[str, str] | None = None,
             browser=None) -> dict[str, float | list[float]]:
-    """Server start, cold first paint and ``sessions`` warm ones; ``browser``: a running playwright
-    browser to reuse (playwright allows one sync session per thread), else one is launched."""
+    """Server start, the cold first paint, then ``sessions`` new tabs of the same browser profile
+    (``warm_first_paint_s``) and ``sessions`` fresh profiles (``new_profile_first_paint_s``).
+    ``browser``: a running playwright browser to reuse (playwright allows one sync session per
+    thread), else one is launched."""
     from playwright.sync_api import sync_playwright
 
     with streamlit_server(repo, log_path, env) as (url, started), ExitStack() as stack:
@@ -103,9 +113,13 @@ def measure(repo: Path, sessions: int, log_path: Path, env: dict[str, str] | Non
             p = stack.enter_context(sync_playwright())
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             stack.callback(browser.close)
-        cold = first_paint(browser, url)
-        warm = [first_paint(browser, url) for _ in range(sessions)]
-    return {"server_start_s": started, "cold_first_paint_s": cold, "warm_first_paint_s": warm}
+        profile = browser.new_context(viewport={"width": 1440, "height": 1000})
+        stack.callback(profile.close)
+        cold = first_paint(browser, url, context=profile)
+        tabs = [first_paint(browser, url, context=profile) for _ in range(sessions)]
+        profiles = [first_paint(browser, url) for _ in range(sessions)]
+    return {"server_start_s": started, "cold_first_paint_s": cold, "warm_first_paint_s": tabs,
+            "new_profile_first_paint_s": profiles}
 
 
 FLOOR_APP = (
@@ -115,12 +129,17 @@ FLOOR_APP = (
 
 
 def floor(browser, sessions: int, log_path: Path) -> list[float]:
-    """New-session first paints of a one-element Streamlit page (the browser's and Streamlit's own cost)."""
+    """New-tab first paints of a one-element Streamlit page (the browser's and Streamlit's own cost)."""
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "app.py").write_text(FLOOR_APP)
         with streamlit_server(Path(d), log_path) as (url, _):
-            first_paint(browser, url, selector=".influencer-grid figcaption")
-            return [first_paint(browser, url, selector=".influencer-grid figcaption") for _ in range(sessions)]
+            profile = browser.new_context()
+            try:
+                first_paint(browser, url, selector=".influencer-grid figcaption", context=profile)
+                return [first_paint(browser, url, selector=".influencer-grid figcaption", context=profile)
+                        for _ in range(sessions)]
+            finally:
+                profile.close()
 
 
 def main() -> None:
@@ -142,8 +161,9 @@ def main() -> None:
     for name in ("fresh_machine", "restarted_server"):
         r = result[name]
         print(f"{name:17s} server up in {r['server_start_s']:.1f} s; cold first paint {r['cold_first_paint_s']:.1f} s; "
-              "new sessions " + ", ".join(f"{w:.1f}" for w in r["warm_first_paint_s"]) + " s")
-    print("floor (one-element Streamlit page): new sessions "
+              "new tabs " + ", ".join(f"{w:.1f}" for w in r["warm_first_paint_s"]) + " s; new profiles "
+              + ", ".join(f"{w:.1f}" for w in r["new_profile_first_paint_s"]) + " s")
+    print("floor (one-element Streamlit page): new tabs "
           + ", ".join(f"{w:.1f}" for w in result["floor_new_session_s"]) + " s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
