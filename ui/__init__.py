@@ -32,7 +32,7 @@ from .figures import (
     default_labels,
     class_share_figure,
     example_figure,
-    group_influence_figure,
+    group_influence_bars,
     heatmap_figure,
     parse_labels,
     predicted_class,
@@ -118,7 +118,7 @@ from .widgets import (
 
 __all__ = [
     "class_share_figure",
-    "group_influence_figure",
+    "group_influence_bars",
     "short_text",
     "state",
     "ALLOWED_ENV",

@@ -245,4 +245,5 @@ def showcase(ws: Workspace) -> None:
         step = results[0].meta["request"]["step"]
         st.markdown(f"**Seed {seed}**")
         show_results(ws, {f"Without {r.request.label()}": r for r in results}, step)
-        st.code("\n".join(reproduce_command(r) for r in results), language="bash")
+        # plain text, not st.code: its highlighter is a 1.5 MB script on the app's first page
+        st.text("\n".join(reproduce_command(r) for r in results))

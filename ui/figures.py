@@ -126,22 +126,44 @@ def heatmap_figure(ws: Workspace, scores: np.ndarray, indices: np.ndarray, traj:
     return fig
 
 
-def group_influence_figure(gi: GroupInfluence, highlight: int | None = None):
-    """Bar chart of the summed score of every class at one step (green: the class's removal would make this
-    step less likely; red: more likely); ``highlight`` outlines the sample's class."""
-    import plotly.graph_objects as go
+def group_influence_bars(gi: GroupInfluence, highlight: int | None = None) -> str:
+    """Bar chart of the summed score of every class at one step, as HTML (green: the class's removal
+    would make this step less likely; red: more likely); ``highlight`` outlines the sample's class.
 
-    colors = [POSITIVE_COLOR if v >= 0 else NEGATIVE_COLOR for v in gi.sums]
-    widths = [3 if i == highlight else 0 for i in range(len(gi.sums))]
-    hover = [f"class {n}<br>summed score {v:+.3g}<br>{100 * p:.0f} % of the positive, {100 * q:.0f} % of the "
-             f"negative influence<br>{tp} of the top {gi.top_k} positive, {tn} of the top {gi.top_k} negative"
-             for n, v, p, q, tp, tn in zip(gi.names, gi.sums, gi.positive_share, gi.negative_share,
-                                           gi.top_positive_counts, gi.top_negative_counts)]
-    fig = go.Figure(go.Bar(x=[html.escape(n) for n in gi.names], y=gi.sums.tolist(), marker_color=colors,
-                           marker_line_color="#222", marker_line_width=widths, hovertext=hover, hoverinfo="text"))
-    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), title="Summed score per class",
-                      xaxis_title="class of the training images", yaxis_title="summed score", showlegend=False)
-    return fig
+    Plain HTML rather than a plotly chart: the Explore page is the app's first page, and plotly's
+    4.6 MB script delayed every new session's first paint by about a second on a small machine.
+    Each bar carries its value in ``data-value`` and its details in a hover tooltip.
+    """
+    sums = np.asarray(gi.sums, dtype=float).tolist()
+    hi, lo = max(max(sums), 0.0), min(min(sums), 0.0)
+    span = (hi - lo) or 1.0
+    zero = 100 * hi / span  # % from the top of the plot
+    cols = []
+    for i, (name, v) in enumerate(zip(gi.names, sums)):
+        top = zero - 100 * max(v, 0.0) / span
+        tip = (f"class {name}: summed score {v:+.3g}; {100 * gi.positive_share[i]:.0f} % of the positive, "
+               f"{100 * gi.negative_share[i]:.0f} % of the negative influence; {gi.top_positive_counts[i]} of the "
+               f"top {gi.top_k} positive, {gi.top_negative_counts[i]} of the top {gi.top_k} negative")
+        outline = "outline:3px solid #222;" if i == highlight else ""
+        color = POSITIVE_COLOR if v >= 0 else NEGATIVE_COLOR
+        cols.append(
+            f"<div style='flex:1;display:flex;flex-direction:column;align-items:center;min-width:0'>"
+            f"<div style='position:relative;width:70%;height:170px'>"
+            f"<div class='bar' data-class='{html.escape(str(name))}' data-value='{v!r}' title='{html.escape(tip)}' "
+            f"style='position:absolute;left:0;right:0;top:{top:.2f}%;height:max({100 * abs(v) / span:.2f}%,1px);"
+            f"background:{color};{outline}'></div></div>"
+            f"<div style='font-size:0.8rem;margin-top:4px'>{html.escape(short_text(str(name), 10))}</div></div>")
+    return (
+        "<div class='group-influence' aria-label='Summed score per class'>"
+        "<div style='font-weight:600;margin-bottom:6px'>Summed score per class</div>"
+        f"<div style='display:flex;align-items:stretch;gap:2px'>"
+        f"<div style='display:flex;flex-direction:column;justify-content:space-between;height:170px;font-size:0.75rem;"
+        f"color:{NEUTRAL_COLOR};text-align:right;padding-right:4px'><span>{hi:+.3g}</span><span>{lo:+.3g}</span></div>"
+        f"<div style='flex:1;display:flex;position:relative;border-left:1px solid #ccc'>"
+        f"<div style='position:absolute;left:0;right:0;top:{zero:.2f}%;border-top:1px solid #888;height:0'></div>"
+        f"{''.join(cols)}</div></div>"
+        f"<div style='font-size:0.8rem;color:{NEUTRAL_COLOR};text-align:center;margin-top:2px'>class of the training "
+        "images (outlined: the sample's class)</div></div>")
 
 
 def class_share_figure(curves, cls: int, name: str, steps: Sequence[int], positive: np.ndarray, negative: np.ndarray,

@@ -72,7 +72,8 @@ if gi is not None:
     with st.expander("Group influence: which classes shaped this step", icon=":material/bar_chart:", expanded=True):
         sample_class = ui.predicted_class(ws, traj)
         c_fig, c_text = st.columns([2, 1], vertical_alignment="center")
-        c_fig.plotly_chart(ui.group_influence_figure(gi, sample_class), width="stretch", key="group_influence")
+        with c_fig:
+            st.html(ui.group_influence_bars(gi, sample_class))
         top = gi.strongest
         lines = [f"**Class {gi.names[top]}** has the largest summed score "
                  f"({100 * gi.positive_share[top]:.0f} % of all positive influence)."]
