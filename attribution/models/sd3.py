@@ -31,10 +31,7 @@ from diffusers import AutoencoderKL
 
 from .base import ModelLoadError
 from .conditioning import Conditioning, as_conditioning
-from .latent import (
-    LatentDiffusionModel, _require_safetensors, _weight_files, component_hashes, hash_components, tokenize,
-    tokenizer_files,
-)
+from .latent import LatentDiffusionModel, _require_safetensors, pipeline_hashes, tokenize
 from .objective import load_training_scheduler
 
 #: Required components of an SD3 directory, each a subfolder; T5 (text_encoder_3, tokenizer_3) is optional.
@@ -159,14 +156,8 @@ def load_sd3_model(path: Path, sched_dir: Path, device: str | torch.device = "cp
     for m in (transformer, vae, te, te2, te3):
         if m is not None:
             m.eval().requires_grad_(False).to(device)
-    names = SD3_COMPONENTS + (T5_COMPONENTS if has_t5 else ())
-    parts = {name: (tokenizer_files(dirs[name]) if name.startswith("tokenizer") else
-                    [sched_dir / "scheduler_config.json"] if name == "scheduler" else _weight_files(dirs[name]))
-             for name in names}
     return SD3Model(
-        unet=transformer, scheduler=scheduler, path=path,
-        checkpoint_hash=hash_components(path, [p for files in parts.values() for p in files]),
-        vae=vae, text_encoder=te, tokenizer=tok, vae_hash=hash_components(path, parts["vae"]),
-        components=component_hashes(path, parts),
+        unet=transformer, scheduler=scheduler, path=path, vae=vae, text_encoder=te, tokenizer=tok,
         text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3,
+        **pipeline_hashes(path, sched_dir, SD3_COMPONENTS + (T5_COMPONENTS if has_t5 else ())),
     )
