@@ -1,4 +1,4 @@
-"""Featurize throughput and one query step's time for the SDXL and DiT families, on random weights.
+"""Featurize throughput and one query step's time for the SDXL, DiT and SD3 families, on random weights.
 
 For each configuration (the tiny pipelines of the tests and one mid-size pipeline per
 family, built by ``tests/family_builders.py``; nothing is downloaded) it times
@@ -31,7 +31,7 @@ from common import RESULTS, REPO, machine_info, print_table
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from family_builders import ID2LABEL, make_tiny_dit_pipeline, make_tiny_sdxl_pipeline  # noqa: E402
+from family_builders import ID2LABEL, make_tiny_dit_pipeline, make_tiny_sd3_pipeline, make_tiny_sdxl_pipeline  # noqa: E402
 
 #: name -> (family, builder of the pipeline directory, what it is in words)
 CONFIGS: dict[str, tuple[str, Callable[[Path], Path], str]] = {
@@ -41,12 +41,15 @@ CONFIGS: dict[str, tuple[str, Callable[[Path], Path], str]] = {
     "dit-tiny": ("dit", make_tiny_dit_pipeline, "DiT 2 layers, width 16, latents 4x8x8"),
     "dit-mid": ("dit", lambda d: make_tiny_dit_pipeline(d, layers=4, heads=6, head_dim=64, sample_size=16),
                 "DiT 4 layers, width 384 (DiT-S), latents 4x16x16"),
+    "sd3-tiny": ("sd3", make_tiny_sd3_pipeline, "SD3 MM-DiT 2 layers, width 16, CLIP x2 + T5, latents 4x8x8"),
+    "sd3-mid": ("sd3", lambda d: make_tiny_sd3_pipeline(d, layers=4, heads=6, head_dim=64, sample_size=16),
+                "SD3 MM-DiT 4 layers, width 384, CLIP x2 + T5, latents 4x16x16"),
 }
 WORDS = ["red", "blue", "square", "circle", "stripes", "noise"]
 
 
 def random_dataset(family: str, model, n: int):
-    """N random images at the model's pixel size: captioned (SDXL) or in the model's classes (DiT)."""
+    """N random images at the model's pixel size: captioned (SDXL, SD3) or in the model's classes (DiT)."""
     from attribution.data import ArrayDataset
 
     rng = np.random.default_rng(0)
@@ -93,7 +96,7 @@ def bench_config(name: str, args: argparse.Namespace, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
-                    help="which pipelines to time (default: all four)")
+                    help="which pipelines to time (default: all)")
     ap.add_argument("--num-train", type=int, default=16, help="train examples featurized per configuration")
     ap.add_argument("--num-draws", type=int, default=2, help="(timestep, noise) draws per train example")
     ap.add_argument("--proj-dim", type=int, default=2048, help="sjlt projection dimension d")

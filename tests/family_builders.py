@@ -103,3 +103,64 @@ def write_class_folder(root: Path, classes: tuple[str, ...] = CLASS_FOLDERS, per
             img[: size // 4, :, c % 3] = 255
             Image.fromarray(img).save(root / name / f"{i}.png")
     return root
+
+
+T5_WIDTH = 64  # text_encoder_3's d_model = the SD3 transformer's joint_attention_dim
+
+
+def write_char_t5_tokenizer(d: Path, max_length: int = 8) -> None:
+    """A character-level T5-style tokenizer (``<pad>`` 0, ``</s>`` 1 appended, ``<unk>`` 2) saved in ``d``."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, " ": 3, **{c: 4 + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                            model_max_length=max_length).save_pretrained(d)
+
+
+def tiny_t5(seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=32, d_model=T5_WIDTH, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8)).eval()
+
+
+def sd3_transformer(seed: int, layers: int = 2, heads: int = 2, head_dim: int = 8, sample_size: int = 8):
+    """An SD3 MM-DiT on (4, s, s) latents attending to T5-wide text, pooled from two 16-wide CLIP projections."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=T5_WIDTH,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * POOLED_DIM, pos_embed_max_size=sample_size,
+    )
+    return perturbed(model)
+
+
+def make_tiny_sd3_pipeline(directory: Path, seed: int = 0, t5: bool = True, **transformer) -> Path:
+    """A random StableDiffusion3Pipeline: latents (4, 8, 8), pixels (3, 16, 16), text (8 CLIP + 8 T5, 64),
+    pooled (32,); flow matching with shift 3 over 100 steps."""
+    sd3_transformer(seed, **transformer).save_pretrained(directory / "transformer")
+    tiny_vae(10).save_pretrained(directory / "vae")
+    tiny_text_encoder_2(20).save_pretrained(directory / "text_encoder")
+    tiny_text_encoder_2(21).save_pretrained(directory / "text_encoder_2")
+    write_char_tokenizer(directory / "tokenizer")
+    write_char_tokenizer(directory / "tokenizer_2")
+    entries = {}
+    if t5:
+        tiny_t5(23).save_pretrained(directory / "text_encoder_3")
+        write_char_t5_tokenizer(directory / "tokenizer_3")
+        entries = dict(text_encoder_3=["transformers", "T5EncoderModel"], tokenizer_3=["transformers", "T5TokenizerFast"])
+    write_scheduler(directory / "scheduler", "flow")
+    write_model_index(
+        directory, "StableDiffusion3Pipeline", transformer=["diffusers", "SD3Transformer2DModel"],
+        vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModelWithProjection"],
+        text_encoder_2=["transformers", "CLIPTextModelWithProjection"], tokenizer=["transformers", "CLIPTokenizer"],
+        tokenizer_2=["transformers", "CLIPTokenizer"], scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        **entries)
+    return directory

@@ -26,8 +26,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from family_builders import (  # noqa: E402
-    ID2LABEL, dit_transformer, make_tiny_dit_pipeline, make_tiny_sdxl_pipeline, tiny_text_encoder_2,
-    write_class_folder,
+    ID2LABEL, dit_transformer, make_tiny_dit_pipeline, make_tiny_sd3_pipeline, make_tiny_sdxl_pipeline, sd3_transformer,
+    tiny_t5, tiny_text_encoder_2, write_class_folder,
 )
 from latent_builders import CAPTIONS, write_model_index  # noqa: E402
 from test_app import make_app  # noqa: E402
@@ -76,16 +76,23 @@ def families(tmp_path_factory, caption_folder) -> dict[str, Family]:
     shutil.copytree(dit, root / "dit_other")
     shutil.rmtree(root / "dit_other" / "transformer")
     dit_transformer(1).save_pretrained(root / "dit_other" / "transformer")
+    sd3 = make_tiny_sd3_pipeline(root / "sd3")
+    shutil.copytree(sd3, root / "sd3_other")
+    shutil.rmtree(root / "sd3_other" / "text_encoder_3")
+    tiny_t5(24).save_pretrained(root / "sd3_other" / "text_encoder_3")
     return {
         "sdxl": Family("sdxl", sdxl, root / "sdxl_other", "text_encoder_2", caption_folder, "a blue circle",
                        "green stripes", ("conv_out", "add_embedding.linear_1.bias", r"re:^down_blocks\.1\..*attn2\.to_k\.")),
         "dit": Family("dit", dit, root / "dit_other", "transformer", write_class_folder(root / "classes"),
                       "blue circle", "yellow cross",
                       ("proj_out_2", r"re:transformer_blocks\.0\.norm1\.linear\.bias", r"re:transformer_blocks\.0\.attn1\.to_k\.")),
+        "sd3": Family("sd3", sd3, root / "sd3_other", "text_encoder_3", caption_folder, "a blue circle", "green stripes",
+                      ("proj_out.bias", r"re:transformer_blocks\.0\.norm1\.linear\.bias",
+                       r"re:transformer_blocks\.1\.attn\.to_k\.bias", "time_text_embed.text_embedder.linear_1.bias")),
     }
 
 
-@pytest.fixture(scope="session", params=["sdxl", "dit"])
+@pytest.fixture(scope="session", params=["sdxl", "dit", "sd3"])
 def family(request, families) -> Family:
     return families[request.param]
 
@@ -126,6 +133,71 @@ def test_sdxl_conditioning_is_the_pipelines(families):
                                        "scheduler"}
 
 
+def test_sd3_conditioning_is_the_pipelines(families, tmp_path):
+    m = families["sd3"].model()
+    assert type(m).__name__ == "SD3Model" and m.objective.kind.is_flow and m.default_guidance_scale == 7.0
+    c = m.encode_prompts(["a red square", ""])
+    assert c.text.shape == (2, 8 + 8, 64) and c.pooled.shape == (2, 32) and c.time_ids is None
+    ids = m.tokenizer(["a red square"], padding="max_length", max_length=8, truncation=True, return_tensors="pt").input_ids
+    t5_ids = m.tokenizer_3(["a red square"], padding="max_length", max_length=8, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        o1, o2 = (e(ids, output_hidden_states=True) for e in (m.text_encoder, m.text_encoder_2))
+        t5 = m.text_encoder_3(t5_ids)[0]
+    clip = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2], torch.zeros(1, 8, 0)], -1)  # 32 + 32 = T5's 64
+    torch.testing.assert_close(c.text[:1], torch.cat([clip, t5], 1))
+    torch.testing.assert_close(c.pooled[:1], torch.cat([o1.text_embeds, o2.text_embeds], -1))
+    assert m.negative_conditioning("").allclose(c[1:])  # the empty prompt is encoded, not zeroed
+    assert {"text_encoder_3", "tokenizer_3", "transformer"} <= set(m.component_hashes)
+    # the network input is sigma T, and the transformer is called by keyword
+    t = torch.tensor([10, 90])
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(m.objective.model_timesteps(t), m.scheduler.sigmas[100 - 1 - t].float() * 100)
+    with torch.no_grad():
+        want = m.unet(hidden_states=x, encoder_hidden_states=c.text, pooled_projections=c.pooled,
+                      timestep=m.objective.model_timesteps(t)).sample
+    torch.testing.assert_close(m.prediction_at(x, t, c), want)
+    # without T5 (allowed by diffusers): zeros of (256, joint_attention_dim) in its place
+    d = tmp_path / "no_t5"
+    shutil.copytree(families["sd3"].model_dir, d, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    bare = load_model(d).encode_prompts(["a red square"])
+    assert bare.text.shape == (1, 8 + 256, 64) and bare.text[:, 8:].abs().sum() == 0
+    torch.testing.assert_close(bare.text[:, :8], c.text[:1, :8])
+    shutil.rmtree(d / "tokenizer")
+    with pytest.raises(ModelLoadError, match="StableDiffusion3Pipeline without tokenizer/"):
+        load_model(d)
+
+
+def test_sd3_trajectory_x0_hat_is_x_t_minus_sigma_v(families):
+    m = families["sd3"].model()
+    traj = sample_trajectory(m, SamplingConfig(num_inference_steps=4, seed=2, prompt="a blue circle", guidance_scale=7.0))
+    cond, uncond = m.encode_prompts(["a blue circle"]), m.negative_conditioning("")
+    n = len(traj.timesteps)
+    v_c, v_u = m.prediction_at(traj.x_t, traj.timesteps, cond.expand(n)), m.prediction_at(traj.x_t, traj.timesteps, uncond.expand(n))
+    sigma = m.objective.coefficients(traj.timesteps)[1].view(-1, 1, 1, 1)
+    torch.testing.assert_close(traj.x0_hat, traj.x_t - sigma * (v_u + 7.0 * (v_c - v_u)), rtol=1e-4, atol=1e-4)
+
+
+def test_sd3_refined_inversion_is_a_fixed_point_of_the_sampler(families):
+    from attribution.sampling import invert_image
+
+    fam = families["sd3"]
+    m = fam.model()
+    image = fam.dataset(m).images([2])[0]
+
+    def step_errors(traj):
+        a, b = m.objective.coefficients(traj.timesteps)
+        a_next = torch.cat([a[1:], torch.ones(1)]).view(-1, 1, 1, 1)  # the last Euler step lands on sigma = 0
+        b_next = torch.cat([b[1:], torch.zeros(1)]).view(-1, 1, 1, 1)
+        landed = a_next * traj.x0_hat + b_next * traj.eps
+        return (landed - torch.cat([traj.x_t[1:], traj.sample[None]])).abs().amax(dim=(1, 2, 3))
+
+    plain = invert_image(m, image, num_inference_steps=5, prompt=fam.prompt, refine_iters=0)
+    refined = invert_image(m, image, num_inference_steps=5, prompt=fam.prompt, refine_iters=8)
+    torch.testing.assert_close(refined.sample, m.encode(image[None])[0])
+    e_plain, e_refined = step_errors(plain), step_errors(refined)
+    assert e_refined.max() < 1e-3 * max(1.0, e_plain.max().item()) and e_plain.max() > 10 * e_refined.max()
+
+
 def test_dit_classes_come_from_id2label_and_subfolders(families):
     fam = families["dit"]
     m = fam.model()
@@ -153,7 +225,6 @@ def test_dit_classes_come_from_id2label_and_subfolders(families):
 @pytest.mark.parametrize("name, why", [
     ("StableVideoDiffusionPipeline", ";"), ("StableDiffusionControlNetPipeline", ";"), ("KandinskyV22Pipeline", ";"),
     ("FluxPipeline", r" \(flow matching is not implemented yet\);"),
-    ("StableDiffusion3Pipeline", r" \(flow matching is not implemented yet\);"),
 ])
 def test_unsupported_pipelines_are_refused_by_name(families, tmp_path, name, why):
     d = tmp_path / name
@@ -274,6 +345,34 @@ def test_sdxl_lora_weights_load_as_the_training_script_saves_them(families, tmp_
         load_lora(fam.model(), tmp_path / "te2")
 
 
+def test_sd3_lora_weights_load_as_the_training_script_saves_them(families, tmp_path):
+    """train_dreambooth_lora_sd3.py saves the transformer's peft layers with
+    StableDiffusion3Pipeline.save_lora_weights: ``pytorch_lora_weights.safetensors``, keys ``transformer.*``."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    fam = families["sd3"]
+    trained = fam.model()
+    add_lora(trained, rank=2, alpha=4, random_init=True)
+    StableDiffusion3Pipeline.save_lora_weights(  # with the adapter's config as metadata, as the script saves alpha
+        tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(trained.unet),
+        transformer_lora_adapter_metadata=trained.unet.peft_config["default"].to_dict())
+    with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        assert all(k.startswith("transformer.") for k in f.keys() if "lora" in k)
+    loaded = fam.model()
+    assert sorted(load_lora(loaded, tmp_path / "lora")) == sorted(lora_param_filter(trained.unet))
+    assert loaded.unet.peft_config["default"].lora_alpha == 4
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 70]), trained.encode_prompts(["a red square", "blue"])
+    assert not torch.allclose(trained.prediction_at(x, t, c), fam.model().prediction_at(x, t, c))
+    torch.testing.assert_close(loaded.prediction_at(x, t, c), trained.prediction_at(x, t, c))
+    (tmp_path / "te3").mkdir()
+    save_file({"text_encoder_3.x.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "te3" / "pytorch_lora_weights.safetensors")
+    with pytest.raises(ModelLoadError, match="adapts a text encoder"):
+        load_lora(fam.model(), tmp_path / "te3")
+
+
 # ---------------------------------------------------------------------- sampling
 def test_trajectory_is_reproducible_and_guided(family, loaded):
     model = loaded[0]
@@ -348,7 +447,7 @@ def family_app(family, loaded, tmp_path_factory, monkeypatch):
 def test_app_shows_the_familys_conditioning_inputs(family, family_app):
     ws = family_app
     at = make_app()
-    assert ws.family in ("Stable Diffusion XL", "DiT") and at.number_input(key="guidance_input").value == ws.default_guidance_scale
+    assert ws.family in ("Stable Diffusion XL", "DiT", "Stable Diffusion 3") and at.number_input(key="guidance_input").value == ws.default_guidance_scale
     if family.name == "dit":
         picker = at.selectbox(key="prompt_input")
         assert picker.label == "Class" and picker.options == ws.class_choices and picker.value == "yellow cross"

@@ -31,7 +31,7 @@ import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 from torch.func import functional_call
@@ -153,6 +153,14 @@ class DiffusionModel:
         """The prediction (B, C, H, W) within the denoiser's ``.sample`` (all of it here; DiT drops its variance half)."""
         return output
 
+    def run_network(
+        self, network: Callable[..., Any], x_t: torch.Tensor, tau: torch.Tensor, cond: Conditioning | torch.Tensor | None
+    ) -> torch.Tensor:
+        """The prediction (B, C, H, W) of ``network`` (the denoiser, or a call of it with swapped parameters) at
+        x_t (B, C, H, W) and network timestep input tau (B,). Families whose denoiser takes other arguments
+        (SD3's and FLUX's transformers) override this one method."""
+        return self.prediction(network(x_t, tau, **self.unet_kwargs(cond)).sample)
+
     def predict(
         self,
         params: dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], ...],
@@ -164,8 +172,7 @@ class DiffusionModel:
         x_t (B, C, H, W), timesteps (B,) the network's timestep input tau(t)
         (:meth:`~attribution.models.objective.DiffusionObjective.model_timesteps`), cond of B examples
         -> (B, C, H, W). Differentiable in ``params``."""
-        out = functional_call(self.unet, params, (x_t, timesteps), self.unet_kwargs(cond)).sample
-        return self.prediction(out)
+        return self.run_network(lambda *args, **kw: functional_call(self.unet, params, args, kw), x_t, timesteps, cond)
 
     @torch.no_grad()
     def prediction_at(
@@ -173,8 +180,7 @@ class DiffusionModel:
     ) -> torch.Tensor:
         """The network's prediction at x_t (B, C, H, W), integer training timesteps (B,), cond of B (or 1)
         examples -> (B, C, H, W) (no parameter swap: :meth:`predict` is the differentiable one)."""
-        out = self.unet(x_t, self.objective.model_timesteps(timesteps), **self.unet_kwargs(cond)).sample
-        return self.prediction(out)
+        return self.run_network(self.unet, x_t, self.objective.model_timesteps(timesteps), cond)
 
     @torch.no_grad()
     def eps(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning | torch.Tensor | None = None) -> torch.Tensor:

@@ -149,6 +149,17 @@ def component_hashes(root: Path, parts: dict[str, list[Path]]) -> dict[str, str]
     return {name: hash_components(root, files) for name, files in parts.items()}
 
 
+def pipeline_hashes(path: Path, sched_dir: Path, names: Sequence[str]) -> dict[str, Any]:
+    """``checkpoint_hash``, ``vae_hash`` and ``components`` (keyword arguments of a family's model) of a
+    pipeline directory whose components ``names`` are subfolders of ``path`` (tokenizers: every file;
+    the scheduler: its config; models: config and safetensors)."""
+    parts = {name: (tokenizer_files(path / name) if name.startswith("tokenizer") else
+                    [sched_dir / "scheduler_config.json"] if name == "scheduler" else _weight_files(path / name))
+             for name in names}
+    return {"checkpoint_hash": hash_components(path, [p for files in parts.values() for p in files]),
+            "vae_hash": hash_components(path, parts["vae"]), "components": component_hashes(path, parts)}
+
+
 def _weight_files(d: Path) -> list[Path]:
     """config.json plus the non-variant safetensors files (and shard index) of a component dir."""
     files = [d / "config.json"]

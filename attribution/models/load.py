@@ -5,8 +5,8 @@ pixel-space ``DDPMPipeline``/``DDIMPipeline`` and bare-UNet directories load her
 :class:`~attribution.models.base.DiffusionModel`; ``StableDiffusionPipeline``
 directories (a ``UNet2DConditionModel`` or a ``vae/``) go to
 :func:`~attribution.models.latent.load_latent_model`, ``StableDiffusionXLPipeline`` to
-:mod:`attribution.models.sdxl`, ``DiTPipeline`` to :mod:`attribution.models.dit`. Any
-other pipeline class (video, ControlNet, Kandinsky, SD3, FLUX, ...) is refused, naming it.
+:mod:`attribution.models.sdxl`, ``DiTPipeline`` to :mod:`attribution.models.dit`, ``StableDiffusion3Pipeline`` to
+:mod:`attribution.models.sd3`. Any other pipeline class (video, ControlNet, Kandinsky, FLUX, ...) is refused, naming it.
 See :mod:`attribution.models.base` for the layouts.
 """
 
@@ -26,11 +26,10 @@ from .objective import load_training_scheduler, unsupported_reason
 #: model_index.json ``_class_name`` -> family, for every pipeline the core attributes.
 SUPPORTED_PIPELINES = {
     "DDPMPipeline": "pixel", "DDIMPipeline": "pixel", "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl", "DiTPipeline": "dit",
+    "StableDiffusionXLPipeline": "sdxl", "DiTPipeline": "dit", "StableDiffusion3Pipeline": "sd3",
 }
 #: Pipelines refused with a reason beyond "not supported".
 NOT_YET = {
-    "StableDiffusion3Pipeline": "flow matching is not implemented yet",
     "FluxPipeline": "flow matching is not implemented yet",
 }
 
@@ -106,9 +105,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Diffusio
     if not path.is_dir():
         raise ModelLoadError(f"model directory {path} does not exist")
     family = pipeline_family(path)
-    if family in ("sdxl", "dit"):
+    if family in ("sdxl", "dit", "sd3"):
         sched_dir = _scheduler_dir(path)
         check_scheduler_config(sched_dir, path)
+        if family == "sd3":
+            from .sd3 import load_sd3_model
+
+            return load_sd3_model(path, sched_dir, device)
         if family == "sdxl":
             from .sdxl import load_sdxl_model
 

@@ -114,8 +114,8 @@ def module_param_filter(module_names: Sequence[str] = LORA_TARGETS) -> tuple[str
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-#: Key prefixes of text-encoder LoRA layers: diffusers (SD, SDXL's two encoders) and kohya-style files.
-TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.", "lora_te")
+#: Key prefixes of text-encoder LoRA layers: diffusers (SD, SDXL's two encoders, SD3's three) and kohya-style files.
+TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.", "te.", "te1.", "te2.", "lora_te")
 
 
 def _lora_weight_file(path: Path) -> tuple[Path, str]:
@@ -147,7 +147,7 @@ def load_lora(model: DiffusionModel, path: str | Path) -> list[str]:
 
     Accepts a peft adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``,
     as ``PeftModel.save_pretrained`` writes) or diffusers' ``pytorch_lora_weights.safetensors``
-    (``save_lora_weights`` / ``save_lora_adapter``; keys with or without the ``unet.`` prefix),
+    (``save_lora_weights`` / ``save_lora_adapter``; keys with or without the ``unet.`` or ``transformer.`` prefix),
     given as the file or its directory. Only safetensors are read, only from disk.
     The adapter is named ``"default"``, like :func:`add_lora`'s, so the parameter names
     (and thus a store's parameter filter) match; the checkpoint hash is extended with
@@ -183,7 +183,8 @@ def load_lora(model: DiffusionModel, path: str | Path) -> list[str]:
             if not hasattr(unet, "load_lora_adapter"):
                 raise ModelLoadError(f"{file}: diffusers-format LoRA weights are loaded for UNets only; save the "
                                      f"{type(unet).__name__} adapter as a peft directory (save_pretrained)")
-            prefix = "unet" if any(k.startswith("unet.") for k in keys) else None
+            # SD/SDXL scripts save "unet."-prefixed keys, SD3/FLUX scripts "transformer."-prefixed ones
+            prefix = next((p for p in ("unet", "transformer") if any(k.startswith(p + ".") for k in keys)), None)
             unet.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=prefix, adapter_name="default",
                                    use_safetensors=True, local_files_only=True)
     except (ValueError, KeyError, RuntimeError) as e:

@@ -32,10 +32,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from .base import ModelLoadError
 from .conditioning import Conditioning, as_conditioning
 from .objective import load_training_scheduler
-from .latent import (
-    LatentDiffusionModel, _require_safetensors, _weight_files, component_hashes, hash_components, tokenize,
-    tokenizer_files,
-)
+from .latent import LatentDiffusionModel, _require_safetensors, pipeline_hashes, tokenize
 
 #: Components of an SDXL directory, each a subfolder.
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -135,14 +132,9 @@ def load_sdxl_model(path: Path, sched_dir: Path, device: str | torch.device = "c
     for m in (unet, vae, te, te2):
         m.eval().requires_grad_(False).to(device)
     index = json.loads((path / "model_index.json").read_text())
-    parts = {name: (tokenizer_files(dirs[name]) if name.startswith("tokenizer") else
-                    [sched_dir / "scheduler_config.json"] if name == "scheduler" else _weight_files(dirs[name]))
-             for name in SDXL_COMPONENTS}
     return SDXLModel(
-        unet=unet, scheduler=scheduler, path=path,
-        checkpoint_hash=hash_components(path, [p for files in parts.values() for p in files]),
-        vae=vae, text_encoder=te, tokenizer=tok, vae_hash=hash_components(path, parts["vae"]),
-        components=component_hashes(path, parts),
+        unet=unet, scheduler=scheduler, path=path, vae=vae, text_encoder=te, tokenizer=tok,
         text_encoder_2=te2, tokenizer_2=tok2,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        **pipeline_hashes(path, sched_dir, SDXL_COMPONENTS),
     )

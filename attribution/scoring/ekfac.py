@@ -314,7 +314,7 @@ def make_task(model: DiffusionModel, tracked: Sequence[str], sample_seed: int = 
 
     class _Task(Task):
         def _predict(self, unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-            return dm.prediction(unet(x_t, objective.model_timesteps(t), **dm.unet_kwargs(cond)).sample)
+            return dm.run_network(unet, x_t, objective.model_timesteps(t), cond)
 
         def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
             x0, t, eps, key = batch[:4]
