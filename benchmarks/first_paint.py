@@ -10,8 +10,11 @@ chunk is downloaded and compiled again). The server is stopped by its PID.
 
 The command-line run does this twice with one private, at first empty, cache directory
 (``$ATTRIBUTION_CACHE``): a fresh machine (the kernels of the read-only bundled store are
-computed and cached), then a restarted server, which finds the cache filled. A one-element
-Streamlit page in the same browser gives the floor: what any new tab costs here.
+computed and cached), then a restarted server, which finds the cache filled. Two floors are
+measured in the same browser: a one-element Streamlit page (what any new tab costs here), and the
+cold first paint of a page that only imports torch and diffusers' ``UNet2DModel``, loads one
+bundled checkpoint and runs one forward before showing that element (what any live first paint
+of a diffusers model costs here, before any attribution work).
 
 Usage: python benchmarks/first_paint.py [--repo DIR] [--sessions 3] [--json out.json]
 """
@@ -142,6 +145,27 @@ def floor(browser, sessions: int, log_path: Path) -> list[float]:
                 profile.close()
 
 
+COLD_FLOOR_APP = (
+    "import streamlit as st\n"
+    "import torch\n"
+    "from diffusers.models.unets.unet_2d import UNet2DModel\n"
+    "unet = UNet2DModel.from_pretrained({unet!r}, use_safetensors=True)\n"
+    "with torch.no_grad():\n"
+    "    unet(torch.zeros(1, unet.config.in_channels, 32, 32), 0)\n"
+    "st.html('<div class=\"influencer-grid\"><figure><figcaption>floor</figcaption></figure></div>')\n"
+)
+
+
+def cold_floor(browser, repo: Path, log_path: Path) -> float:
+    """Cold first paint of a fresh server whose page imports torch and diffusers, loads one bundled
+    UNet and runs it once (see the module doc)."""
+    unet = repo / "assets" / "ensemble" / "ddpm-seed0" / "unet"
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "app.py").write_text(COLD_FLOOR_APP.format(unet=str(unet)))
+        with streamlit_server(Path(d), log_path) as (url, _):
+            return first_paint(browser, url, selector=".influencer-grid figcaption")
+
+
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
@@ -156,7 +180,8 @@ def main() -> None:
         env = {"ATTRIBUTION_CACHE": cache}
         result = {"fresh_machine": measure(args.repo.resolve(), args.sessions, log, env, browser),
                   "restarted_server": measure(args.repo.resolve(), args.sessions, log, env, browser),
-                  "floor_new_session_s": floor(browser, args.sessions, log)}
+                  "floor_new_session_s": floor(browser, args.sessions, log),
+                  "floor_cold_first_paint_s": cold_floor(browser, args.repo.resolve(), log)}
         browser.close()
     for name in ("fresh_machine", "restarted_server"):
         r = result[name]
@@ -165,6 +190,8 @@ def main() -> None:
               + ", ".join(f"{w:.1f}" for w in r["new_profile_first_paint_s"]) + " s")
     print("floor (one-element Streamlit page): new tabs "
           + ", ".join(f"{w:.1f}" for w in result["floor_new_session_s"]) + " s")
+    print(f"floor (fresh server; torch + diffusers imported, one UNet loaded and run): cold first paint "
+          f"{result['floor_cold_first_paint_s']:.1f} s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
