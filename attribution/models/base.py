@@ -107,6 +107,13 @@ class DiffusionModel:
     default_guidance_scale: ClassVar[float] = 7.5
 
     @property
+    def guidance_kind(self) -> str:
+        """How sampling takes a guidance scale: ``"cfg"`` (classifier-free: an unconditional and a conditional
+        prediction per step, in one batch), ``"embedded"`` (guidance-distilled, FLUX-dev: the scale is an input of
+        the network, one prediction per step) or ``"none"`` (unconditional models; FLUX-schnell)."""
+        return "cfg" if self.is_conditional else "none"
+
+    @property
     def is_class_conditional(self) -> bool:
         """True when the conditioning is a class label (DiT): prompts are class names."""
         return False
