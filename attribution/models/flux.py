@@ -27,7 +27,8 @@ guidance embedding while training); it is part of the objective's identity, so a
 another value is refused. ``guidance_embeds=False`` (FLUX-schnell): no guidance at all.
 
 The scheduler is ``FlowMatchEulerDiscreteScheduler``, usually with ``use_dynamic_shifting=True``:
-mu from the packed sequence length h w / 4 (:mod:`attribution.models.objective`).
+mu from the packed sequence length h w / 4 (:mod:`attribution.models.objective`). Sampling walks the
+pipeline's unshifted linspace(1, 1/S, S) on that shifted grid (:mod:`attribution.sampling.steps`).
 
 Latent size: the VAE's ``sample_size`` pixels square (FLUX's VAE: 1024, the pipeline's default
 resolution), i.e. ``sample_size / vae_scale_factor`` latent cells a side; it must be even.
@@ -93,6 +94,7 @@ class FluxModel(LatentDiffusionModel):
 
     family: ClassVar[str] = "FLUX"
     default_guidance_scale: ClassVar[float] = 3.5
+    flow_sampling_end: ClassVar[str] = "1/S"
 
     text_encoder_2: Any = None
     tokenizer_2: Any = None
