@@ -28,7 +28,9 @@ token count n (diffusers' ``calculate_shift``: mu = base_shift + (max_shift - ba
 what ``FlowMatchEulerDiscreteScheduler.set_timesteps(mu=mu)`` applies. A model's token count is
 fixed by its latent shape, so the grid, the training-loss timesteps and the sampler all use this one
 shifted grid (tau(t) = sigma_t T as above); the image sequence length must be given
-(:meth:`DiffusionObjective.from_scheduler`'s ``image_seq_len``).
+(:meth:`DiffusionObjective.from_scheduler`'s ``image_seq_len``). (diffusers'
+``train_dreambooth_lora_flux.py`` draws its training sigmas from such a scheduler's unshifted
+``sigmas``; this grid is the one FLUX's pipeline samples on.)
 
 Loss weight: w(t) = 1 for every kind. diffusers' training scripts use the plain MSE unless
 asked otherwise (``snr_gamma`` for DDPM, ``weighting_scheme`` for SD3-style flow matching);
