@@ -50,7 +50,7 @@ from diffusers import AutoencoderKL
 
 from .base import ModelLoadError
 from .conditioning import Conditioning, as_conditioning
-from .latent import LatentDiffusionModel, _require_safetensors, pipeline_hashes, tokenize
+from .latent import LatentDiffusionModel, from_dir, loading_errors, pipeline_dirs, pipeline_hashes, tokenize
 from .objective import FLOW_SCHEDULER, DiffusionObjective, load_training_scheduler
 
 #: The components of a FLUX directory, each a subfolder.
@@ -184,30 +184,17 @@ class FluxModel(LatentDiffusionModel):
 
 def load_flux_model(path: Path, sched_dir: Path, device: str | torch.device = "cpu") -> FluxModel:
     """Load a ``FluxPipeline`` directory (see module doc)."""
-    dirs = {name: path / name for name in FLUX_COMPONENTS}
-    missing = [name for name in FLUX_COMPONENTS if not dirs[name].is_dir()]
-    if missing:
-        raise ModelLoadError(f"{path} is a FluxPipeline without {', '.join(missing)}/")
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        _require_safetensors(dirs[name], name)
-    try:
+    dirs = pipeline_dirs(path, "FluxPipeline", FLUX_COMPONENTS)
+    with loading_errors(path, "a FLUX pipeline"):
         from diffusers import FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        kw = dict(use_safetensors=True, local_files_only=True)
-        transformer = FluxTransformer2DModel.from_pretrained(dirs["transformer"], **kw)
-        vae = AutoencoderKL.from_pretrained(dirs["vae"], **kw)
+        transformer = from_dir(FluxTransformer2DModel, dirs["transformer"])
+        vae = from_dir(AutoencoderKL, dirs["vae"])
         scheduler = load_training_scheduler(sched_dir)
-        te = CLIPTextModel.from_pretrained(dirs["text_encoder"], **kw)
-        te2 = T5EncoderModel.from_pretrained(dirs["text_encoder_2"], **kw)
+        te, te2 = from_dir(CLIPTextModel, dirs["text_encoder"]), from_dir(T5EncoderModel, dirs["text_encoder_2"])
         tok = CLIPTokenizer.from_pretrained(dirs["tokenizer"], local_files_only=True)
         tok2 = AutoTokenizer.from_pretrained(dirs["tokenizer_2"], local_files_only=True)
-    except ImportError as e:
-        raise ModelLoadError(f"loading {path} needs the optional package transformers: {e}") from e
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelLoadError(f"could not load a FLUX pipeline from {path}: {e}") from e
     _check_flux_shapes(path, transformer.config, vae.config, te.config, te2.config, type(scheduler).__name__)
     for m in (transformer, vae, te, te2):
         m.eval().requires_grad_(False).to(device)
