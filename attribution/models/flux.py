@@ -176,11 +176,6 @@ class FluxModel(LatentDiffusionModel):
                       img_ids=latent_image_ids(h, w, x_t.device), **self.unet_kwargs(cond)).sample
         return unpack_latents(out, h, w)
 
-    def to(self, device: str | torch.device) -> "FluxModel":
-        super().to(device)
-        self.text_encoder_2.to(device)
-        return self
-
 
 def load_flux_model(path: Path, sched_dir: Path, device: str | torch.device = "cpu") -> FluxModel:
     """Load a ``FluxPipeline`` directory (see module doc)."""

@@ -129,7 +129,9 @@ class LatentDiffusionModel(DiffusionModel):
         return dict(self.components)
 
     def to(self, device: str | torch.device) -> "LatentDiffusionModel":
-        for m in (self.unet, self.vae, self.text_encoder):
+        """Move every network, the further text encoders of SDXL, SD3 and FLUX (``text_encoder_2``, ``_3``) too."""
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            m = getattr(self, name, None)
             if m is not None:
                 m.to(device)
         return self

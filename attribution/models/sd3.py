@@ -99,13 +99,6 @@ class SD3Model(LatentDiffusionModel):
         """The velocity (B, C, H, W) at latents x_t (B, C, H, W); tau (B,) = sigma T, as the pipeline passes it."""
         return network(hidden_states=x_t, timestep=tau, **self.unet_kwargs(cond)).sample
 
-    def to(self, device: str | torch.device) -> "SD3Model":
-        super().to(device)
-        for m in (self.text_encoder_2, self.text_encoder_3):
-            if m is not None:
-                m.to(device)
-        return self
-
 
 def load_sd3_model(path: Path, sched_dir: Path, device: str | torch.device = "cpu") -> SD3Model:
     """Load a ``StableDiffusion3Pipeline`` directory (see module doc)."""

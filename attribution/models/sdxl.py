@@ -86,12 +86,6 @@ class SDXLModel(LatentDiffusionModel):
         return {"encoder_hidden_states": cond.text,
                 "added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": cond.time_ids}}
 
-    def to(self, device: str | torch.device) -> "SDXLModel":
-        super().to(device)
-        if self.text_encoder_2 is not None:
-            self.text_encoder_2.to(device)
-        return self
-
 
 def load_sdxl_model(path: Path, sched_dir: Path, device: str | torch.device = "cpu") -> SDXLModel:
     """Load a ``StableDiffusionXLPipeline`` directory (see module doc)."""
