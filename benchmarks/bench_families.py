@@ -1,4 +1,4 @@
-"""Featurize throughput and one query step's time for the SDXL, DiT and SD3 families, on random weights.
+"""Featurize throughput and one query step's time for the SDXL, DiT, SD3 and FLUX families, on random weights.
 
 For each configuration (the tiny pipelines of the tests and one mid-size pipeline per
 family, built by ``tests/family_builders.py``; nothing is downloaded) it times
@@ -31,7 +31,9 @@ from common import RESULTS, REPO, machine_info, print_table
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from family_builders import ID2LABEL, make_tiny_dit_pipeline, make_tiny_sd3_pipeline, make_tiny_sdxl_pipeline  # noqa: E402
+from family_builders import (  # noqa: E402
+    ID2LABEL, make_tiny_dit_pipeline, make_tiny_flux_pipeline, make_tiny_sd3_pipeline, make_tiny_sdxl_pipeline,
+)
 
 #: name -> (family, builder of the pipeline directory, what it is in words)
 CONFIGS: dict[str, tuple[str, Callable[[Path], Path], str]] = {
@@ -44,12 +46,17 @@ CONFIGS: dict[str, tuple[str, Callable[[Path], Path], str]] = {
     "sd3-tiny": ("sd3", make_tiny_sd3_pipeline, "SD3 MM-DiT 2 layers, width 16, CLIP x2 + T5, latents 4x8x8"),
     "sd3-mid": ("sd3", lambda d: make_tiny_sd3_pipeline(d, layers=4, heads=6, head_dim=64, sample_size=16),
                 "SD3 MM-DiT 4 layers, width 384, CLIP x2 + T5, latents 4x16x16"),
+    "flux-tiny": ("flux", make_tiny_flux_pipeline,
+                  "FLUX 1 double + 1 single block, width 32, guidance embedding, CLIP + T5, latents 4x8x8"),
+    "flux-mid": ("flux", lambda d: make_tiny_flux_pipeline(d, sample_size=32, layers=2, single_layers=4, heads=6,
+                                                          head_dim=64, rope=(16, 24, 24)),
+                 "FLUX 2 double + 4 single blocks, width 384, guidance embedding, CLIP + T5, latents 4x16x16"),
 }
 WORDS = ["red", "blue", "square", "circle", "stripes", "noise"]
 
 
 def random_dataset(family: str, model, n: int):
-    """N random images at the model's pixel size: captioned (SDXL, SD3) or in the model's classes (DiT)."""
+    """N random images at the model's pixel size: captioned (SDXL, SD3, FLUX) or in the model's classes (DiT)."""
     from attribution.data import ArrayDataset
 
     rng = np.random.default_rng(0)

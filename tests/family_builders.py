@@ -1,4 +1,4 @@
-"""Tiny random SDXL and DiT pipelines and a class-folder dataset, saved on disk (no hub, no weights).
+"""Tiny random SDXL, DiT, SD3 and FLUX pipelines and a class-folder dataset, saved on disk (no hub, no weights).
 
 Shared by tests/test_families.py and benchmarks/bench_families.py; the components are
 built from configurations like diffusers' own pipeline tests do, with the helpers of
@@ -163,4 +163,59 @@ def make_tiny_sd3_pipeline(directory: Path, seed: int = 0, t5: bool = True, **tr
         text_encoder_2=["transformers", "CLIPTextModelWithProjection"], tokenizer=["transformers", "CLIPTokenizer"],
         tokenizer_2=["transformers", "CLIPTokenizer"], scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
         **entries)
+    return directory
+
+
+#: FLUX's VAE latent normalization (its vae/config.json), applied by the tiny FLUX VAE too.
+FLUX_SHIFT_FACTOR, FLUX_SCALING_FACTOR = 0.1159, 0.3611
+#: FLUX.1's scheduler config: dynamic shifting, mu from the packed sequence length.
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def flux_transformer(seed: int, guidance: bool = True, layers: int = 1, single_layers: int = 1, heads: int = 2,
+                     head_dim: int = 16, rope: tuple[int, int, int] = (4, 4, 8)):
+    """A FLUX MM-DiT (double + single blocks) on 2 x 2 packed 4-channel latents, T5-wide text, CLIP-wide pooled."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single_layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=T5_WIDTH, pooled_projection_dim=32, guidance_embeds=guidance,
+        axes_dims_rope=list(rope),
+    )
+    return perturbed(model)
+
+
+def flux_vae(seed: int, sample_size: int = 16):
+    """The tiny VAE (4 latent channels, factor 2) with FLUX's shift and scaling factors."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=sample_size, layers_per_block=1,
+        block_out_channels=(8, 16), norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, shift_factor=FLUX_SHIFT_FACTOR, scaling_factor=FLUX_SCALING_FACTOR,
+    )
+
+
+def make_tiny_flux_pipeline(directory: Path, seed: int = 0, guidance: bool = True, sample_size: int = 16,
+                            **transformer) -> Path:
+    """A random FluxPipeline: latents (4, s/2, s/2) packed to (s²/16, 16) tokens, pixels (3, s, s), text (8, 64) from
+    T5, pooled (32,) from CLIP; FLUX.1's dynamically shifted flow-matching scheduler over 1000 steps.
+    ``guidance``: a guidance-embedding (FLUX-dev) transformer, else schnell-like."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flux_transformer(seed, guidance, **transformer).save_pretrained(directory / "transformer")
+    flux_vae(10, sample_size).save_pretrained(directory / "vae")
+    tiny_text_encoder(20).save_pretrained(directory / "text_encoder")
+    tiny_t5(23).save_pretrained(directory / "text_encoder_2")
+    write_char_tokenizer(directory / "tokenizer")
+    write_char_t5_tokenizer(directory / "tokenizer_2")
+    FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER).save_pretrained(directory / "scheduler")
+    write_model_index(
+        directory, "FluxPipeline", transformer=["diffusers", "FluxTransformer2DModel"],
+        vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModel"],
+        text_encoder_2=["transformers", "T5EncoderModel"], tokenizer=["transformers", "CLIPTokenizer"],
+        tokenizer_2=["transformers", "T5TokenizerFast"], scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"])
     return directory

@@ -1,8 +1,9 @@
-"""The SDXL and DiT families on tiny random pipelines (tests/family_builders.py).
+"""The SDXL, DiT, SD3 and FLUX families on tiny random pipelines (tests/family_builders.py).
 
 Per family, the invariants of tests/test_latent.py with the family's conditioning
 (SDXL: two text encoders, pooled embeddings, time ids; DiT: class labels from the
-image folder's subfolders, learned variance dropped): vmapped = looped gradients
+image folder's subfolders, learned variance dropped; SD3: CLIP x2 + T5, flow matching;
+FLUX: CLIP pooled + T5, packed latents, guidance embedding, dynamic shifting): vmapped = looped gradients
 without an unannounced vmap fallback, identity projection = explicit TRAK solve with a
 mask and a prompt or class, trajectories reproducible from a seed with guidance,
 stores refused for another text encoder or transformer, LoRA gradients = the
@@ -26,8 +27,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from family_builders import (  # noqa: E402
-    ID2LABEL, dit_transformer, make_tiny_dit_pipeline, make_tiny_sd3_pipeline, make_tiny_sdxl_pipeline, sd3_transformer,
-    tiny_t5, tiny_text_encoder_2, write_class_folder,
+    FLUX_SCALING_FACTOR, FLUX_SHIFT_FACTOR, ID2LABEL, dit_transformer, make_tiny_dit_pipeline, make_tiny_flux_pipeline,
+    make_tiny_sd3_pipeline, make_tiny_sdxl_pipeline, sd3_transformer, tiny_t5, tiny_text_encoder_2, write_class_folder,
 )
 from latent_builders import CAPTIONS, write_model_index  # noqa: E402
 from test_app import make_app  # noqa: E402
@@ -41,7 +42,8 @@ from attribution.features import (  # noqa: E402
     looped_grads, per_example_grads, select_params, store_spec,
 )
 from attribution.models import ModelLoadError, add_lora, load_lora, load_model, lora_param_filter  # noqa: E402
-from attribution.sampling import guided_eps, sample_trajectory  # noqa: E402
+from attribution.models.conditioning import Conditioning  # noqa: E402
+from attribution.sampling import StepSampler, guided_eps, sample_trajectory  # noqa: E402
 from attribution.scoring import Scorer, downsample_mask  # noqa: E402
 
 
@@ -80,6 +82,10 @@ def families(tmp_path_factory, caption_folder) -> dict[str, Family]:
     shutil.copytree(sd3, root / "sd3_other")
     shutil.rmtree(root / "sd3_other" / "text_encoder_3")
     tiny_t5(24).save_pretrained(root / "sd3_other" / "text_encoder_3")
+    flux = make_tiny_flux_pipeline(root / "flux")
+    shutil.copytree(flux, root / "flux_other")
+    shutil.rmtree(root / "flux_other" / "text_encoder_2")
+    tiny_t5(24).save_pretrained(root / "flux_other" / "text_encoder_2")
     return {
         "sdxl": Family("sdxl", sdxl, root / "sdxl_other", "text_encoder_2", caption_folder, "a blue circle",
                        "green stripes", ("conv_out", "add_embedding.linear_1.bias", r"re:^down_blocks\.1\..*attn2\.to_k\.")),
@@ -89,10 +95,14 @@ def families(tmp_path_factory, caption_folder) -> dict[str, Family]:
         "sd3": Family("sd3", sd3, root / "sd3_other", "text_encoder_3", caption_folder, "a blue circle", "green stripes",
                       ("proj_out.bias", r"re:transformer_blocks\.0\.norm1\.linear\.bias",
                        r"re:transformer_blocks\.1\.attn\.to_k\.bias", "time_text_embed.text_embedder.linear_1.bias")),
+        "flux": Family("flux", flux, root / "flux_other", "text_encoder_2", caption_folder, "a blue circle",
+                       "green stripes",
+                       ("proj_out.bias", r"re:^transformer_blocks\.0\.norm1\.linear\.bias",
+                        r"re:single_transformer_blocks\.0\.attn\.to_k\.bias", "time_text_embed.guidance_embedder.linear_1.bias")),
     }
 
 
-@pytest.fixture(scope="session", params=["sdxl", "dit", "sd3"])
+@pytest.fixture(scope="session", params=["sdxl", "dit", "sd3", "flux"])
 def family(request, families) -> Family:
     return families[request.param]
 
@@ -167,20 +177,161 @@ def test_sd3_conditioning_is_the_pipelines(families, tmp_path):
         load_model(d)
 
 
-def test_sd3_trajectory_x0_hat_is_x_t_minus_sigma_v(families):
-    m = families["sd3"].model()
+def test_flux_conditioning_and_transformer_call_are_the_pipelines(families):
+    """encode_prompt's CLIP pooled output and T5 states, FLUX's latent normalization, and the model call:
+    predict on unpacked latents = the transformer called as FluxPipeline calls it on packed ones."""
+    from diffusers import FluxPipeline
+
+    from attribution.models.flux import FLUX_COMPONENTS
+
+    m = families["flux"].model()
+    assert type(m).__name__ == "FluxModel" and m.family == "FLUX" and m.default_guidance_scale == 3.5
+    assert m.guidance_kind == "embedded" and m.image_shape == (4, 8, 8) and m.pixel_shape == (3, 16, 16)
+    c = m.encode_prompts(["a red square", ""])
+    assert c.text.shape == (2, 8, 64) and c.pooled.shape == (2, 32) and c.time_ids is None
+    assert c.guidance.tolist() == [3.5, 3.5]  # the training-loss guidance (TRAIN_GUIDANCE)
+    ids = m.tokenizer(["a red square"], padding="max_length", max_length=8, truncation=True, return_tensors="pt").input_ids
+    t5_ids = m.tokenizer_2(["a red square"], padding="max_length", max_length=8, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        pooled, t5 = m.text_encoder(ids).pooler_output, m.text_encoder_2(t5_ids)[0]
+    torch.testing.assert_close(c.pooled[:1], pooled)
+    torch.testing.assert_close(c.text[:1], t5)
+    assert set(m.component_hashes) == set(FLUX_COMPONENTS)
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mean = m.vae.encode(image).latent_dist.mean
+    torch.testing.assert_close(m.encode(image), (mean - FLUX_SHIFT_FACTOR) * FLUX_SCALING_FACTOR)
+    torch.testing.assert_close(m.decode(m.encode(image)), m.vae.decode(mean).sample.clamp(-1, 1))
+    # the pipeline's call: packed latents, timestep / 1000, the guidance scale expanded, zero txt_ids
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    tau = m.objective.model_timesteps(t)
+    g = c.with_guidance(5.0)
+    with torch.no_grad():
+        out = m.unet(hidden_states=FluxPipeline._pack_latents(x, 2, 4, 8, 8), timestep=tau / 1000,
+                     guidance=torch.full([1], 5.0).expand(2), pooled_projections=c.pooled, encoder_hidden_states=c.text,
+                     txt_ids=torch.zeros(8, 3), img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32),
+                     return_dict=False)[0]
+    want = FluxPipeline._unpack_latents(out, 16, 16, m.vae_scale_factor)
+    torch.testing.assert_close(m.prediction_at(x, t, g), want)
+    torch.testing.assert_close(m.predict(select_params(m), x, tau, g), want)
+    assert not torch.allclose(m.prediction_at(x, t, c), want)  # guidance 3.5 vs 5 reaches the prediction
+    with pytest.raises(ValueError, match="needs guidance"):
+        m.prediction_at(x, t, Conditioning(text=c.text, pooled=c.pooled))
+
+
+def test_flux_sigmas_are_the_pipelines_dynamically_shifted_ones(families):
+    """Training grid = the scheduler's set_timesteps(T, mu) sigmas; sampling steps = FluxPipeline's
+    linspace(1, 1/S, S) shifted by the same mu, with mu = calculate_shift(h w / 4 packed tokens)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    m = families["flux"].model()
+    cfg = m.scheduler.config
+    mu = calculate_shift(16, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+    assert m.image_seq_len == 16 and m.objective.mu == pytest.approx(mu)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    sched.set_timesteps(1000, mu=mu)
+    torch.testing.assert_close(m.objective.table.flip(0), sched.sigmas[:-1])
+    torch.testing.assert_close(m.objective.model_time.flip(0), sched.timesteps)
+    assert not torch.allclose(m.objective.table.flip(0), FlowMatchEulerDiscreteScheduler.from_config(cfg).sigmas)
+    for steps in (4, 10, 50):
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        sampler = StepSampler(m, SamplingConfig(num_inference_steps=steps))
+        levels = torch.tensor([sampler.level(s) for s in range(steps + 1)])
+        torch.testing.assert_close(levels, sched.sigmas, rtol=1e-5, atol=1e-6)
+
+
+def test_flux_samples_with_one_prediction_per_step(families, monkeypatch):
+    """FLUX-dev: no classifier-free batch; the transformer sees the sampling scale as its guidance input."""
+    m = families["flux"].model()
+    seen = []
+    forward = m.unet.forward
+
+    def spy(*args, **kw):
+        seen.append((kw["hidden_states"].shape[0], kw["guidance"].tolist()))
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(m.unet, "forward", spy)
+    traj = sample_trajectory(m, SamplingConfig(num_inference_steps=3, seed=0, prompt="a red square", guidance_scale=6.0))
+    assert seen == [(1, [6.0])] * 3 and traj.uncond is None and traj.config.guidance_scale == 6.0
+
+
+@pytest.fixture(scope="session")
+def flux_schnell(tmp_path_factory):
+    """A schnell-like FLUX pipeline: no guidance embedding."""
+    return load_model(make_tiny_flux_pipeline(tmp_path_factory.mktemp("schnell") / "flux", guidance=False))
+
+
+def test_flux_without_guidance_embedding_takes_no_guidance(flux_schnell, monkeypatch):
+    m = flux_schnell
+    assert m.guidance_kind == "none" and "train_guidance" not in m.objective.identity
+    c = m.encode_prompts(["a red square"])
+    assert c.guidance is None and set(c.present()) == {"text", "pooled"}
+    seen = []
+    forward = m.unet.forward
+    monkeypatch.setattr(m.unet, "forward", lambda *a, **kw: seen.append((kw["hidden_states"].shape[0], kw["guidance"]))
+                        or forward(*a, **kw))
+    cfg = SamplingConfig(num_inference_steps=2, seed=0, prompt="a red square", guidance_scale=1.0)
+    a, b = sample_trajectory(m, cfg), sample_trajectory(m, cfg, guidance_scale=7.0)  # the scale is ignored, as schnell's
+    assert torch.equal(a.x_t, b.x_t) and b.uncond is None and seen == [(1, None)] * 4
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        m.prediction_at(torch.randn(1, 4, 8, 8), torch.tensor([5]), c.with_guidance(3.5))
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        m.set_train_guidance(1.0)
+    ts, noises = _draws(m, 2)
+    grads = per_example_grads(m, select_params(m, ("proj_out",)), get_output("loss"), torch.randn(2, 4, 8, 8), ts,
+                              noises, cond=m.encode_prompts(["a", "b"]))
+    assert grads.shape == (2, 16 * 32 + 16) and grads.abs().max() > 0
+
+
+def test_flux_store_records_the_training_guidance(families, tmp_path):
+    """Train features are conditioned on the guidance embedding TRAIN_GUIDANCE; a model attributed with
+    another value gets other gradients and is refused by the store, naming the guidance."""
+    fam = families["flux"]
+    base = fam.model()
+    data = fam.dataset(base)
+    cfg = FeaturizeConfig(num_draws=1, proj_dim=8, param_filter=fam.small_params, store_dtype="float32")
+    store = featurize([base], data, tmp_path / "store", cfg)
+    assert json.loads((store.root / "manifest.json").read_text())["objective"]["train_guidance"] == "3.5"
+    m = fam.model()
+    m.set_train_guidance(1.0)
+    assert m.encode_prompts(["x"]).guidance.tolist() == [1.0] and "guidance embedding 1" in m.objective.describe()
+    with pytest.raises(StoreError, match="the guidance embedding of the training loss differs: the store was built "
+                                         "with 3.5, the model uses 1"):
+        Store.open(store.root, store_spec([m], data, cfg))
+    Store.open(store.root, store_spec([fam.model()], data, cfg))  # the same value reopens it
+    latents = encode_dataset(data, base)
+    prompts = example_prompts(base, data, np.arange(2))
+    ts, noises = _draws(m, 2)
+
+    def grads(model):
+        return per_example_grads(model, select_params(model, fam.small_params), get_output("loss"),
+                                 latents.images(range(2)), ts, noises, cond=model.encode_prompts(prompts))
+
+    assert not torch.allclose(grads(m), grads(base))
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_flow_trajectory_x0_hat_is_x_t_minus_sigma_v(families, name):
+    """SD3: v = v_u + s (v_c - v_u) (CFG); FLUX-dev: v = v(x_t, sigma, cond, guidance = s), one prediction."""
+    m = families[name].model()
     traj = sample_trajectory(m, SamplingConfig(num_inference_steps=4, seed=2, prompt="a blue circle", guidance_scale=7.0))
     cond, uncond = m.encode_prompts(["a blue circle"]), m.negative_conditioning("")
     n = len(traj.timesteps)
-    v_c, v_u = m.prediction_at(traj.x_t, traj.timesteps, cond.expand(n)), m.prediction_at(traj.x_t, traj.timesteps, uncond.expand(n))
+    if name == "flux":
+        v = m.prediction_at(traj.x_t, traj.timesteps, cond.with_guidance(7.0).expand(n))
+    else:
+        v_c, v_u = m.prediction_at(traj.x_t, traj.timesteps, cond.expand(n)), m.prediction_at(traj.x_t, traj.timesteps, uncond.expand(n))
+        v = v_u + 7.0 * (v_c - v_u)
     sigma = m.objective.coefficients(traj.timesteps)[1].view(-1, 1, 1, 1)
-    torch.testing.assert_close(traj.x0_hat, traj.x_t - sigma * (v_u + 7.0 * (v_c - v_u)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(traj.x0_hat, traj.x_t - sigma * v, rtol=1e-4, atol=1e-4)
 
 
-def test_sd3_refined_inversion_is_a_fixed_point_of_the_sampler(families):
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_flow_refined_inversion_is_a_fixed_point_of_the_sampler(families, name):
     from attribution.sampling import invert_image
 
-    fam = families["sd3"]
+    fam = families[name]
     m = fam.model()
     image = fam.dataset(m).images([2])[0]
 
@@ -224,7 +375,8 @@ def test_dit_classes_come_from_id2label_and_subfolders(families):
 
 @pytest.mark.parametrize("name, why", [
     ("StableVideoDiffusionPipeline", ";"), ("StableDiffusionControlNetPipeline", ";"), ("KandinskyV22Pipeline", ";"),
-    ("FluxPipeline", r" \(flow matching is not implemented yet\);"),
+    ("FluxFillPipeline", r" \(its transformer takes image inputs besides the noisy latents; only text-to-image "
+                         r"FluxPipeline is implemented\);"),
 ])
 def test_unsupported_pipelines_are_refused_by_name(families, tmp_path, name, why):
     d = tmp_path / name
@@ -345,32 +497,38 @@ def test_sdxl_lora_weights_load_as_the_training_script_saves_them(families, tmp_
         load_lora(fam.model(), tmp_path / "te2")
 
 
-def test_sd3_lora_weights_load_as_the_training_script_saves_them(families, tmp_path):
-    """train_dreambooth_lora_sd3.py saves the transformer's peft layers with
-    StableDiffusion3Pipeline.save_lora_weights: ``pytorch_lora_weights.safetensors``, keys ``transformer.*``."""
-    from diffusers import StableDiffusion3Pipeline
+@pytest.mark.parametrize("name, pipeline, text_encoder", [
+    ("sd3", "StableDiffusion3Pipeline", "text_encoder_3"), ("flux", "FluxPipeline", "text_encoder"),
+])
+def test_transformer_lora_weights_load_as_the_training_script_saves_them(families, tmp_path, name, pipeline, text_encoder):
+    """train_dreambooth_lora_sd3.py and train_dreambooth_lora_flux.py save the transformer's peft layers with
+    the pipeline's save_lora_weights: ``pytorch_lora_weights.safetensors``, keys ``transformer.*``. FLUX's
+    adapter covers the double blocks' and the single blocks' attention."""
+    import diffusers
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    fam = families["sd3"]
+    fam = families[name]
     trained = fam.model()
-    add_lora(trained, rank=2, alpha=4, random_init=True)
-    StableDiffusion3Pipeline.save_lora_weights(  # with the adapter's config as metadata, as the script saves alpha
+    names = add_lora(trained, rank=2, alpha=4, random_init=True)
+    if name == "flux":
+        assert {n.split(".")[0] for n in names} == {"transformer_blocks", "single_transformer_blocks"}
+    getattr(diffusers, pipeline).save_lora_weights(  # with the adapter's config as metadata, as the scripts save alpha
         tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(trained.unet),
         transformer_lora_adapter_metadata=trained.unet.peft_config["default"].to_dict())
     with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), framework="pt") as f:
         assert all(k.startswith("transformer.") for k in f.keys() if "lora" in k)
     loaded = fam.model()
     assert sorted(load_lora(loaded, tmp_path / "lora")) == sorted(lora_param_filter(trained.unet))
-    assert loaded.unet.peft_config["default"].lora_alpha == 4
+    assert loaded.unet.peft_config["default"].lora_alpha == 4 and loaded.checkpoint_hash == trained.checkpoint_hash
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 70]), trained.encode_prompts(["a red square", "blue"])
     assert not torch.allclose(trained.prediction_at(x, t, c), fam.model().prediction_at(x, t, c))
     torch.testing.assert_close(loaded.prediction_at(x, t, c), trained.prediction_at(x, t, c))
-    (tmp_path / "te3").mkdir()
-    save_file({"text_encoder_3.x.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "te3" / "pytorch_lora_weights.safetensors")
+    (tmp_path / "te").mkdir()
+    save_file({f"{text_encoder}.x.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "te" / "pytorch_lora_weights.safetensors")
     with pytest.raises(ModelLoadError, match="adapts a text encoder"):
-        load_lora(fam.model(), tmp_path / "te3")
+        load_lora(fam.model(), tmp_path / "te")
 
 
 # ---------------------------------------------------------------------- sampling
@@ -380,11 +538,18 @@ def test_trajectory_is_reproducible_and_guided(family, loaded):
     a, b = sample_trajectory(model, cfg), sample_trajectory(model, cfg)
     assert torch.equal(a.x_t, b.x_t) and torch.equal(a.sample, b.sample) and a.prompt == family.prompt
     cond, uncond = model.encode_prompts([family.prompt]), model.negative_conditioning("")
-    assert a.cond.allclose(cond) and a.uncond.allclose(uncond)
     t0 = a.timesteps[:1]
-    eps_c, eps_u = model.eps(a.x_t[:1], t0, cond), model.eps(a.x_t[:1], t0, uncond)
-    torch.testing.assert_close(a.eps[:1], eps_u + 3.0 * (eps_c - eps_u), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(guided_eps(model, a.x_t[:1], t0, cond, uncond, 3.0), a.eps[:1], rtol=1e-4, atol=1e-5)
+    if family.name == "flux":  # guidance-distilled: the scale is the guidance embedding, no negative branch
+        assert a.uncond is None and a.cond.allclose(cond.with_guidance(3.0)) and cond.guidance.tolist() == [3.5]
+        torch.testing.assert_close(a.eps[:1], model.eps(a.x_t[:1], t0, cond.with_guidance(3.0)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(guided_eps(model, a.x_t[:1], t0, a.cond), a.eps[:1], rtol=1e-4, atol=1e-5)
+        t1 = a.timesteps[1:2]  # (at sigma = 1 the flow's eps_hat is x_t, whatever the prediction)
+        assert not torch.allclose(model.eps(a.x_t[1:2], t1, cond), a.eps[1:2])  # the embedding reaches the prediction
+    else:
+        assert a.cond.allclose(cond) and a.uncond.allclose(uncond)
+        eps_c, eps_u = model.eps(a.x_t[:1], t0, cond), model.eps(a.x_t[:1], t0, uncond)
+        torch.testing.assert_close(a.eps[:1], eps_u + 3.0 * (eps_c - eps_u), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(guided_eps(model, a.x_t[:1], t0, cond, uncond, 3.0), a.eps[:1], rtol=1e-4, atol=1e-5)
     other = sample_trajectory(model, cfg, prompt=family.other_prompt)
     assert not torch.allclose(other.x_t[1], a.x_t[1])
     if family.name == "dit":
@@ -447,7 +612,7 @@ def family_app(family, loaded, tmp_path_factory, monkeypatch):
 def test_app_shows_the_familys_conditioning_inputs(family, family_app):
     ws = family_app
     at = make_app()
-    assert ws.family in ("Stable Diffusion XL", "DiT", "Stable Diffusion 3") and at.number_input(key="guidance_input").value == ws.default_guidance_scale
+    assert ws.family in ("Stable Diffusion XL", "DiT", "Stable Diffusion 3", "FLUX") and at.number_input(key="guidance_input").value == ws.default_guidance_scale
     if family.name == "dit":
         picker = at.selectbox(key="prompt_input")
         assert picker.label == "Class" and picker.options == ws.class_choices and picker.value == "yellow cross"

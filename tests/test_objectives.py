@@ -341,3 +341,53 @@ def test_influence_task_and_das_residuals_use_the_objective(pixel_models, tiny_d
     r = residual_errors(model, tiny_dataset, store)
     want_r = _hand_losses(model, kind, _images(tiny_dataset), ts_all, noises_all).mean(1).sqrt().numpy()
     np.testing.assert_allclose(r, want_r, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- dynamic shifting (FLUX's scheduler)
+FLUX_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                   base_image_seq_len=256, max_image_seq_len=4096)
+
+
+@pytest.mark.parametrize("seq_len", [16, 256, 1024, 4096])
+def test_dynamic_shift_grid_is_the_schedulers_set_timesteps_with_mu(seq_len):
+    """sigma_t = e^mu / (e^mu + 1 / s_t - 1) over the unshifted grid, mu = calculate_shift(tokens): what
+    FlowMatchEulerDiscreteScheduler.set_timesteps(T, mu=mu) gives (sigmas and timesteps)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from attribution.models.objective import DiffusionObjective
+
+    sched = FlowMatchEulerDiscreteScheduler(**FLUX_CONFIG)
+    obj = DiffusionObjective.from_scheduler(sched, image_seq_len=seq_len)
+    mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
+    assert obj.mu == pytest.approx(mu) and obj.kind.is_flow and f"dynamic shift mu {mu:.4g}" in obj.describe()
+    ref = FlowMatchEulerDiscreteScheduler(**FLUX_CONFIG)
+    ref.set_timesteps(1000, mu=mu)
+    torch.testing.assert_close(obj.table.flip(0), ref.sigmas[:-1])
+    torch.testing.assert_close(obj.model_time.flip(0), ref.timesteps)
+    a, b = obj.coefficients(torch.tensor([0, 999]))
+    torch.testing.assert_close(b, ref.sigmas[[999, 0]])
+    torch.testing.assert_close(a, 1 - b)
+    other = DiffusionObjective.from_scheduler(sched, image_seq_len=seq_len * 2)
+    assert other.identity["schedule_sha256"] != obj.identity["schedule_sha256"]  # a store records the resolution
+
+
+def test_dynamic_shift_and_other_grids_are_refused_where_not_implemented():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from attribution.models.objective import DiffusionObjective, unsupported_reason
+
+    sched = FlowMatchEulerDiscreteScheduler(**FLUX_CONFIG)
+    with pytest.raises(ValueError, match="use_dynamic_shifting=True is not implemented"):
+        DiffusionObjective.from_scheduler(sched)  # no image sequence length: only FLUX supplies one
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX_CONFIG}
+    assert unsupported_reason(config, dynamic_shifting=True) is None
+    assert "time_shift_type='linear' is not implemented" in unsupported_reason({**config, "time_shift_type": "linear"},
+                                                                                 dynamic_shifting=True)
+    assert "shift_terminal=0.02 is not implemented" in unsupported_reason({**config, "shift_terminal": 0.02},
+                                                                           dynamic_shifting=True)
+    # a fixed grid's objective is unchanged by the new options: no mu, no guidance in its identity
+    fixed = DiffusionObjective.from_scheduler(FlowMatchEulerDiscreteScheduler(num_train_timesteps=100, shift=3.0),
+                                              image_seq_len=16)
+    assert fixed.mu is None and set(fixed.identity) == {"kind", "schedule_sha256"} and fixed.describe() == \
+        "flow (flow matching, shift 3, T = 100)"

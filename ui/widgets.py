@@ -35,8 +35,10 @@ def prompt_inputs(ws: Workspace, container=None) -> tuple[str | None, float | No
         scale = float(c_scale.number_input(
             "Guidance scale", min_value=1.0, max_value=20.0, value=ws.default_guidance_scale, step=0.5,
             key=state.GUIDANCE_INPUT,
-            help="Classifier-free guidance: 1 = conditional prediction only, higher = follow the "
-                 f"{'class' if ws.conditioning == 'class' else 'prompt'} more."))
+            help=("Guidance embedding: this guidance-distilled model takes the scale as an input (one prediction "
+                  "per step); higher = follow the prompt more." if ws.guidance_embedded else
+                  "Classifier-free guidance: 1 = conditional prediction only, higher = follow the "
+                  f"{'class' if ws.conditioning == 'class' else 'prompt'} more.")))
     return prompt, scale
 
 

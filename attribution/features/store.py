@@ -114,6 +114,9 @@ def objective_mismatch(recorded: dict[str, str] | None, identity: dict[str, str]
     if "schedule_sha256" in recorded and recorded["schedule_sha256"] != identity["schedule_sha256"]:
         return (f"the noise schedule of the {identity['kind']!r} objective differs: the store was built with "
                 f"{recorded['schedule_sha256'][:12]}..., the model has {identity['schedule_sha256'][:12]}...")
+    if recorded.get("train_guidance") != identity.get("train_guidance"):
+        return (f"the guidance embedding of the training loss differs: the store was built with "
+                f"{recorded.get('train_guidance') or 'none'}, the model uses {identity.get('train_guidance') or 'none'}")
     return None
 
 

@@ -25,6 +25,7 @@ _EXPORTS = {
     "DiffusionModel": "base",
     "DiffusionObjective": "objective",
     "DigitClassifier": "classifier",
+    "FluxModel": "flux",
     "FORMAT_VERSION": "classifier",
     "LORA_TARGETS": "lora",
     "LatentDiffusionModel": "latent",

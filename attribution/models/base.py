@@ -105,6 +105,16 @@ class DiffusionModel:
     #: The family in words (the app's description) and the guidance scale its diffusers pipeline defaults to.
     family: ClassVar[str] = "DDPM"
     default_guidance_scale: ClassVar[float] = 7.5
+    #: Flow models: the last unshifted sigma of the family's sampling grid, "1/T" (diffusers' ``set_timesteps``)
+    #: or "1/S" (``FluxPipeline``); see :func:`attribution.sampling.steps.flow_timesteps`.
+    flow_sampling_end: ClassVar[str] = "1/T"
+
+    @property
+    def guidance_kind(self) -> str:
+        """How sampling takes a guidance scale: ``"cfg"`` (classifier-free: an unconditional and a conditional
+        prediction per step, in one batch), ``"embedded"`` (guidance-distilled, FLUX-dev: the scale is an input of
+        the network, one prediction per step) or ``"none"`` (unconditional models; FLUX-schnell)."""
+        return "cfg" if self.is_conditional else "none"
 
     @property
     def is_class_conditional(self) -> bool:

@@ -7,11 +7,14 @@ A :class:`Conditioning` holds, for a batch of B examples, every input besides
     hidden states; SDXL: the penultimate hidden states of both encoders, concatenated);
   * ``pooled`` (B, P): a pooled text embedding (SDXL: ``text_encoder_2``'s projection);
   * ``time_ids`` (B, 6): SDXL's micro-conditioning (original size, crop corner, target size);
-  * ``labels`` (B,) int64: class ids of a class-conditional model (DiT).
+  * ``labels`` (B,) int64: class ids of a class-conditional model (DiT);
+  * ``guidance`` (B,) float: the guidance scale a guidance-distilled model takes as an input
+    (FLUX-dev's guidance embedding): the sampling scale when sampling, the training value
+    (:attr:`~attribution.models.objective.DiffusionObjective.train_guidance`) in the loss gradients.
 
-Fields a family does not use are None. Later families fit the same value (SD3 and FLUX:
-a T5 sequence in ``text``, a pooled CLIP vector in ``pooled``; FLUX's guidance embedding
-and text/image position ids would be further optional fields).
+Fields a family does not use are None. SD3 and FLUX put a T5 sequence in ``text`` and a pooled
+CLIP vector in ``pooled``; FLUX's text and image position ids are rebuilt inside the model call
+(they depend only on the shapes).
 
 The value is a registered pytree, so ``torch.func.vmap`` maps over its tensors like over a
 plain argument (``in_dims=0`` splits every present field along its first dimension).
@@ -27,7 +30,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 #: The fields in their fixed order (also the pytree's child order).
-FIELDS = ("text", "pooled", "time_ids", "labels")
+FIELDS = ("text", "pooled", "time_ids", "labels", "guidance")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,12 @@ class Conditioning:
     pooled: torch.Tensor | None = None  # (B, P)
     time_ids: torch.Tensor | None = None  # (B, 6)
     labels: torch.Tensor | None = None  # (B,) int64
+    guidance: torch.Tensor | None = None  # (B,) float
+
+    def with_guidance(self, scale: float) -> "Conditioning":
+        """The same conditioning with the guidance embedding set to ``scale`` for every example."""
+        device = next(iter(self.present().values())).device
+        return replace(self, guidance=torch.full((len(self),), float(scale), device=device))
 
     def present(self) -> dict[str, torch.Tensor]:
         """name -> tensor of the fields that are set, in :data:`FIELDS` order."""

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -128,7 +129,9 @@ class LatentDiffusionModel(DiffusionModel):
         return dict(self.components)
 
     def to(self, device: str | torch.device) -> "LatentDiffusionModel":
-        for m in (self.unet, self.vae, self.text_encoder):
+        """Move every network, the further text encoders of SDXL, SD3 and FLUX (``text_encoder_2``, ``_3``) too."""
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            m = getattr(self, name, None)
             if m is not None:
                 m.to(device)
         return self
@@ -177,6 +180,39 @@ def hash_components(root: Path, files: list[Path]) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def pipeline_dirs(path: Path, pipeline: str, names: Sequence[str], optional: Sequence[str] = ()) -> dict[str, Path]:
+    """name -> ``path / name`` for a pipeline's component subfolders ``names`` (required) and ``optional``;
+    refuses missing required ones, and model components (not tokenizers or the scheduler) present without
+    config.json and safetensors weights."""
+    dirs = {name: path / name for name in (*names, *optional)}
+    missing = [name for name in names if not dirs[name].is_dir()]
+    if missing:
+        raise ModelLoadError(f"{path} is a {pipeline} without {', '.join(missing)}/")
+    for name, d in dirs.items():
+        if not name.startswith("tokenizer") and name != "scheduler" and d.is_dir():
+            _require_safetensors(d, name)
+    return dirs
+
+
+@contextmanager
+def loading_errors(path: Path, what: str) -> Iterator[None]:
+    """Turn the errors of loading ``what`` (e.g. "an SD3 pipeline") from ``path`` into one-line ModelLoadErrors."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        yield
+    except ImportError as e:
+        raise ModelLoadError(f"loading {path} needs the optional package transformers: {e}") from e
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelLoadError(f"could not load {what} from {path}: {e}") from e
+
+
+def from_dir(cls: Any, d: Path) -> Any:
+    """``cls.from_pretrained(d)`` of a model component: safetensors weights from the local directory only."""
+    return cls.from_pretrained(d, use_safetensors=True, local_files_only=True)
 
 
 def _require_safetensors(d: Path, what: str) -> None:

@@ -6,7 +6,8 @@ pixel-space ``DDPMPipeline``/``DDIMPipeline`` and bare-UNet directories load her
 directories (a ``UNet2DConditionModel`` or a ``vae/``) go to
 :func:`~attribution.models.latent.load_latent_model`, ``StableDiffusionXLPipeline`` to
 :mod:`attribution.models.sdxl`, ``DiTPipeline`` to :mod:`attribution.models.dit`, ``StableDiffusion3Pipeline`` to
-:mod:`attribution.models.sd3`. Any other pipeline class (video, ControlNet, Kandinsky, FLUX, ...) is refused, naming it.
+:mod:`attribution.models.sd3`, ``FluxPipeline`` to :mod:`attribution.models.flux`. Any other pipeline class (video,
+ControlNet, Kandinsky, FLUX Fill/Control/Kontext, ...) is refused, naming it.
 See :mod:`attribution.models.base` for the layouts.
 """
 
@@ -26,12 +27,11 @@ from .objective import load_training_scheduler, unsupported_reason
 #: model_index.json ``_class_name`` -> family, for every pipeline the core attributes.
 SUPPORTED_PIPELINES = {
     "DDPMPipeline": "pixel", "DDIMPipeline": "pixel", "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl", "DiTPipeline": "dit", "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusionXLPipeline": "sdxl", "DiTPipeline": "dit", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
 }
+_FLUX_VARIANT = "its transformer takes image inputs besides the noisy latents; only text-to-image FluxPipeline is implemented"
 #: Pipelines refused with a reason beyond "not supported".
-NOT_YET = {
-    "FluxPipeline": "flow matching is not implemented yet",
-}
+NOT_YET = {"FluxFillPipeline": _FLUX_VARIANT, "FluxControlPipeline": _FLUX_VARIANT, "FluxKontextPipeline": _FLUX_VARIANT}
 
 
 def pipeline_family(path: Path) -> str | None:
@@ -83,18 +83,19 @@ def _resolve_dirs(path: Path) -> tuple[Path, Path]:
     return unet_dir, sched_dir
 
 
-def check_scheduler_config(sched_dir: Path, path: Path) -> None:
+def check_scheduler_config(sched_dir: Path, path: Path, dynamic_shifting: bool = False) -> None:
     """Refuse, naming it, a scheduler or training objective the core does not implement.
 
     Implemented (:mod:`attribution.models.objective`): DDPM-family schedulers with ``prediction_type``
-    epsilon, v_prediction or sample, and ``FlowMatchEulerDiscreteScheduler`` with a fixed sigma grid.
+    epsilon, v_prediction or sample, and ``FlowMatchEulerDiscreteScheduler`` with a fixed sigma grid, or
+    (``dynamic_shifting``: FLUX, whose token count fixes mu) with dynamic shifting.
     Anything else would be attributed with the wrong loss, so it is refused here.
     """
     try:
         config = json.loads((sched_dir / "scheduler_config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{sched_dir / 'scheduler_config.json'} is unreadable: {e}") from e
-    why = unsupported_reason(config)
+    why = unsupported_reason(config, dynamic_shifting)
     if why is not None:
         raise ModelLoadError(f"{path}: {why}, so the attribution core cannot attribute it")
 
@@ -105,9 +106,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Diffusio
     if not path.is_dir():
         raise ModelLoadError(f"model directory {path} does not exist")
     family = pipeline_family(path)
-    if family in ("sdxl", "dit", "sd3"):
+    if family in ("sdxl", "dit", "sd3", "flux"):
         sched_dir = _scheduler_dir(path)
-        check_scheduler_config(sched_dir, path)
+        check_scheduler_config(sched_dir, path, dynamic_shifting=family == "flux")
+        if family == "flux":
+            from .flux import load_flux_model
+
+            return load_flux_model(path, sched_dir, device)
         if family == "sd3":
             from .sd3 import load_sd3_model
 

@@ -18,6 +18,20 @@ from ``prediction_type``; the model's timestep input tau(t) is t itself. Flow ma
 ``scheduler.sigmas[T - 1 - t]`` (its ``shift`` applied, sigma_{T-1} = 1) and
 tau(t) = sigma_t T (``scheduler.timesteps``, what diffusers' pipelines pass to the network).
 
+Dynamic (resolution-dependent) shifting (``use_dynamic_shifting=True``, FLUX): the scheduler keeps the
+unshifted grid s_t = (t + 1) / T and its pipelines shift it by mu, a linear function of the image's
+token count n (diffusers' ``calculate_shift``: mu = base_shift + (max_shift - base_shift)
+(n - base_image_seq_len) / (max_image_seq_len - base_image_seq_len)), with the exponential time shift
+
+    sigma_t = e^mu / (e^mu + (1 / s_t - 1))                  (``time_shift_type="exponential"``)
+
+what ``FlowMatchEulerDiscreteScheduler.set_timesteps(mu=mu)`` applies. A model's token count is
+fixed by its latent shape, so the grid, the training-loss timesteps and the sampler all use this one
+shifted grid (tau(t) = sigma_t T as above); the image sequence length must be given
+(:meth:`DiffusionObjective.from_scheduler`'s ``image_seq_len``). (diffusers'
+``train_dreambooth_lora_flux.py`` draws its training sigmas from such a scheduler's unshifted
+``sigmas``; this grid is the one FLUX's pipeline samples on.)
+
 Loss weight: w(t) = 1 for every kind. diffusers' training scripts use the plain MSE unless
 asked otherwise (``snr_gamma`` for DDPM, ``weighting_scheme`` for SD3-style flow matching);
 a model trained with another weight is attributed with the unweighted loss.
@@ -35,7 +49,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from functools import cached_property
 from enum import Enum
 from pathlib import Path
@@ -55,6 +70,8 @@ FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 #: (their default values are accepted).
 FLOW_UNSUPPORTED = {"use_dynamic_shifting": False, "invert_sigmas": False, "shift_terminal": None,
                     "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+#: The time shift of dynamic shifting that is implemented (``time_shift_type``; "linear" is refused).
+DYNAMIC_SHIFT_TYPE = "exponential"
 
 
 class PredictionType(str, Enum):
@@ -70,13 +87,22 @@ class PredictionType(str, Enum):
         return self is PredictionType.FLOW
 
 
-def unsupported_reason(config: dict[str, Any]) -> str | None:
-    """Why a scheduler config describes an objective the core does not implement (None: it is supported)."""
+def unsupported_reason(config: dict[str, Any], dynamic_shifting: bool = False) -> str | None:
+    """Why a scheduler config describes an objective the core does not implement (None: it is supported).
+
+    ``dynamic_shifting``: the model family knows its image sequence length (FLUX), so
+    ``use_dynamic_shifting=True`` with the exponential time shift is accepted (see module doc).
+    """
     name = config.get("_class_name", "DDPMScheduler")
     if name == FLOW_SCHEDULER:
         for key, default in FLOW_UNSUPPORTED.items():
+            if key == "use_dynamic_shifting" and dynamic_shifting:
+                continue
             if config.get(key, default) not in (default, 0):
                 return f"{FLOW_SCHEDULER} with {key}={config[key]!r} is not implemented (only a fixed sigma grid with `shift`)"
+        if config.get("use_dynamic_shifting") and config.get("time_shift_type", DYNAMIC_SHIFT_TYPE) != DYNAMIC_SHIFT_TYPE:
+            return (f"{FLOW_SCHEDULER} with time_shift_type={config['time_shift_type']!r} is not implemented "
+                    f"(dynamic shifting: only {DYNAMIC_SHIFT_TYPE!r})")
         return None
     if name not in DDPM_FAMILY:
         return (f"the scheduler {name} is not implemented; supported: DDPM-family schedulers (DDPMScheduler, "
@@ -110,6 +136,23 @@ def make_training_scheduler(kind: str | PredictionType, num_train_timesteps: int
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=kind.value)
 
 
+def dynamic_shift_mu(config: dict[str, Any], image_seq_len: int) -> float:
+    """mu of dynamic shifting for ``image_seq_len`` image tokens: diffusers' ``calculate_shift`` with the
+    scheduler config's ``base_image_seq_len``, ``max_image_seq_len``, ``base_shift``, ``max_shift`` (the
+    defaults FLUX's pipeline falls back on: 256, 4096, 0.5, 1.15)."""
+    n0, n1 = float(config.get("base_image_seq_len", 256)), float(config.get("max_image_seq_len", 4096))
+    m0, m1 = float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15))
+    slope = (m1 - m0) / (n1 - n0)
+    return image_seq_len * slope + (m0 - slope * n0)
+
+
+def exponential_time_shift(mu: float, sigmas: torch.Tensor) -> torch.Tensor:
+    """sigma' = e^mu / (e^mu + (1 / sigma - 1)) elementwise (``time_shift_type="exponential"``); float64 inside."""
+    s = sigmas.to(torch.float64)
+    e = math.exp(mu)
+    return (e / (e + (1 / s - 1))).to(sigmas.dtype)
+
+
 def _col(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Coefficients c (...,) as (..., 1, 1, 1) against images ``like`` (..., C, H, W)."""
     return c.reshape(*c.shape, *([1] * (like.dim() - c.dim())))
@@ -124,27 +167,42 @@ class DiffusionObjective:
         table: (T,) float32 on the CPU: abar_t (DDPM family) or sigma_t (flow), indexed by t.
         model_time: (T,) float32 model timestep input tau(t) for flow; None for the DDPM family (tau(t) = t).
         shift: the flow scheduler's ``shift`` (1.0 for the DDPM family).
+        mu: flow with dynamic shifting: the mu the grid is shifted by (None: a fixed grid).
+        train_guidance: guidance-distilled models (FLUX-dev): the guidance embedding of the training loss
+            (what train and query gradients are conditioned on), part of :attr:`identity`; None otherwise.
     """
 
     kind: PredictionType
     table: torch.Tensor
     model_time: torch.Tensor | None = None
     shift: float = 1.0
+    mu: float | None = None
+    train_guidance: float | None = None
 
     @classmethod
-    def from_scheduler(cls, scheduler: Any) -> "DiffusionObjective":
-        """Read the objective of a loaded training scheduler (see :func:`load_training_scheduler`)."""
+    def from_scheduler(cls, scheduler: Any, image_seq_len: int | None = None) -> "DiffusionObjective":
+        """Read the objective of a loaded training scheduler (see :func:`load_training_scheduler`).
+
+        ``image_seq_len``: the denoiser's image tokens (FLUX: latent h w / 4), required when the flow
+        scheduler uses dynamic shifting (see module doc) and ignored otherwise.
+        """
         config = dict(scheduler.config)
         config.setdefault("_class_name", type(scheduler).__name__)
-        why = unsupported_reason(config)
+        dynamic = config["_class_name"] == FLOW_SCHEDULER and bool(config.get("use_dynamic_shifting"))
+        why = unsupported_reason(config, dynamic_shifting=image_seq_len is not None)
         if why is not None:
             raise ValueError(why)
         if config["_class_name"] == FLOW_SCHEDULER:
             scheduler = type(scheduler).from_config(scheduler.config)  # the training grid, whatever set_timesteps did
-            sigmas = torch.as_tensor(scheduler.sigmas, dtype=torch.float32)[: scheduler.config.num_train_timesteps]
-            times = torch.as_tensor(scheduler.timesteps, dtype=torch.float32)
-            return cls(PredictionType.FLOW, sigmas.flip(0).contiguous(), times.flip(0).contiguous(),
-                       float(scheduler.config.shift))
+            T = int(scheduler.config.num_train_timesteps)
+            sigmas = torch.as_tensor(scheduler.sigmas, dtype=torch.float32)[:T]
+            if not dynamic:
+                times = torch.as_tensor(scheduler.timesteps, dtype=torch.float32)
+                return cls(PredictionType.FLOW, sigmas.flip(0).contiguous(), times.flip(0).contiguous(),
+                           float(scheduler.config.shift))
+            mu = dynamic_shift_mu(config, image_seq_len)
+            shifted = exponential_time_shift(mu, sigmas).flip(0).contiguous()  # the init grid is unshifted here
+            return cls(PredictionType.FLOW, shifted, shifted * T, 1.0, mu)
         kind = PredictionType(config.get("prediction_type", "epsilon"))
         return cls(kind, scheduler.alphas_cumprod.to(torch.float32))
 
@@ -160,12 +218,25 @@ class DiffusionObjective:
         h.update(self.table.numpy().tobytes())
         if self.model_time is not None:
             h.update(self.model_time.numpy().tobytes())
-        return {"kind": self.kind.value, "schedule_sha256": h.hexdigest()}
+        out = {"kind": self.kind.value, "schedule_sha256": h.hexdigest()}
+        if self.train_guidance is not None:  # only for guidance-distilled models: other identities stay as they were
+            out["train_guidance"] = f"{self.train_guidance:g}"
+        return out
+
+    def with_train_guidance(self, guidance: float | None) -> "DiffusionObjective":
+        """The same objective whose training loss is conditioned on the guidance embedding ``guidance``."""
+        return replace(self, train_guidance=None if guidance is None else float(guidance))
 
     def describe(self) -> str:
         """One line for messages, e.g. ``"v_prediction (DDPM schedule, T = 1000)"``."""
-        sched = f"flow matching, shift {self.shift:g}" if self.kind.is_flow else "DDPM schedule"
-        return f"{self.kind.value} ({sched}, T = {self.num_train_timesteps})"
+        if not self.kind.is_flow:
+            sched = "DDPM schedule"
+        elif self.mu is not None:
+            sched = f"flow matching, dynamic shift mu {self.mu:.4g}"
+        else:
+            sched = f"flow matching, shift {self.shift:g}"
+        guidance = "" if self.train_guidance is None else f", guidance embedding {self.train_guidance:g}"
+        return f"{self.kind.value} ({sched}, T = {self.num_train_timesteps}{guidance})"
 
     def matches(self, other: "DiffusionObjective") -> bool:
         """Same kind and the same schedule (what a store records: :attr:`identity`)."""

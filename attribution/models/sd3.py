@@ -31,7 +31,7 @@ from diffusers import AutoencoderKL
 
 from .base import ModelLoadError
 from .conditioning import Conditioning, as_conditioning
-from .latent import LatentDiffusionModel, _require_safetensors, pipeline_hashes, tokenize
+from .latent import LatentDiffusionModel, from_dir, loading_errors, pipeline_dirs, pipeline_hashes, tokenize
 from .objective import load_training_scheduler
 
 #: Required components of an SD3 directory, each a subfolder; T5 (text_encoder_3, tokenizer_3) is optional.
@@ -99,45 +99,26 @@ class SD3Model(LatentDiffusionModel):
         """The velocity (B, C, H, W) at latents x_t (B, C, H, W); tau (B,) = sigma T, as the pipeline passes it."""
         return network(hidden_states=x_t, timestep=tau, **self.unet_kwargs(cond)).sample
 
-    def to(self, device: str | torch.device) -> "SD3Model":
-        super().to(device)
-        for m in (self.text_encoder_2, self.text_encoder_3):
-            if m is not None:
-                m.to(device)
-        return self
-
 
 def load_sd3_model(path: Path, sched_dir: Path, device: str | torch.device = "cpu") -> SD3Model:
     """Load a ``StableDiffusion3Pipeline`` directory (see module doc)."""
-    dirs = {name: path / name for name in SD3_COMPONENTS + T5_COMPONENTS}
-    missing = [name for name in SD3_COMPONENTS if not dirs[name].is_dir()]
-    if missing:
-        raise ModelLoadError(f"{path} is a StableDiffusion3Pipeline without {', '.join(missing)}/")
+    dirs = pipeline_dirs(path, "StableDiffusion3Pipeline", SD3_COMPONENTS, T5_COMPONENTS)
     has_t5 = dirs["text_encoder_3"].is_dir()
     if has_t5 != dirs["tokenizer_3"].is_dir():
         raise ModelLoadError(f"{path}: text_encoder_3/ and tokenizer_3/ go together (T5 is optional, but not half of it)")
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2") + (("text_encoder_3",) if has_t5 else ()):
-        _require_safetensors(dirs[name], name)
-    try:
+    with loading_errors(path, "an SD3 pipeline"):
         from diffusers import SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        kw = dict(use_safetensors=True, local_files_only=True)
-        transformer = SD3Transformer2DModel.from_pretrained(dirs["transformer"], **kw)
-        vae = AutoencoderKL.from_pretrained(dirs["vae"], **kw)
+        transformer = from_dir(SD3Transformer2DModel, dirs["transformer"])
+        vae = from_dir(AutoencoderKL, dirs["vae"])
         scheduler = load_training_scheduler(sched_dir)
-        te = CLIPTextModelWithProjection.from_pretrained(dirs["text_encoder"], **kw)
-        te2 = CLIPTextModelWithProjection.from_pretrained(dirs["text_encoder_2"], **kw)
+        te = from_dir(CLIPTextModelWithProjection, dirs["text_encoder"])
+        te2 = from_dir(CLIPTextModelWithProjection, dirs["text_encoder_2"])
         tok = CLIPTokenizer.from_pretrained(dirs["tokenizer"], local_files_only=True)
         tok2 = CLIPTokenizer.from_pretrained(dirs["tokenizer_2"], local_files_only=True)
-        te3 = T5EncoderModel.from_pretrained(dirs["text_encoder_3"], **kw) if has_t5 else None
+        te3 = from_dir(T5EncoderModel, dirs["text_encoder_3"]) if has_t5 else None
         tok3 = AutoTokenizer.from_pretrained(dirs["tokenizer_3"], local_files_only=True) if has_t5 else None
-    except ImportError as e:
-        raise ModelLoadError(f"loading {path} needs the optional package transformers: {e}") from e
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelLoadError(f"could not load an SD3 pipeline from {path}: {e}") from e
     if scheduler.config.get("_class_name", type(scheduler).__name__) != "FlowMatchEulerDiscreteScheduler":
         raise ModelLoadError(f"{path}: an SD3 pipeline is trained by flow matching, but its scheduler is "
                              f"{type(scheduler).__name__}")

@@ -32,7 +32,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from .base import ModelLoadError
 from .conditioning import Conditioning, as_conditioning
 from .objective import load_training_scheduler
-from .latent import LatentDiffusionModel, _require_safetensors, pipeline_hashes, tokenize
+from .latent import LatentDiffusionModel, from_dir, loading_errors, pipeline_dirs, pipeline_hashes, tokenize
 
 #: Components of an SDXL directory, each a subfolder.
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -86,38 +86,20 @@ class SDXLModel(LatentDiffusionModel):
         return {"encoder_hidden_states": cond.text,
                 "added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": cond.time_ids}}
 
-    def to(self, device: str | torch.device) -> "SDXLModel":
-        super().to(device)
-        if self.text_encoder_2 is not None:
-            self.text_encoder_2.to(device)
-        return self
-
 
 def load_sdxl_model(path: Path, sched_dir: Path, device: str | torch.device = "cpu") -> SDXLModel:
     """Load a ``StableDiffusionXLPipeline`` directory (see module doc)."""
-    dirs = {name: path / name for name in SDXL_COMPONENTS}
-    missing = [name for name, d in dirs.items() if not d.is_dir()]
-    if missing:
-        raise ModelLoadError(f"{path} is a StableDiffusionXLPipeline without {', '.join(missing)}/")
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        _require_safetensors(dirs[name], name)
-    try:
+    dirs = pipeline_dirs(path, "StableDiffusionXLPipeline", SDXL_COMPONENTS)
+    with loading_errors(path, "an SDXL pipeline"):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        unet = UNet2DConditionModel.from_pretrained(dirs["unet"], use_safetensors=True, local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(dirs["vae"], use_safetensors=True, local_files_only=True)
+        unet = from_dir(UNet2DConditionModel, dirs["unet"])
+        vae = from_dir(AutoencoderKL, dirs["vae"])
         scheduler = load_training_scheduler(sched_dir)
-        te = CLIPTextModel.from_pretrained(dirs["text_encoder"], use_safetensors=True, local_files_only=True)
-        te2 = CLIPTextModelWithProjection.from_pretrained(dirs["text_encoder_2"], use_safetensors=True,
-                                                          local_files_only=True)
+        te = from_dir(CLIPTextModel, dirs["text_encoder"])
+        te2 = from_dir(CLIPTextModelWithProjection, dirs["text_encoder_2"])
         tok = CLIPTokenizer.from_pretrained(dirs["tokenizer"], local_files_only=True)
         tok2 = CLIPTokenizer.from_pretrained(dirs["tokenizer_2"], local_files_only=True)
-    except ImportError as e:
-        raise ModelLoadError(f"loading {path} needs the optional package transformers: {e}") from e
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelLoadError(f"could not load an SDXL pipeline from {path}: {e}") from e
     if unet.config.addition_embed_type != "text_time":
         raise ModelLoadError(f"{dirs['unet']}: an SDXL UNet has addition_embed_type 'text_time', this one "
                              f"{unet.config.addition_embed_type!r}")

@@ -31,7 +31,8 @@ x0_theta(x_t) whatever eps_hat is, so the fixed-point map is no contraction. The
 trajectories are as good as plain DDIM inversion at those steps.
 
 Latent text-conditional models: the inversion runs in latent space and uses the
-conditional branch only (no guidance); the trajectory keeps pixel decodings for display.
+conditional branch only (no guidance; a guidance-distilled model, FLUX-dev, takes the guidance
+embedding its training loss is attributed with); the trajectory keeps pixel decodings for display.
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ def invert_image(
         raise ValueError("refine_iters must be >= 0")
     if tuple(image.shape) != model.pixel_shape:
         raise ValueError(f"image has shape {tuple(image.shape)}, the model takes {model.pixel_shape}")
+    # no classifier-free guidance; a guidance-distilled model (FLUX-dev) at its training-loss guidance value
+    scale = model.objective.train_guidance if model.guidance_kind == "embedded" else 1.0
     config = SamplingConfig(
-        num_inference_steps=num_inference_steps, scheduler="ddim", seed=-1, prompt=prompt, guidance_scale=1.0
+        num_inference_steps=num_inference_steps, scheduler="ddim", seed=-1, prompt=prompt, guidance_scale=scale
     )
     sampler = StepSampler(model, config)
     objective = model.objective

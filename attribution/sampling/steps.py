@@ -13,6 +13,8 @@ timestep indices, noisy to clean) and maps the network's prediction p at x_t to 
     x_{sigma'} = (1 - sigma') x0_hat + sigma' z with fresh z (diffusers' ``stochastic_sampling``).
     The S timesteps are the training-grid indices nearest to diffusers' unshifted linspace(1, 1/T, S),
     t_s = round(linspace(T - 1, 0, S)), so every step sits on a training sigma (what Eq. 3 needs).
+    FLUX (``model.flow_sampling_end == "1/S"``): ``FluxPipeline`` samples the unshifted linspace(1, 1/S, S)
+    instead, t_s = round(linspace(T, T / S, S)) - 1: the pipeline's own sigmas whenever S divides T.
 
 Both deterministic steps are x' = a' x0_hat + b' eps_hat with the next level's coefficients, the
 DDIM form; :func:`ddim_preimage` and :func:`flow_preimage` invert them for a fixed prediction.
@@ -26,11 +28,15 @@ from ..config import SamplingConfig
 from ..models.base import DiffusionModel
 
 
-def flow_timesteps(num_train_timesteps: int, num_inference_steps: int) -> torch.Tensor:
-    """(S,) int64 training-grid indices of a flow sampler, noisy to clean (see module doc)."""
-    if num_inference_steps > num_train_timesteps:
-        raise ValueError(f"num_inference_steps {num_inference_steps} exceeds the model's {num_train_timesteps} timesteps")
-    return torch.linspace(num_train_timesteps - 1, 0, num_inference_steps, dtype=torch.float64).round().long()
+def flow_timesteps(num_train_timesteps: int, num_inference_steps: int, end: str = "1/T") -> torch.Tensor:
+    """(S,) int64 training-grid indices of a flow sampler, noisy to clean (see module doc); ``end``: the last
+    unshifted sigma, ``"1/T"`` (diffusers' ``set_timesteps``) or ``"1/S"`` (``FluxPipeline``)."""
+    T, S = num_train_timesteps, num_inference_steps
+    if S > T:
+        raise ValueError(f"num_inference_steps {S} exceeds the model's {T} timesteps")
+    if end == "1/S":
+        return (torch.linspace(T, T / S, S, dtype=torch.float64).round() - 1).long()
+    return torch.linspace(T - 1, 0, S, dtype=torch.float64).round().long()
 
 
 def make_scheduler(model: DiffusionModel, config: SamplingConfig):
@@ -59,7 +65,8 @@ class StepSampler:
         self.objective = model.objective
         self.flow = self.objective.kind.is_flow
         if self.flow:
-            self.timesteps = flow_timesteps(self.objective.num_train_timesteps, config.num_inference_steps)
+            self.timesteps = flow_timesteps(self.objective.num_train_timesteps, config.num_inference_steps,
+                                            model.flow_sampling_end)
             self.stochastic = config.scheduler == "ddpm" or config.eta > 0
             self.final_level = 0.0
         else:

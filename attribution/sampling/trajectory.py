@@ -154,11 +154,19 @@ def prompt_embeddings(model: DiffusionModel, config: SamplingConfig) -> tuple[Co
     """(prompt, negative-prompt or None) conditioning of one example; (None, None) for unconditional models.
 
     The prompt is a text for text models and a class name for class-conditional ones; the
-    negative branch is the model's (SDXL: zeros for an empty one; DiT: the null class).
+    negative branch is the model's (SDXL: zeros for an empty one; DiT: the null class). Models
+    whose guidance is an embedding (``model.guidance_kind == "embedded"``, FLUX-dev) get the
+    sampling scale in ``cond.guidance`` and no negative branch (one prediction per step, as
+    ``FluxPipeline``); models without guidance (FLUX-schnell) get no negative branch either.
     """
     if not model.is_conditional:
         return None, None
     cond = model.encode_prompts([config.prompt])
+    kind = model.guidance_kind
+    if kind == "embedded":
+        return cond.with_guidance(config.guidance_scale), None
+    if kind == "none":
+        return cond, None
     uncond = model.negative_conditioning(config.negative_prompt) if config.guidance_scale > 1.0 else None
     return cond, uncond
 

@@ -139,12 +139,18 @@ class Workspace:
 
     @property
     def uses_guidance(self) -> bool:
-        """Whether sampling takes a classifier-free guidance scale (every conditional family here)."""
-        return self.models[0].is_conditional
+        """Whether sampling takes a guidance scale: classifier-free (every conditional family but FLUX) or a
+        guidance embedding (FLUX-dev); FLUX-schnell takes none."""
+        return self.models[0].guidance_kind != "none"
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """Whether the guidance scale is an input of the network (guidance-distilled FLUX-dev), not CFG."""
+        return self.models[0].guidance_kind == "embedded"
 
     @property
     def default_guidance_scale(self) -> float:
-        """The guidance scale the family's diffusers pipeline defaults to (SD 7.5, SDXL 5, DiT 4)."""
+        """The guidance scale the family's diffusers pipeline defaults to (SD 7.5, SDXL 5, DiT 4, SD3 7, FLUX 3.5)."""
         return float(self.models[0].default_guidance_scale)
 
     @property
