@@ -44,8 +44,9 @@ steps: those are the steps where the model **decides** the digit, and the ones w
   regression), not the result of retraining without each image. They are good at ranking, noisy in detail.
 - The bundled models are an **ensemble of 3 tiny DDPMs** trained on 4,000 digits for a CPU; averaging the 3
   makes the scores steadier, but they are far smaller than real image models.
-- Uploaded images have no real trajectory: one is rebuilt by DDIM inversion (refined until the sampler's
-  steps retrace it), which is still approximate at the early, noisy steps.
+- Uploaded images have no real trajectory: one is rebuilt by running the deterministic sampler backwards (DDIM,
+  or the flow-matching Euler ODE; refined until the sampler's steps retrace it), which is still approximate at
+  the early, noisy steps.
 - The similarity baselines (pixel, embedding) measure resemblance, not influence; they are there to compare.
 """
     )

@@ -32,7 +32,8 @@ with st.container(border=True):
         st.session_state[ui.state.PENDING_SEED] = int(seed)
     c_rand.button("Random seed", icon=":material/casino:", on_click=_random_seed, width="stretch")
     upload = c_up.file_uploader(
-        "…or upload an image (PNG or JPG; it is turned into a trajectory by DDIM inversion)",
+        "…or upload an image (PNG or JPG; it is turned into a trajectory by running the deterministic sampler "
+        "backwards)",
         type=["png", "jpg", "jpeg"], key=ui.state.UPLOAD,
     )
 
