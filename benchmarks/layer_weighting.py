@@ -39,6 +39,9 @@ The per-group-alone shares are diagnostic only (which groups carry the class sig
     python benchmarks/layer_weighting.py --out benchmarks/results/layer_weighting.json
 
 Intermediate arrays (per-group train features, query features) are cached under ``--work``.
+The per-group sketch is :class:`attribution.features.projection.grouped.GroupedSketch`, the per-group
+scores and the z-score fit :mod:`attribution.scoring.param_groups`; ``--checkpoints M`` averages the
+scores over the store's first M checkpoints (w fitted on the averaged per-group scores).
 """
 
 from __future__ import annotations
@@ -62,78 +65,18 @@ from attribution.config import QueryConfig, SamplingConfig  # noqa: E402
 from attribution.data.datasets import digits_dataset  # noqa: E402
 from attribution.evaluation.class_signal import REPORT_TIMESTEPS, TARGETS, class_measures, steps_of_timesteps  # noqa: E402
 from attribution.features.featurize import auto_chunk_size, checkpoint_projector, draw_timesteps_and_noise  # noqa: E402
-from attribution.features.gradients import GradientTarget, per_step_grads, select_params  # noqa: E402
+from attribution.features.gradients import DrawBatch, GradientTarget, select_params  # noqa: E402
 from attribution.features.outputs import get_output  # noqa: E402
-from attribution.features.projection import SparseSignProjector  # noqa: E402
-from attribution.features.projection.factorized import example_grads_from_hooks  # noqa: E402
+from attribution.features.projection.grouped import GroupedSketch, param_groups  # noqa: E402
 from attribution.features.store import Store  # noqa: E402
 from attribution.models.classifier import load_classifier  # noqa: E402
 from attribution.models.load import load_models  # noqa: E402
 from attribution.sampling.trajectory import sample_trajectory  # noqa: E402
+from attribution.scoring.anchored import checkpoint_dirs  # noqa: E402
+from attribution.scoring.param_groups import GroupedTrak, fit_simplex_weights, self_moments, zscores  # noqa: E402
 from attribution.scoring.scorer import query_noises  # noqa: E402
 
 MEASURE_KEYS = ("top_pos_share", "top_neg_share", "argmax_is_class")
-
-
-# ---------------------------------------------------------------- parameter groups and their projections
-
-
-def block_of(name: str) -> str:
-    """The group of parameter ``name``: its top-level module, down/up blocks by index; the output
-    norm joins ``conv_out`` (the head: 177 parameters on the bundled UNet)."""
-    parts = name.split(".")
-    if parts[0] in ("down_blocks", "up_blocks"):
-        return ".".join(parts[:2])
-    return "conv_out" if parts[0] == "conv_norm_out" else parts[0]
-
-
-def param_groups(params: dict[str, torch.Tensor]) -> list[tuple[str, int, int]]:
-    """(name, start, stop) column ranges of the groups in the flattened gradient (parameter order).
-
-    Raises ValueError when a group's parameters are not contiguous in that order."""
-    out: list[tuple[str, int, int]] = []
-    col = 0
-    for name, p in params.items():
-        g = block_of(name)
-        if out and out[-1][0] == g:
-            out[-1] = (g, out[-1][1], col + p.numel())
-        elif any(o[0] == g for o in out):
-            raise ValueError(f"group {g} is not contiguous in the parameter order (at {name})")
-        else:
-            out.append((g, col, col + p.numel()))
-        col += p.numel()
-    return out
-
-
-class GroupedSketch:
-    """The sjlt sketch P split by parameter group: projects a gradient into (G, d) parts P_g grad_g,
-    whose sum over g is P grad (the unsplit projection).
-
-    Duck-types the ``accumulate_columns`` / ``row_block`` / ``dim_out`` interface that
-    :func:`example_grads_from_hooks` feeds, with dim_out = G * d: rows [g d, (g + 1) d) of the
-    accumulator hold group g. Every group starts at a parameter, so at a block edge of ``base``.
-    """
-
-    def __init__(self, base: SparseSignProjector, groups: list[tuple[str, int, int]]):
-        self.base, self.groups = base, groups
-        self.d = base.dim_out
-        self.dim_out = len(groups) * self.d
-        self._starts = [a for _, a, _ in groups]
-        self.row_block = base.row_block
-
-    def accumulate_columns(self, part: torch.Tensor, start: int, acc_t: torch.Tensor) -> None:
-        """acc_t[g d:(g + 1) d] += P[:, start:stop] part^T for the group g holding columns [start, stop)."""
-        g = bisect.bisect_right(self._starts, start) - 1
-        if start + part.shape[1] > self.groups[g][2]:
-            raise ValueError(f"columns [{start}, {start + part.shape[1]}) cross the end of group {self.groups[g][0]}")
-        self.base.accumulate_columns(part, start, acc_t[g * self.d : (g + 1) * self.d])
-
-    def project_groups(self, grads: torch.Tensor) -> torch.Tensor:
-        """(B, P) full gradients -> (B, G, d) per-group projections."""
-        acc = torch.zeros(self.dim_out, grads.shape[0])
-        for _, a, b in self.groups:
-            self.accumulate_columns(grads[:, a:b], a, acc)
-        return acc.T.reshape(grads.shape[0], len(self.groups), self.d).contiguous()
 
 
 # ---------------------------------------------------------------- features
@@ -150,9 +93,10 @@ def cached(path: Path, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, n
     return out
 
 
-def train_group_features(target: GradientTarget, sketch: GroupedSketch, dataset, store: Store, num_train: int,
+def train_group_features(target: GradientTarget, sketch: GroupedSketch, dataset, store: Store, m: int, num_train: int,
                          batch: int, log: Callable[[str], None]) -> np.ndarray:
-    """(G, N, d) float32 per-group train features phi_{g,i} with the store's draws (Algorithm 1 lines 3-9, split by group)."""
+    """(G, N, d) float32 per-group train features phi_{g,i} of checkpoint m with the store's draws (Algorithm 1
+    lines 3-9, split by group; the draws do not depend on m)."""
     cfg = store.config
     model = target.model
     chunk = auto_chunk_size(sum(p.numel() for p in target.params.values()), cfg.num_draws)
@@ -161,19 +105,16 @@ def train_group_features(target: GradientTarget, sketch: GroupedSketch, dataset,
     for start in range(0, num_train, batch):
         idx = np.arange(start, min(start + batch, num_train))
         ts, noises = draw_timesteps_and_noise(idx, cfg, model.num_train_timesteps, model.image_shape)
-        rows = example_grads_from_hooks(model, target.params, target.output, dataset.images(idx), ts, noises, chunk,
-                                        None, projector=sketch)  # (B, G * d)
-        out[:, idx] = rows.reshape(len(idx), len(sketch.groups), sketch.d).transpose(0, 1).numpy()
+        out[:, idx] = sketch.example_features(target, DrawBatch(dataset.images(idx), ts, noises), chunk).transpose(0, 1).numpy()
         if (start // batch) % 10 == 0:
-            log(f"  train features {idx[-1] + 1}/{num_train} ({time.perf_counter() - t0:.0f} s)")
+            log(f"  checkpoint {m}: train features {idx[-1] + 1}/{num_train} ({time.perf_counter() - t0:.0f} s)")
     return out
 
 
 def step_group_features(target: GradientTarget, sketch: GroupedSketch, x0: torch.Tensor, timesteps: torch.Tensor,
                         noises: torch.Tensor) -> torch.Tensor:
     """Per-group Eq. 3 query features (S, G, d): x0 (S, C, H, W), timesteps (S, K), noises (S, K, C, H, W)."""
-    g = per_step_grads(target.model, target.params, target.output, x0, timesteps, noises)
-    return sketch.project_groups(g)
+    return sketch.step_features(target, DrawBatch(x0, timesteps, noises))
 
 
 def self_query_set(num: int, num_train: int, schedule: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -186,56 +127,21 @@ def self_query_set(num: int, num_train: int, schedule: list[int], seed: int) -> 
 
 
 @dataclass
-class GroupTrak:
-    """Per-group TRAK scores s_g(q, i) = phi_{g,i}^T (Phi_g^T Phi_g + lambda_g I)^-1 q_g and the joint score.
+class Ensemble:
+    """Scores averaged over the M checkpoints, as the Scorer does: (1/M) sum_m s_{g,m} (queries: one per checkpoint)."""
 
-    phi: (G, N, d) float32 per-group train features. Kernels in float64, one Cholesky factor per (group, ridge)."""
+    members: list[GroupedTrak]
 
-    phi: torch.Tensor
-    ridges: list[float]
+    def group_scores(self, q: list[torch.Tensor], ridge: float) -> torch.Tensor:
+        """q: M tensors (Q, G, d) -> (G, Q, N)."""
+        return sum(t.group_scores(x, ridge) for t, x in zip(self.members, q)) / len(self.members)
 
-    def __post_init__(self) -> None:
-        self.kernels = [(p.double().T @ p.double()) for p in self.phi]
-        joint = self.phi.sum(0).double()
-        self.joint_phi = joint.float()
-        self.kernels.append(joint.T @ joint)
-        self.chol = {}
-        for r in self.ridges:
-            for g, k in enumerate(self.kernels):
-                lam = r * float(torch.trace(k)) / k.shape[0]
-                self.chol[(g, r)] = torch.linalg.cholesky(k + lam * torch.eye(k.shape[0], dtype=k.dtype))
-
-    def _score(self, phi: torch.Tensor, chol: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """phi (N, d), q (Q, d) -> (Q, N)."""
-        v = torch.cholesky_solve(q.double().T, chol).float()  # (d, Q)
-        return (phi @ v).T
-
-    def group_scores(self, q: torch.Tensor, ridge: float) -> torch.Tensor:
-        """q (Q, G, d) -> (G, Q, N) per-group scores."""
-        return torch.stack([self._score(self.phi[g], self.chol[(g, ridge)], q[:, g]) for g in range(self.phi.shape[0])])
-
-    def joint_scores(self, q: torch.Tensor, ridge: float) -> torch.Tensor:
-        """q (Q, G, d) -> (Q, N): the plain journey-TRAK score with phi = sum_g phi_g, q = sum_g q_g."""
-        return self._score(self.joint_phi, self.chol[(len(self.kernels) - 1, ridge)], q.sum(1))
+    def joint_scores(self, q: list[torch.Tensor], ridge: float) -> torch.Tensor:
+        """q: M tensors (Q, G, d) -> (Q, N)."""
+        return sum(t.joint_scores(x, ridge) for t, x in zip(self.members, q)) / len(self.members)
 
 
 # ---------------------------------------------------------------- the self-retrieval objective
-
-
-def self_moments(s: torch.Tensor, self_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For per-group scores s (G, Q, N) of self-queries of training examples ``self_idx`` (Q,):
-    a (Q, G) = s(q, i_q) - mean_j s(q, j) and C (Q, G, G) = cov_j s(q, j), in float64, so that
-    z_w(q) = w^T a_q / sqrt(w^T C_q w)."""
-    s = s.double()
-    centred = s - s.mean(2, keepdim=True)
-    a = centred[:, torch.arange(s.shape[1]), self_idx].T  # (Q, G)
-    c = torch.einsum("gqn,hqn->qgh", centred, centred) / s.shape[2]
-    return a, c
-
-
-def zscores(w: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """(Q,) self z-scores of weights w (G,) from :func:`self_moments`."""
-    return (a @ w) / torch.einsum("g,qgh,h->q", w, c, w).clamp_min(1e-30).sqrt()
 
 
 def self_logsoftmax(w: torch.Tensor, s: torch.Tensor, self_idx: torch.Tensor) -> torch.Tensor:
@@ -243,17 +149,6 @@ def self_logsoftmax(w: torch.Tensor, s: torch.Tensor, self_idx: torch.Tensor) ->
     tau = torch.einsum("g,gqn->qn", w, s)
     tau = tau / tau.std(1, keepdim=True).clamp_min(1e-30)
     return torch.log_softmax(tau, 1)[torch.arange(tau.shape[0]), self_idx]
-
-
-def fit_weights(objective: Callable[[torch.Tensor], torch.Tensor], num_groups: int, steps: int, lr: float) -> np.ndarray:
-    """argmax over the simplex w = softmax(theta) of ``objective(w)`` (a scalar), by Adam from uniform w."""
-    theta = torch.zeros(num_groups, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([theta], lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        (-objective(torch.softmax(theta, 0))).backward()
-        opt.step()
-    return torch.softmax(theta.detach(), 0).numpy()
 
 
 # ---------------------------------------------------------------- evaluation
@@ -290,9 +185,9 @@ def table(rows: dict[str, dict], timesteps: list[int], title: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", type=Path, default=ROOT / "assets" / "store" / "journey",
-                    help="the store whose settings (draws, projection) the per-group features reproduce (checkpoint 0)")
-    ap.add_argument("--model", type=Path, default=ROOT / "assets" / "ensemble" / "ddpm-seed0",
-                    help="the store's checkpoint 0")
+                    help="the store whose checkpoints and settings (draws, projection) the per-group features reproduce")
+    ap.add_argument("--checkpoints", type=int, default=1,
+                    help="the store's first M checkpoints (scores averaged over them); 1: checkpoint 0 alone")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "layer_weighting", help="cache of intermediate arrays")
     ap.add_argument("--num-train", type=int, default=None, help="first N training examples (default: the whole store)")
     ap.add_argument("--num-self", type=int, default=800, help="self-queries (training image, schedule timestep)")
@@ -324,75 +219,77 @@ def main() -> None:
 
     store = Store.open(args.store)
     cfg = store.config
-    model = load_models([args.model])[0]
-    if model.checkpoint_hash != store.manifest["checkpoints"][0]["hash"]:
-        raise SystemExit(f"{args.model} is not checkpoint 0 of {args.store}")
+    dirs = checkpoint_dirs(args.store)[: args.checkpoints]
+    models = load_models(dirs)
     dataset = digits_dataset("train")
     n = args.num_train or store.num_train
     labels = np.asarray(dataset.labels)[:n]
-    params = select_params(model, cfg.param_filter)
-    groups = param_groups(params)
-    names = [g for g, _, _ in groups]
-    base = checkpoint_projector(cfg, store.manifest["num_params"], 0, "cpu", params)
-    sketch = GroupedSketch(base, groups)
+    params = [select_params(m, cfg.param_filter) for m in models]
+    groups = param_groups(params[0])
+    names = [g.name for g in groups]
+    sketches = [GroupedSketch(checkpoint_projector(cfg, store.manifest["num_params"], m, "cpu", params[m]), groups)
+                for m in range(len(models))]
+    targets = [GradientTarget(model, params[m], get_output(cfg.output)) for m, model in enumerate(models)]
     query_cfg = QueryConfig()
-    target = GradientTarget(model, params, get_output(cfg.output))
-    log(f"{len(groups)} groups: " + ", ".join(f"{g} ({b - a})" for g, a, b in groups))
-    tag = f"n{n}"
+    log(f"{len(models)} checkpoint(s), {len(groups)} groups: " + ", ".join(f"{g.name} ({g.size})" for g in groups))
 
-    # train features, checked against the shipped store (float16) on their sum
-    phi = cached(args.work / f"train_{tag}.npz",
-                 lambda: {"phi": train_group_features(target, sketch, dataset, store, n, args.batch, log)})["phi"]
-    shipped = store.read_rows(0, 0, min(n, 64)).astype(np.float32)
-    rel = np.abs(phi[:, : len(shipped)].sum(0) - shipped).max() / np.abs(shipped).max()
-    log(f"per-group train features (G, N, d) = {phi.shape}; sum vs shipped store: max rel. diff {rel:.1e}")
-    if rel > 1e-2:
-        raise SystemExit("the per-group features do not add up to the shipped store's features")
+    # train features of every checkpoint, checked against the shipped store (float16) on their sum
+    phis = []
+    for m in range(len(models)):
+        phi = cached(args.work / f"train_m{m}_n{n}.npz", lambda m=m: {
+            "phi": train_group_features(targets[m], sketches[m], dataset, store, m, n, args.batch, log)})["phi"]
+        shipped = store.read_rows(m, 0, min(n, 64)).astype(np.float32)
+        rel = np.abs(phi[:, : len(shipped)].sum(0) - shipped).max() / np.abs(shipped).max()
+        log(f"checkpoint {m}: per-group train features (G, N, d) = {phi.shape}; sum vs shipped store: max rel. diff {rel:.1e}")
+        if rel > 1e-2:
+            raise SystemExit("the per-group features do not add up to the shipped store's features")
+        phis.append(phi)
     timings["train_features"] = time.perf_counter() - t0
 
-    # sampled trajectories and their query features (the Scorer's: x0_hat, K fresh noises from (noise_seed, step))
+    # trajectories of checkpoint 0 (as `bench class-signal`) and their query features under every checkpoint
+    # (the Scorer's: x0_hat, K fresh noises from (noise_seed, step))
     def sample_set(offset: int, num: int) -> dict[str, np.ndarray]:
-        def make() -> dict[str, np.ndarray]:
-            clf = load_classifier()
-            feats, classes, conf = [], [], []
-            for k in range(num):
-                traj = sample_trajectory(model, SamplingConfig(seed=offset + k))
-                prob = clf.predict_proba(traj.sample[None])[0].detach()
-                classes.append(int(prob.argmax()))
-                conf.append(float(prob.max()))
+        trajs = [sample_trajectory(models[0], SamplingConfig(seed=offset + k)) for k in range(num)]
+        clf = load_classifier()
+        prob = torch.cat([clf.predict_proba(tr.sample[None]).detach() for tr in trajs])
+        out = {"classes": prob.argmax(1).numpy(), "confidence": prob.max(1).values.numpy(),
+               "schedule": trajs[0].timesteps.numpy()}
+
+        def make(m: int) -> dict[str, np.ndarray]:
+            feats = []
+            for traj in trajs:
                 steps = steps_of_timesteps(traj.timesteps, REPORT_TIMESTEPS)
                 noises = query_noises(steps, query_cfg.num_resamples, query_cfg.noise_seed, tuple(traj.x0_hat.shape[1:]))
                 ts = traj.timesteps[steps][:, None].expand(-1, noises.shape[1])
-                feats.append(step_group_features(target, sketch, traj.x0_hat[steps], ts, noises).numpy())
-                if k == 0:
-                    schedule = traj.timesteps.numpy()
-            return {"q": np.stack(feats), "classes": np.asarray(classes), "confidence": np.asarray(conf),
-                    "schedule": schedule}
-        return cached(args.work / f"samples_{offset}_{num}.npz", make)
+                feats.append(step_group_features(targets[m], sketches[m], traj.x0_hat[steps], ts, noises).numpy())
+            return {"q": np.stack(feats)}
+        out["q"] = [cached(args.work / f"samples_m{m}_{offset}_{num}.npz", lambda m=m: make(m))["q"] for m in range(len(models))]
+        return out
 
     val = sample_set(args.val_offset, args.num_val)
-    log(f"validation query features {val['q'].shape}")
+    log(f"validation query features {len(val['q'])} x {val['q'][0].shape}")
     schedule = [int(t) for t in val["schedule"]]
     timings["validation_queries"] = time.perf_counter() - t0 - sum(timings.values())
 
     # self-queries: training image as x0, a schedule timestep, K noises fresh (not the store's)
     self_idx, self_t = self_query_set(args.num_self, n, schedule, args.self_seed)
 
-    def make_self() -> dict[str, np.ndarray]:
+    def make_self(m: int) -> dict[str, np.ndarray]:
         out = []
         for k, (i, t) in enumerate(zip(self_idx, self_t)):
-            noises = query_noises([k], query_cfg.num_resamples, args.self_seed, model.image_shape)
+            noises = query_noises([k], query_cfg.num_resamples, args.self_seed, models[m].image_shape)
             ts = torch.full((1, noises.shape[1]), int(t), dtype=torch.long)
-            out.append(step_group_features(target, sketch, dataset.images([int(i)]), ts, noises)[0].numpy())
-            if k % 100 == 0:
-                log(f"  self-queries {k}/{len(self_idx)}")
+            out.append(step_group_features(targets[m], sketches[m], dataset.images([int(i)]), ts, noises)[0].numpy())
+            if k % 200 == 0:
+                log(f"  checkpoint {m}: self-queries {k}/{len(self_idx)}")
         return {"q": np.stack(out)}
 
-    self_q = torch.from_numpy(cached(args.work / f"self_{tag}_{args.num_self}_{args.self_seed}.npz", make_self)["q"])
+    self_q = [torch.from_numpy(cached(args.work / f"self_m{m}_n{n}_{args.num_self}_{args.self_seed}.npz",
+                                      lambda m=m: make_self(m))["q"]) for m in range(len(models))]
     timings["self_queries"] = time.perf_counter() - t0 - sum(timings.values())
-    log(f"self-query features {tuple(self_q.shape)}")
+    log(f"self-query features {len(self_q)} x {tuple(self_q[0].shape)}")
 
-    trak = GroupTrak(torch.from_numpy(phi), list(args.ridges))
+    trak = Ensemble([GroupedTrak(torch.from_numpy(p), list(args.ridges)) for p in phis])
     timings["kernels"] = time.perf_counter() - t0 - sum(timings.values())
     log("kernels factored")
     num_fit = int(round(args.fit_share * len(self_idx)))
@@ -413,10 +310,10 @@ def main() -> None:
             "zscore": lambda w, q=fit: zscores(w, a[q], c[q]).mean(),
             "logsoftmax": lambda w, q=fit: self_logsoftmax(w, s[:, q].double(), sidx[q]).mean(),
         }
-        w_r = {obj: fit_weights(f, len(groups), args.fit_steps, args.fit_lr) for obj, f in fit_obj.items()}
+        w_r = {obj: fit_simplex_weights(f, len(groups), args.fit_steps, args.fit_lr) for obj, f in fit_obj.items()}
         for b in range(len(band_edges) + 1) if band_edges else []:
             sel = torch.from_numpy(np.flatnonzero(self_band[:num_fit] == b))
-            w_r[f"band{b}"] = fit_weights(lambda w, q=sel: zscores(w, a[q], c[q]).mean(), len(groups), args.fit_steps,
+            w_r[f"band{b}"] = fit_simplex_weights(lambda w, q=sel: zscores(w, a[q], c[q]).mean(), len(groups), args.fit_steps,
                                           args.fit_lr)
         weights[r] = w_r
         one = torch.ones(1, dtype=torch.float64)
@@ -435,9 +332,9 @@ def main() -> None:
     timings["weight_fit"] = time.perf_counter() - t0 - sum(timings.values())
 
     def variant_scores(q: np.ndarray, r: float) -> dict[str, np.ndarray]:
-        """Scores (P, S, N) of every variant for query features q (P, S, G, d) at ridge r."""
-        p, sn = q.shape[:2]
-        flat = torch.from_numpy(q.reshape(p * sn, *q.shape[2:]))
+        """Scores (P, S, N) of every variant for query features q (one (P, S, G, d) per checkpoint) at ridge r."""
+        p, sn = q[0].shape[:2]
+        flat = [torch.from_numpy(x.reshape(p * sn, *x.shape[2:])) for x in q]
         s = trak.group_scores(flat, r).numpy().reshape(len(groups), p, sn, -1)  # (G, P, S, N)
         out = {"joint": trak.joint_scores(flat, r).numpy().reshape(p, sn, -1),
                "uniform": np.einsum("g,gpsn->psn", uniform, s)}
@@ -481,8 +378,9 @@ def main() -> None:
     result = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "objective": args.objective,
-        "groups": [{"name": g, "num_params": b - a} for g, a, b in groups],
+        "groups": [{"name": g.name, "num_params": g.size} for g in groups],
         "num_train": n,
+        "checkpoints": [str(d) for d in dirs],
         "chance_top_share": chance,
         "timesteps": list(REPORT_TIMESTEPS),
         "self_queries": {"num": len(self_idx), "num_fit": num_fit, "band_edges": band_edges,
@@ -501,7 +399,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     md = [f"# Learned parameter-group weights (`benchmarks/layer_weighting.py`)", "",
-          f"Checkpoint 0, {n} training examples (chance {100 * chance:.0f} %), {len(groups)} groups, objective "
+          f"{len(models)} checkpoint(s), {n} training examples (chance {100 * chance:.0f} %), {len(groups)} groups, objective "
           f"`{args.objective}` (self z-score of held-out self-queries; no labels), {len(self_idx)} self-queries "
           f"({num_fit} fit). {TARGETS}", "",
           table(val_rows, list(REPORT_TIMESTEPS), f"validation (seeds {args.val_offset}-{args.val_offset + args.num_val - 1}), each variant at its best ridge"),
