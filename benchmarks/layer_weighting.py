@@ -154,6 +154,11 @@ def self_logsoftmax(w: torch.Tensor, s: torch.Tensor, self_idx: torch.Tensor) ->
 # ---------------------------------------------------------------- evaluation
 
 
+def share(x: np.ndarray) -> list[float]:
+    """x / sum(x) as a list (x (G,) non-negative)."""
+    return (np.asarray(x, dtype=np.float64) / float(np.sum(x))).tolist()
+
+
 def band_of(t: int, edges: list[int]) -> int:
     """Index of the band of timestep t: band b holds edges[b-1] < t <= edges[b] (edges increasing)."""
     return bisect.bisect_left(edges, t)
@@ -375,6 +380,10 @@ def main() -> None:
     print(table(rep_rows, list(REPORT_TIMESTEPS), title), flush=True)
 
     chance = float(np.mean([np.mean(labels == c) for c in rep["classes"]]))
+    # diagnostic: each group's share of the squared norm of checkpoint 0's train features and validation queries
+    energy = {"train": share(np.einsum("gnd,gnd->g", phis[0], phis[0]))}
+    energy.update({f"query t={t}": share(np.einsum("pgd,pgd->g", val["q"][0][:, s], val["q"][0][:, s]))
+                   for s, t in enumerate(REPORT_TIMESTEPS)})
     result = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "objective": args.objective,
@@ -393,6 +402,7 @@ def main() -> None:
         "report": rep_rows,
         "validation_classes": val["classes"].tolist(),
         "report_classes": rep["classes"].tolist(),
+        "energy_share": energy,
         "timings_s": timings,
         "wall_seconds": time.perf_counter() - t0,
     }
@@ -412,6 +422,9 @@ def main() -> None:
            "| variant | " + " | ".join(f"ridge {r:g}" for r in args.ridges) + " |", "|---|" + "---|" * len(args.ridges)]
     for name, per in self_report.items():
         md.append(f"| {name} | " + " | ".join(f"{per[f'{r:g}']['fit']:.2f} / {per[f'{r:g}']['held_out']:.2f}" for r in args.ridges) + " |")
+    md += ["", "**share of the squared feature norm** (checkpoint 0, %; train features and validation queries)", "",
+           "| features | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    md += [f"| {k} | " + " | ".join(f"{100 * x:.1f}" for x in v) + " |" for k, v in energy.items()]
     md += ["", f"Wall time {result['wall_seconds']:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()), ""]
     args.out.with_suffix(".md").write_text("\n".join(md))
     log(f"wrote {args.out} and {args.out.with_suffix('.md')}")
