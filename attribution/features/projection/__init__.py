@@ -16,11 +16,12 @@ from ...config import ProjectionKind
 from .base import Projector, block_generator
 from .dense import FullGradientProjector, GaussianProjector, IdentityProjector
 from .factorized import LAYOUT_VERSION, FactorizedProjector
+from .grouped import GroupedSketch, ParamGroup, param_groups
 from .sjlt import SparseSignProjector, row_block_edges, rows_per_block, sjlt_csr
 
 __all__ = [
-    "FactorizedProjector", "FullGradientProjector", "GaussianProjector", "IdentityProjector", "LAYOUT_VERSION",
-    "ProjectionKind", "Projector", "SparseSignProjector", "block_generator", "make_projector", "row_block_edges",
+    "FactorizedProjector", "FullGradientProjector", "GaussianProjector", "GroupedSketch", "IdentityProjector",
+    "LAYOUT_VERSION", "ParamGroup", "ProjectionKind", "Projector", "SparseSignProjector", "block_generator", "make_projector", "param_groups", "row_block_edges",
     "rows_per_block", "sjlt_csr",
 ]
 
