@@ -112,23 +112,22 @@ def main() -> None:
         trak = GroupedTrak(reproject(phi.transpose(1, 0, 2), groups, d_small, args.seed).transpose(0, 1).contiguous(),
                            args.ridges)
         sq = reproject(q_self, groups, d_small, args.seed)[fit]
-        per_ridge = {}
+        # query features (P, S, G', d_g) -> flat (P S, G', d_g), sketched once for every ridge
+        val_q, rep_q = (reproject(q, groups, d_small, args.seed).flatten(0, 1) for q in (q_val, q_rep))
+
+        def scores(w, q: torch.Tensor, r: float) -> np.ndarray:
+            """(P, S, N) weighted scores of the flat query features q at ridge r."""
+            return w.combine(trak.group_scores(q, r)).numpy().reshape(-1, len(REPORT_TIMESTEPS), n)
+
+        weights = {}
         for r in args.ridges:
             a, c = self_moments(trak.group_scores(sq, r), sidx)
-            w = fit_self_retrieval_weights(a, c, [names[g] for g in groups])
-
-            def scores(q: np.ndarray) -> np.ndarray:
-                p, s = q.shape[:2]
-                flat = reproject(q, groups, d_small, args.seed).reshape(p * s, len(groups), -1)
-                return w.combine(trak.group_scores(flat, r)).numpy().reshape(p, s, -1)
-
-            per_ridge[r] = (w, scores)
-        val = {r: lw.measure(f(q_val), labels, classes["validation"], args.top_k) for r, (_, f) in per_ridge.items()}
+            weights[r] = fit_self_retrieval_weights(a, c, [names[g] for g in groups])
+        val = {r: lw.measure(scores(w, val_q, r), labels, classes["validation"], args.top_k) for r, w in weights.items()}
         best = max(val, key=lambda r: lw.headline(val[r], list(REPORT_TIMESTEPS)))
-        w, f = per_ridge[best]
         return {"groups": groups, "d_g": min(d_small, d_full), "bytes_per_example": 2 * len(groups) * min(d_small, d_full),
-                "ridge": best, "weights": w.to_dict(), "validation": val[best],
-                "report": lw.measure(f(q_rep), labels, classes["report"], args.top_k)}
+                "ridge": best, "weights": weights[best].to_dict(), "validation": val[best],
+                "report": lw.measure(scores(weights[best], rep_q, best), labels, classes["report"], args.top_k)}
 
     full = run(list(range(num_groups)), d_full)
     used = [g for g, v in enumerate(full["weights"].values()) if v >= args.min_weight]

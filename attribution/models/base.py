@@ -31,7 +31,7 @@ import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence
 
 import torch
 from torch.func import functional_call
@@ -47,6 +47,11 @@ if TYPE_CHECKING:  # annotations only: importing diffusers takes seconds, which 
 class ModelLoadError(RuntimeError):
     """A model directory is missing, incomplete or not a supported diffusers layout."""
 
+
+#: How sampling takes a guidance scale (:attr:`DiffusionModel.guidance_kind`).
+GuidanceKind = Literal["cfg", "embedded", "none"]
+#: The last unshifted sigma of a flow family's sampling grid (:attr:`DiffusionModel.flow_sampling_end`).
+FlowSamplingEnd = Literal["1/T", "1/S"]
 
 @dataclass
 class DiffusionModel:
@@ -107,10 +112,10 @@ class DiffusionModel:
     default_guidance_scale: ClassVar[float] = 7.5
     #: Flow models: the last unshifted sigma of the family's sampling grid, "1/T" (diffusers' ``set_timesteps``)
     #: or "1/S" (``FluxPipeline``); see :func:`attribution.sampling.steps.flow_timesteps`.
-    flow_sampling_end: ClassVar[str] = "1/T"
+    flow_sampling_end: ClassVar[FlowSamplingEnd] = "1/T"
 
     @property
-    def guidance_kind(self) -> str:
+    def guidance_kind(self) -> GuidanceKind:
         """How sampling takes a guidance scale: ``"cfg"`` (classifier-free: an unconditional and a conditional
         prediction per step, in one batch), ``"embedded"`` (guidance-distilled, FLUX-dev: the scale is an input of
         the network, one prediction per step) or ``"none"`` (unconditional models; FLUX-schnell)."""

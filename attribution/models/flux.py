@@ -48,7 +48,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from diffusers import AutoencoderKL
 
-from .base import ModelLoadError
+from .base import FlowSamplingEnd, GuidanceKind, ModelLoadError
 from .conditioning import Conditioning, as_conditioning
 from .latent import LatentDiffusionModel, from_dir, loading_errors, pipeline_dirs, pipeline_hashes, tokenize
 from .objective import FLOW_SCHEDULER, DiffusionObjective, load_training_scheduler
@@ -94,7 +94,7 @@ class FluxModel(LatentDiffusionModel):
 
     family: ClassVar[str] = "FLUX"
     default_guidance_scale: ClassVar[float] = 3.5
-    flow_sampling_end: ClassVar[str] = "1/S"
+    flow_sampling_end: ClassVar[FlowSamplingEnd] = "1/S"
 
     text_encoder_2: Any = None
     tokenizer_2: Any = None
@@ -106,7 +106,7 @@ class FluxModel(LatentDiffusionModel):
         return bool(self.unet.config.guidance_embeds)
 
     @property
-    def guidance_kind(self) -> str:
+    def guidance_kind(self) -> GuidanceKind:
         return "embedded" if self.guidance_embeds else "none"
 
     @property

@@ -25,10 +25,11 @@ from __future__ import annotations
 import torch
 
 from ..config import SamplingConfig
-from ..models.base import DiffusionModel
+from ..models.base import DiffusionModel, FlowSamplingEnd
 
 
-def flow_timesteps(num_train_timesteps: int, num_inference_steps: int, end: str = "1/T") -> torch.Tensor:
+def flow_timesteps(num_train_timesteps: int, num_inference_steps: int,
+                   end: FlowSamplingEnd = "1/T") -> torch.Tensor:
     """(S,) int64 training-grid indices of a flow sampler, noisy to clean (see module doc); ``end``: the last
     unshifted sigma, ``"1/T"`` (diffusers' ``set_timesteps``) or ``"1/S"`` (``FluxPipeline``)."""
     T, S = num_train_timesteps, num_inference_steps
