@@ -347,19 +347,43 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     print(f"wrote {out}: scores {scores.shape}; last step top positive {pos[-1][:5].tolist()}")
 
 
-def cmd_fit_factors(args: argparse.Namespace) -> None:
+def _store_with_models(args: argparse.Namespace):
+    """The store ``args.store`` checked against its models (``--model``, default those it records, with
+    ``--lora``) and training set (``--data``): (store, models, dataset)."""
     from .data.datasets import load_dataset
     from .features.featurize import store_spec
     from .features.store import Store
     from .models.base import resolve_device
-    from .scoring.ekfac import EkfacConfig, factor_bytes, fit_factors
 
-    device = resolve_device(args.device)
     store = Store.open(args.store)
     paths = args.model or [args.store / c["path"] for c in store.manifest["checkpoints"]]
-    models = _load_with_lora(paths, args.lora, device)
+    models = _load_with_lora(paths, args.lora, resolve_device(args.device))
     ds = load_dataset(args.data, models[0].pixel_shape)
-    store = Store.open(args.store, store_spec(models, ds, store.config, args.store))
+    return Store.open(args.store, store_spec(models, ds, store.config, args.store)), models, ds
+
+
+def cmd_fit_group_weights(args: argparse.Namespace) -> None:
+    from .config import QueryConfig
+    from .scoring.group_fit import fit_group_weights
+    from .scoring.group_weights import save_group_weights
+
+    store, models, ds = _store_with_models(args)
+    query = QueryConfig(ridge=args.ridge, num_resamples=args.num_resamples)
+    bar, update = _bar("self-queries (query x checkpoint)")
+    fit = fit_group_weights(store, models, ds, query, num_self=args.num_self, self_seed=args.seed, fit_share=args.fit_share,
+                            progress=update)
+    bar.close()
+    path = save_group_weights(store, fit)
+    print("group weights: " + ", ".join(f"{n} {w:.3f}" for n, w in fit.weights.to_dict().items()))
+    print(f"held-out self z-score: {fit.held_out_zscore:.2f} (uniform weights {fit.held_out_zscore_uniform:.2f}, "
+          f"one joint kernel {fit.held_out_zscore_joint:.2f})")
+    print(f"wrote {path}; score with `attribution attribute --method journey-groups --ridge {fit.ridge:g}`")
+
+
+def cmd_fit_factors(args: argparse.Namespace) -> None:
+    from .scoring.ekfac import EkfacConfig, factor_bytes, fit_factors
+
+    store, models, ds = _store_with_models(args)
     cfg = EkfacConfig(fisher=args.fisher, max_examples=args.max_examples, batch_size=args.batch_size)
     bar, update = _bar("fit factors (checkpoints)")
     fit_factors(store, models, ds, cfg, progress=update, log=tqdm.write)
@@ -576,6 +600,20 @@ def build_parser(bench: bool = True) -> argparse.ArgumentParser:
     k.add_argument("--batch-size", type=int, default=64, help="(example, draw) items per batch")
     k.add_argument("--device", default="auto", help="cpu, cuda or auto")
     k.set_defaults(func=cmd_fit_factors)
+    w = sub.add_parser("fit-group-weights", help="fit the label-free block weights of journey-groups on a "
+                       "block-sjlt loss store (self-retrieval of training images)")
+    w.add_argument("--store", required=True, type=Path, help="a store built with --projection block-sjlt --output loss")
+    w.add_argument("--model", action="append", help="model directories (default: those recorded in the store)")
+    w.add_argument("--data", default="digits", help="the store's training set")
+    w.add_argument("--lora", action="append", help="the LoRA weights the store was built with")
+    _setting(w, "--ridge", QueryConfig, "ridge", type=float,
+             help="relative ridge of the per-group kernels (the fit is kept per ridge; queries use the one of their ridge)")
+    _setting(w, "--num-resamples", QueryConfig, "num_resamples", type=int, help="K noises of each self-query (Eq. 3)")
+    w.add_argument("--num-self", type=int, default=800, help="self-queries: (training image, sampling timestep) pairs")
+    w.add_argument("--fit-share", type=float, default=0.5, help="share of the self-queries fitted on; the rest is held out")
+    w.add_argument("--seed", type=int, default=12345, help="seed of the self-queries' images, timesteps and noises")
+    w.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    w.set_defaults(func=cmd_fit_group_weights)
     c = sub.add_parser("counterfactual", help="remove a sample's top influencers (or random ones, or a class), "
                        "retrain the generating checkpoint without them, regenerate from the same noise")
     c.add_argument("--store", required=True, type=Path, help="store built by featurize (the bundled one: assets/store/journey)")

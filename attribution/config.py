@@ -26,6 +26,7 @@ class ProjectionKind(str, Enum):
     settings, store manifests and the CLI."""
 
     SJLT = "sjlt"
+    BLOCK_SJLT = "block-sjlt"
     GAUSSIAN = "gaussian"
     IDENTITY = "identity"
     FACTORIZED = "factorized"
@@ -83,7 +84,11 @@ class FeaturizeConfig:
             dense matrix), ``"gaussian"`` (dense N(0, 1/d), generated blockwise) or
             ``"identity"`` (no projection; d = number of parameters; for exact tests)
             or ``"factorized"`` (per-layer Kronecker Gaussian computed without
-            per-example gradients, :mod:`attribution.features.projection.factorized`).
+            per-example gradients, :mod:`attribution.features.projection.factorized`)
+            or ``"block-sjlt"`` (an sjlt sketch of each parameter group -- the UNet's
+            blocks -- into its own slice of the d coordinates, so a store also holds
+            per-group features: what the ``journey-groups`` method scores,
+            :mod:`attribution.features.projection.block_sjlt`).
         proj_seed: seed of the projection of checkpoint 0; checkpoint m uses
             ``proj_seed + m`` (a fresh matrix per checkpoint, Algorithm 1 line 6).
         sjlt_nnz: non-zeros per input coordinate of the sparse sketch.
@@ -133,7 +138,7 @@ class FeaturizeConfig:
         if self.output not in TRAIN_OUTPUTS:
             raise ValueError(f"unknown output {self.output!r}; choose one of {TRAIN_OUTPUTS}")
         if self.proj_kind not in PROJECTION_KINDS:
-            raise ValueError(f"unknown proj_kind {self.proj_kind!r}; choose sjlt, gaussian, identity or factorized")
+            raise ValueError(f"unknown proj_kind {self.proj_kind!r}; choose one of {PROJECTION_KINDS}")
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}")
         if self.draw_sharing not in DRAW_SHARINGS:

@@ -4,8 +4,9 @@ Random training digits are uploaded (PNG bytes -> ``Workspace.upload``: refined 
 inversion, 50 steps) and scored with journey-TRAK against the shipped store (3
 checkpoints, all 4,000 digits) at the late steps; each digit's rank among the 4,000
 (0 = its own top influencer) is recorded for several relative ridges. ``--store`` scores
-against another loss-output store of the same ensemble instead (e.g. one built with
-``attribution featurize --timestep-sampling stratified --num-draws 4``, the old default).
+against another loss-output store instead, with the checkpoints it records (e.g. one built with
+``attribution featurize --timestep-sampling stratified --num-draws 4``, the old default);
+``--method journey-groups`` scores with one kernel per block (a block-sjlt store).
 
 Usage (about 2 minutes on 2 idle cores):
 
@@ -30,7 +31,7 @@ from PIL import Image
 
 from attribution.config import QueryConfig
 from attribution.features import get_method
-from attribution.scoring import Scorer
+from attribution.scoring import Scorer, checkpoint_dirs
 from attribution.workspace import Workspace, default_bundle
 
 
@@ -41,16 +42,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=list(range(42, 50)), help="steps of 50 (49 = t 0)")
     ap.add_argument("--ridges", type=float, nargs="+", default=[0.001, 0.01, 0.1, 1.0])
     ap.add_argument("--store", type=Path, help="loss-output store to score against (default: the bundled one)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--method", default="journey", choices=["journey", "journey-groups"],
+                    help="store method scored (journey-groups needs group weights fitted at every --ridges value)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "self_attribution_bundled.json", help="JSON output file")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     bundle = default_bundle()
-    if args.store:
-        bundle = dataclasses.replace(bundle, stores={**bundle.stores, "loss": args.store})
+    if args.store:  # and the checkpoints that store was built from
+        bundle = dataclasses.replace(bundle, stores={**bundle.stores, "loss": args.store},
+                                     model_dirs=tuple(checkpoint_dirs(args.store)))
     ws = Workspace(bundle, device="cpu")
     base = ws.scorer("journey")
-    scorers = {r: Scorer(base.store, ws.models, get_method("journey"), QueryConfig(ridge=r), dataset=ws.dataset)
+    scorers = {r: Scorer(base.store, ws.models, get_method(args.method), QueryConfig(ridge=r), dataset=ws.dataset)
                for r in args.ridges}
     ids = np.random.default_rng(args.seed).choice(ws.num_train, args.digits, replace=False)
     ranks: dict[float, list[list[int]]] = {r: [] for r in args.ridges}
@@ -68,14 +73,14 @@ def main() -> None:
         a = np.array(rr)
         rows.append([f"{r:g}", "first"] + [f"{int(c)}/{len(a)}" for c in (a == 0).sum(0)])
         rows.append([f"{r:g}", "top 5"] + [f"{int(c)}/{len(a)}" for c in (a < 5).sum(0)])
-    print(f"uploaded training digits ranked first / in the top 5 among {ws.num_train} ({base.store.root})")
+    print(f"uploaded training digits ranked first / in the top 5 among {ws.num_train} ({args.method}, {base.store.root})")
     print_table(rows, ["ridge", "", *[f"t={t}" for t in timesteps]])
     out = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "machine": machine_info(),
            "store_settings": base.store.manifest["settings"], "digits": ids.tolist(), "timesteps": timesteps,
            "ranks": {str(r): rr for r, rr in ranks.items()}, "seconds": time.perf_counter() - t0}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "self_attribution_bundled.json").write_text(json.dumps(out, indent=1))
-    print(f"wrote {RESULTS / 'self_attribution_bundled.json'} ({out['seconds']:.0f} s)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out} ({out['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

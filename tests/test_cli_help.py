@@ -32,7 +32,7 @@ def test_flags_take_defaults_and_help_from_the_settings():
     featurize, attribute, train = commands["featurize"], commands["attribute"], commands["train"]
     assert _option(featurize, "--proj-dim").default == FeaturizeConfig.proj_dim
     assert _option(featurize, "--proj-dim").help == setting_help(FeaturizeConfig, "proj_dim") == "projection dimension d."
-    assert _option(featurize, "--projection").choices == ["sjlt", "gaussian", "identity", "factorized"]
+    assert _option(featurize, "--projection").choices == ["sjlt", "block-sjlt", "gaussian", "identity", "factorized"]
     assert _option(attribute, "--ridge").default == QueryConfig.ridge
     assert _option(attribute, "--guidance-scale").default == SamplingConfig.guidance_scale == 7.5
     assert _option(train, "--block-out-channels").default == list(TrainConfig.block_out_channels)

@@ -68,7 +68,9 @@ def method_selector(ws: Workspace, container=None, baselines: bool = True) -> st
         names,
         format_func=lambda n: methods[n],
         key=state.METHOD,
-        help="journey-TRAK is the paper's method; the others are for comparison (see About).",
+        help="journey-TRAK is the paper's method; journey-TRAK/blocks (where the store allows it) gives each network "
+             "block its own kernel, which shows class-level influence more clearly; the others are for comparison "
+             "(see About).",
         persist_state="session",
     )
 

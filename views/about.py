@@ -83,6 +83,7 @@ For the baselines, larger = more similar.
 | method | reference |
 |---|---|
 | journey-TRAK (step-specific TRAK) | Georgiev et al., *The Journey, Not the Destination: How Data Guides Diffusion Models*, [arXiv 2312.06205](https://arxiv.org/abs/2312.06205) |
+| journey-TRAK, one kernel per UNet block (`journey-groups`; a `block-sjlt` store and `attribution fit-group-weights`: block weights fitted without labels, by self-retrieval of training images) | Li et al., *Learning to Weight Parameters for Training Data Attribution*, ICLR 2026, [arXiv 2506.05647](https://arxiv.org/abs/2506.05647) |
 | D-TRAK (other model outputs: ‖ε‖², L1, L2, mean) | *Intriguing Properties of Data Attribution on Diffusion Models*, [arXiv 2311.00500](https://arxiv.org/abs/2311.00500) |
 | Diffusion-TracIn / Diffusion-ReTrac | *Data Attribution for Diffusion Models: Timestep-induced Bias in Influence Estimation*, [arXiv 2401.09031](https://arxiv.org/abs/2401.09031) |
 | EK-FAC / K-FAC influence functions (`ekfac`, `kfac`; Hessian factors fitted by kronfluence, `attribution fit-factors`) | Mlodozeniec et al., *Influence Functions for Scalable Data Attribution in Diffusion Models*, ICLR 2025 |

@@ -96,6 +96,9 @@ class Method:
             see :mod:`attribution.scoring.das`.
         short: a short name for table headers and legends ("" for methods not offered in the app).
         blurb: one line saying what the method is, for pickers.
+        ``combine="group-trak"``: one TRAK kernel per parameter group of a block-sjlt
+            store, the groups weighted by a label-free fit (``journey-groups``,
+            :mod:`attribution.scoring.group_weights`).
         ``combine="ekfac"`` / ``"kfac"``: influence functions with the (E)K-FAC Hessian
             approximation fitted by kronfluence, see :mod:`attribution.scoring.ekfac`.
     """
@@ -115,6 +118,10 @@ class Method:
 METHODS: dict[str, Method] = {
     "journey": Method("journey", "loss", "loss", "journey-TRAK (Eq. 3)", short="journey-TRAK",
                       blurb="step-specific TRAK on the denoising loss (the paper's method)"),
+    "journey-groups": Method("journey-groups", "loss", "loss", "journey-TRAK, one kernel per UNet block (learned weights)",
+                             combine="group-trak", short="journey-TRAK/blocks",
+                             blurb="journey-TRAK with a kernel per network block, blocks weighted by a label-free fit "
+                                   "(needs a block-sjlt store and `attribution fit-group-weights`)"),
     "dtrak-square": Method("dtrak-square", "square", "square", "D-TRAK, ||eps||^2", short="D-TRAK ‖ε‖²",
                            blurb="TRAK on ||ε||² instead of the loss"),
     "dtrak-l1": Method("dtrak-l1", "l1", "l1", "D-TRAK, L1 norm", short="D-TRAK L1", blurb="TRAK on the L1 norm of ε"),

@@ -134,7 +134,7 @@ def _candidates(config: FeaturizeConfig) -> list[tuple[str, Any]]:
     """Single-setting edits worth trying to explain a mismatch: (setting, the value to try)."""
     tries: dict[str, Sequence[Any]] = {
         "proj_seed": range(max(0, config.proj_seed - 2), config.proj_seed + 3),
-        "sjlt_nnz": (1, 2, 4, 8) if config.proj_kind == "sjlt" else (),
+        "sjlt_nnz": (1, 2, 4, 8) if config.proj_kind in ("sjlt", "block-sjlt") else (),
         "num_draws": (1, 2, 4, 8, 16),
         "output": TRAIN_OUTPUTS,
         "timestep_sampling": [t for t in TIMESTEP_SAMPLINGS if t != "auto"],

@@ -36,6 +36,7 @@ from ..features.outputs import Method, get_method, get_output
 from ..features.store import STREAM_CHUNK_ROWS, Store, StoreError, objective_mismatch
 from ..models.base import DiffusionModel
 from .das import das_weights, leverages, store_residuals
+from .group_weights import GroupKernels, load_group_weights
 from .masks import prepare_mask
 
 if TYPE_CHECKING:  # annotations only (the sampling module imports diffusers)
@@ -135,6 +136,17 @@ class Scorer:
                 lam = query.ridge * float(torch.trace(k)) / k.shape[0]
                 k = k + lam * torch.eye(k.shape[0], dtype=k.dtype)
                 self.chol.append(torch.linalg.cholesky(k))
+        self.group_kernels: list[GroupKernels] = []  # journey-groups: per-group factors of each checkpoint
+        self.group_weights: tuple[float, ...] = ()
+        if self.method.combine == "group-trak":
+            fit = load_group_weights(store, query.ridge)
+            names = self.projectors[0].group_names
+            if list(fit.weights.names) != names:
+                raise StoreError(f"the group weights of {store.root} name groups {list(fit.weights.names)}, "
+                                 f"the model has {names}; run `attribution fit-group-weights --store {store.root}`")
+            self.group_weights = fit.weights.weights
+            self.group_kernels = [GroupKernels(store.kernel(m), self.projectors[m].row_slices, query.ridge)
+                                  for m in range(len(models))]
         self.influence = None  # ekfac / kfac: preconditioned query features (attribution.scoring.ekfac)
         if self.method.combine in ("ekfac", "kfac"):
             from .ekfac import InfluenceQuery
@@ -248,6 +260,8 @@ class Scorer:
         tracin: tau = sum_m Phi_m g_m
         retrac: tau = sum_m (Phi_m / |rows|) (g_m / |g_m|)
         ekfac, kfac: tau = (1/M) sum_m Phi_m g_m, g_m already (1/N) P_m (H_m + lambda I)^-1 grad f
+        group-trak: tau = (1/M) sum_m sum_g w_g Phi_{m,g} (K_{m,g} + lambda_{m,g} I)^-1 g_m[R_g]
+            (:mod:`attribution.scoring.group_weights`)
 
         Memory: the (S, N) scores plus two reused chunk buffers (:meth:`Store.iter_chunks`).
         ``pause``: called after each checkpoint (see :meth:`query_features`).
@@ -260,6 +274,8 @@ class Scorer:
         for m, g in enumerate(feats):
             if combine == "trak":
                 w = torch.cholesky_solve(g.double().T, self.chol[m]).float()  # (d, S)
+            elif combine == "group-trak":
+                w = self.group_kernels[m].solve(g, self.group_weights)  # (d, S), block by block
             elif combine == "retrac":
                 w = (g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
             else:
@@ -274,7 +290,7 @@ class Scorer:
                 out[:, start : start + rows].add_(p.T)
             if pause:
                 pause()
-        if combine in ("trak", "ekfac", "kfac"):
+        if combine in ("trak", "group-trak", "ekfac", "kfac"):
             out /= len(feats)
         return out.numpy()
 

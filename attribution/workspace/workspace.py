@@ -287,6 +287,11 @@ class Workspace:
 
                     if not factors_complete(self.bundle.stores[m.train_output], len(self.models)):
                         continue
+                if m.combine == "group-trak":  # also needs a block-sjlt store and its fitted group weights
+                    from ..scoring.group_weights import group_weights_status
+
+                    if group_weights_status(Store.open(self.bundle.stores[m.train_output]), self.query.ridge) is not None:
+                        continue
                 out[name] = m.label
         embed = self.classifier is not None or self.bundle.clip_dir is not None
         out.update({f"baseline-{k}": v for k, v in BASELINES.items() if k != "embedding" or embed})

@@ -1,6 +1,8 @@
 """Random projections of gradients: the :class:`Projector` interface and its kinds.
 
 * ``"sjlt"`` (default): :class:`SparseSignProjector`, a sparse sign sketch;
+* ``"block-sjlt"``: :class:`BlockSparseSignProjector`, one sparse sketch per parameter group, each
+  into its own rows (a store of per-group features);
 * ``"gaussian"``: :class:`GaussianProjector`, dense N(0, 1/d) entries generated blockwise;
 * ``"identity"``: :class:`IdentityProjector`, no projection (d = p), for exact tests;
 * ``"factorized"``: :class:`FactorizedProjector`, a per-layer Kronecker Gaussian map
@@ -14,14 +16,15 @@ import torch
 
 from ...config import ProjectionKind
 from .base import Projector, block_generator
+from .block_sjlt import BlockSparseSignProjector, group_dims
 from .dense import FullGradientProjector, GaussianProjector, IdentityProjector
 from .factorized import LAYOUT_VERSION, FactorizedProjector
 from .grouped import GroupedSketch, ParamGroup, param_groups
 from .sjlt import SparseSignProjector, row_block_edges, rows_per_block, sjlt_csr
 
 __all__ = [
-    "FactorizedProjector", "FullGradientProjector", "GaussianProjector", "GroupedSketch", "IdentityProjector",
-    "LAYOUT_VERSION", "ParamGroup", "ProjectionKind", "Projector", "SparseSignProjector", "block_generator", "make_projector", "param_groups", "row_block_edges",
+    "BlockSparseSignProjector", "FactorizedProjector", "FullGradientProjector", "GaussianProjector", "GroupedSketch", "IdentityProjector",
+    "LAYOUT_VERSION", "ParamGroup", "ProjectionKind", "Projector", "SparseSignProjector", "block_generator", "group_dims", "make_projector", "param_groups", "row_block_edges",
     "rows_per_block", "sjlt_csr",
 ]
 
@@ -35,11 +38,11 @@ def make_projector(
     device: str | torch.device = "cpu",
     shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> Projector:
-    """Build the projector named ``kind`` ("sjlt", "gaussian", "identity" or "factorized").
+    """Build the projector named ``kind`` ("sjlt", "block-sjlt", "gaussian", "identity" or "factorized").
 
     ``shapes`` (name -> shape of each selected parameter, in gradient order) is
-    needed by "factorized" (:class:`FactorizedProjector`); "sjlt"
-    puts a block edge at each parameter's start with it (same matrix).
+    needed by "factorized" (:class:`FactorizedProjector`) and "block-sjlt" (its groups follow
+    the names); "sjlt" puts a block edge at each parameter's start with it (same matrix).
     """
     try:
         kind = ProjectionKind(kind)
@@ -49,6 +52,10 @@ def make_projector(
         if shapes is None or sum(int(np.prod(s)) for s in shapes.values()) != dim_in:
             raise ValueError("the factorized projection needs the shapes of the selected parameters")
         return FactorizedProjector(shapes, dim_out, seed, device=device)
+    if kind == ProjectionKind.BLOCK_SJLT:
+        if shapes is None or sum(int(np.prod(s)) for s in shapes.values()) != dim_in:
+            raise ValueError("the block-sjlt projection needs the names and shapes of the selected parameters")
+        return BlockSparseSignProjector(shapes, dim_out, seed, nnz=nnz, device=device)
     if kind == ProjectionKind.IDENTITY:
         return IdentityProjector(dim_in)
     if kind == ProjectionKind.SJLT:  # block edges at every parameter's start: featurize projects each layer's gradient alone

@@ -13,7 +13,9 @@ sum over g is the store's feature (the same P, seed ``proj_seed + m``).
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 
@@ -47,8 +49,8 @@ def block_of(name: str) -> str:
     return "conv_out" if parts[0] == "conv_norm_out" else parts[0]
 
 
-def param_groups(params: dict[str, torch.Tensor], group_of=block_of) -> list[ParamGroup]:
-    """The groups of ``params`` (name -> tensor, in gradient order) under ``group_of`` (name -> group name).
+def param_groups(params: Mapping[str, torch.Tensor | Sequence[int]], group_of=block_of) -> list[ParamGroup]:
+    """The groups of ``params`` (name -> tensor or shape, in gradient order) under ``group_of`` (name -> group name).
 
     Raises:
         ValueError: a group's parameters are not contiguous in gradient order.
@@ -57,13 +59,14 @@ def param_groups(params: dict[str, torch.Tensor], group_of=block_of) -> list[Par
     col = 0
     for name, p in params.items():
         g = group_of(name)
+        n = p.numel() if isinstance(p, torch.Tensor) else math.prod(p)
         if out and out[-1].name == g:
-            out[-1] = ParamGroup(g, out[-1].start, col + p.numel())
+            out[-1] = ParamGroup(g, out[-1].start, col + n)
         elif any(o.name == g for o in out):
             raise ValueError(f"group {g!r} is not contiguous in the parameter order (at {name})")
         else:
-            out.append(ParamGroup(g, col, col + p.numel()))
-        col += p.numel()
+            out.append(ParamGroup(g, col, col + n))
+        col += n
     return out
 
 
