@@ -118,10 +118,10 @@ class Method:
 METHODS: dict[str, Method] = {
     "journey": Method("journey", "loss", "loss", "journey-TRAK (Eq. 3)", short="journey-TRAK",
                       blurb="step-specific TRAK on the denoising loss (the paper's method)"),
-    "journey-groups": Method("journey-groups", "loss", "loss", "journey-TRAK, one kernel per UNet block (learned weights)",
+    "journey-groups": Method("journey-groups", "loss", "loss", "journey-TRAK, per-block kernels",
                              combine="group-trak", short="journey-TRAK/blocks",
-                             blurb="journey-TRAK with a kernel per network block, blocks weighted by a label-free fit "
-                                   "(needs a block-sjlt store and `attribution fit-group-weights`)"),
+                             blurb="one kernel per network block, weighted by a label-free fit "
+                                   "(block-sjlt store, `attribution fit-group-weights`)"),
     "dtrak-square": Method("dtrak-square", "square", "square", "D-TRAK, ||eps||^2", short="D-TRAK ‖ε‖²",
                            blurb="TRAK on ||ε||² instead of the loss"),
     "dtrak-l1": Method("dtrak-l1", "l1", "l1", "D-TRAK, L1 norm", short="D-TRAK L1", blurb="TRAK on the L1 norm of ε"),
