@@ -22,12 +22,8 @@ import numpy as np
 import torch
 
 from ...config import ProjectionKind
-from ..gradients import DrawBatch, GradientTarget
-from ..hooks import hooks_support
-from .dense import FullGradientProjector
-from .factorized import example_grads_from_hooks
 from .grouped import ParamGroup, block_of, param_groups
-from .sjlt import SparseSignProjector
+from .sjlt import HookedSketch, SparseSignProjector
 
 __all__ = ["BlockSparseSignProjector", "group_dims"]
 
@@ -55,7 +51,7 @@ def _group_seed(seed: int, g: int) -> int:
     return int(state) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-class BlockSparseSignProjector(FullGradientProjector):
+class BlockSparseSignProjector(HookedSketch):
     """Block-diagonal sparse sign sketch (see module doc): (B, p) gradients -> (B, d) features.
 
     ``shapes``: name -> shape of every parameter, in gradient order (the groups follow the names,
@@ -119,10 +115,3 @@ class BlockSparseSignProjector(FullGradientProjector):
         for group in self.groups:
             self.accumulate_columns(grads[:, group.start : group.stop], group.start, out)
         return out.T.contiguous()
-
-    def example_features(self, target: GradientTarget, batch: DrawBatch, chunk_size: int = 32) -> torch.Tensor:
-        """Fused where the hooks can form every gradient (as :class:`SparseSignProjector`)."""
-        if not hooks_support(target.model, target.params):
-            return super().example_features(target, batch, chunk_size)
-        return example_grads_from_hooks(target.model, target.params, target.output, batch.x0, batch.timesteps,
-                                        batch.noises, chunk_size, batch.cond, projector=self)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from abc import abstractmethod
 from typing import Sequence
 
 import torch
@@ -20,7 +21,7 @@ from .base import block_generator
 from .dense import FullGradientProjector
 from .factorized import example_grads_from_hooks
 
-__all__ = ["SparseSignProjector", "row_block_edges", "rows_per_block", "sjlt_csr"]
+__all__ = ["HookedSketch", "SparseSignProjector", "row_block_edges", "rows_per_block", "sjlt_csr"]
 
 
 def sjlt_csr(index: torch.Tensor, sign: torch.Tensor, dim_out: int) -> torch.Tensor:
@@ -74,7 +75,27 @@ def row_block_edges(shapes: Sequence[tuple[int, ...]], column_block: int) -> lis
     return edges + [start]
 
 
-class SparseSignProjector(FullGradientProjector):
+class HookedSketch(FullGradientProjector):
+    """A sketch fed layer by layer (``accumulate_columns``): train features are fused where the hooks
+    can form every gradient, each layer's gradient projected as its hook forms it."""
+
+    @abstractmethod
+    def accumulate_columns(self, part: torch.Tensor, start: int, acc_t: torch.Tensor) -> None:
+        """``acc_t += P[:, start:stop] @ part.T``: part (B, stop - start), acc_t (dim_out, B) float32."""
+
+    @abstractmethod
+    def row_block(self, row_length: int) -> int | None:
+        """Rows of a weight with rows of ``row_length`` coordinates that a hook may hand over as a unit, or None."""
+
+    def example_features(self, target: GradientTarget, batch: DrawBatch, chunk_size: int = 32) -> torch.Tensor:
+        """Fused where the hooks can form every gradient: each layer's gradient is projected as its hook forms it."""
+        if not hooks_support(target.model, target.params):
+            return super().example_features(target, batch, chunk_size)
+        return example_grads_from_hooks(target.model, target.params, target.output, batch.x0, batch.timesteps,
+                                        batch.noises, chunk_size, batch.cond, projector=self)
+
+
+class SparseSignProjector(HookedSketch):
     """Sparse sign sketch with ``nnz`` non-zeros per input coordinate (see module doc).
 
     The matrix is kept as column blocks and applied block by block. On the CPU a block
@@ -156,9 +177,3 @@ class SparseSignProjector(FullGradientProjector):
         self.accumulate_columns(grads, 0, out)
         return out.T.contiguous()
 
-    def example_features(self, target: GradientTarget, batch: DrawBatch, chunk_size: int = 32) -> torch.Tensor:
-        """Fused where the hooks can form every gradient: each layer's gradient is projected as its hook forms it."""
-        if not hooks_support(target.model, target.params):
-            return super().example_features(target, batch, chunk_size)
-        return example_grads_from_hooks(target.model, target.params, target.output, batch.x0, batch.timesteps,
-                                        batch.noises, chunk_size, batch.cond, projector=self)
