@@ -44,7 +44,7 @@ def self_query_set(num: int, num_train: int, schedule: Sequence[int], seed: int)
 
 def self_group_scores(store: Store, models: Sequence[DiffusionModel], projectors: Sequence[BlockSparseSignProjector],
                       params: Sequence[dict[str, torch.Tensor]], dataset: ImageDataset, idx: np.ndarray,
-                      timesteps: np.ndarray, query: QueryConfig, seed: int, kernels: Sequence[GroupKernels],
+                      timesteps: np.ndarray, query: QueryConfig, seed: int,
                       progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scores of the self-queries, averaged over checkpoints: (G, Q, N), and the joint
     (journey-TRAK) scores (Q, N), both float32.
@@ -69,13 +69,15 @@ def self_group_scores(store: Store, models: Sequence[DiffusionModel], projectors
             if progress:
                 progress(m * num_q + k + 1, num_m * num_q)
         q = torch.cat(rows)  # (Q, d)
-        solved = kernels[m].solve_groups(q)  # G x (d_g, Q)
-        k_full = torch.from_numpy(store.kernel(m))
+        kernel = store.kernel(m)  # read once: its diagonal blocks for the groups, the whole for the joint score
+        block_kernels = GroupKernels(kernel, projectors[m].row_slices, query.ridge)
+        solved = block_kernels.solve_groups(q)  # G x (d_g, Q)
+        k_full = torch.from_numpy(kernel)
         lam = query.ridge * float(torch.trace(k_full)) / k_full.shape[0]
         joint_w = torch.linalg.solve(k_full + lam * torch.eye(k_full.shape[0], dtype=k_full.dtype), q.double().T).float()
         for start, block in store.iter_chunks(m):
             stop = start + block.shape[0]
-            for g, rows_g in enumerate(kernels[m].row_slices):
+            for g, rows_g in enumerate(block_kernels.row_slices):
                 out[g, :, start:stop] += (block[:, rows_g] @ solved[g]).T
             joint[:, start:stop] += (block @ joint_w).T
     return out / num_m, joint / num_m
@@ -108,10 +110,9 @@ def fit_group_weights(store: Store, models: Sequence[DiffusionModel], dataset: I
     params = [select_params(mod, cfg.param_filter) for mod in models]
     projectors = [checkpoint_projector(cfg, store.manifest["num_params"], m, mod.device, params[m])
                   for m, mod in enumerate(models)]
-    kernels = [GroupKernels(store.kernel(m), projectors[m].row_slices, query.ridge) for m in range(len(models))]
     schedule = [int(t) for t in StepSampler(models[0], SamplingConfig()).timesteps]
     idx, ts = self_query_set(num_self, store.num_train, schedule, self_seed)
-    s, joint = self_group_scores(store, models, projectors, params, dataset, idx, ts, query, self_seed, kernels, progress)
+    s, joint = self_group_scores(store, models, projectors, params, dataset, idx, ts, query, self_seed, progress)
     a, c = self_moments(s, torch.from_numpy(idx))
     names = projectors[0].group_names
     weights = fit_self_retrieval_weights(a[:num_fit], c[:num_fit], names, steps, lr)
